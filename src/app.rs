@@ -1,0 +1,139 @@
+//! Wires the configuration into the running parts and serves them until shutdown.
+
+use crate::cache::{Cache, MemoryCache, RedisCache, redis_settings};
+use crate::config::Config;
+use crate::health::Health;
+use crate::lookup::{Lookup, LookupSettings};
+use crate::secret::Secret;
+use crate::upstream::{UpstreamClient, UpstreamSettings};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+/// Everything a request handler needs, shared by all connections.
+pub struct AppState {
+    pub lookup: Lookup,
+    pub health: Arc<Health>,
+    pub max_batch: usize,
+    pub max_body_bytes: usize,
+    pub api_tokens: Vec<Secret>,
+    pub shutdown_grace: Duration,
+    pub header_read_timeout: Duration,
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::UpstreamError),
+    #[error("could not listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Which cache the proxy uses.
+pub enum CacheChoice {
+    /// Redis at `redis.url`: the production shape.
+    Redis,
+    /// The bounded in-process cache (`demo` without Redis).
+    Memory,
+}
+
+impl AppState {
+    /// Builds the cache, the upstream client and the lookup core from the config.
+    ///
+    /// # Errors
+    /// A Redis URL redis-rs rejects, or a TLS stack that cannot be set up.
+    pub fn build(config: &Config, choice: CacheChoice) -> Result<Arc<Self>, StartError> {
+        let cache: Arc<dyn Cache> = match choice {
+            CacheChoice::Redis => Arc::new(RedisCache::new(&redis_settings(&config.redis))?),
+            CacheChoice::Memory => Arc::new(MemoryCache::new(config.cache.memory_max_entries)),
+        };
+        let upstream = Arc::new(UpstreamClient::new(&UpstreamSettings {
+            url_template: config.upstream.url.clone(),
+            token: config.upstream.token.clone(),
+            concurrency: config.upstream.concurrency,
+            timeout: config.upstream.timeout,
+            connect_timeout: config.upstream.connect_timeout,
+            max_body_bytes: config.upstream.max_body_bytes,
+        })?);
+        let health = Arc::new(Health::default());
+        let lookup = Lookup::new(
+            cache,
+            upstream,
+            Arc::clone(&health),
+            LookupSettings {
+                ttl: config.cache.ttl,
+                negative_ttl: config.cache.negative_ttl,
+                request_timeout: config.server.request_timeout,
+            },
+        );
+        Ok(Arc::new(Self {
+            lookup,
+            health,
+            max_batch: config.server.max_batch,
+            max_body_bytes: config.server.max_body_bytes,
+            api_tokens: config.server.api_tokens.clone(),
+            shutdown_grace: config.server.shutdown_grace,
+            header_read_timeout: config.server.header_read_timeout,
+        }))
+    }
+}
+
+/// Binds `server.listen`, logs what the proxy talks to, and serves until `shutdown` resolves.
+///
+/// # Errors
+/// The address cannot be bound, or the parts cannot be built.
+pub async fn serve(
+    config: &Config,
+    choice: CacheChoice,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), StartError> {
+    let state = AppState::build(config, choice)?;
+    let addr = config.server.listen;
+    let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+    let local = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
+    info!(addr = %local, "listening");
+    log_dependencies(config, &state).await;
+    crate::server::run(listener, state, shutdown).await;
+    Ok(())
+}
+
+async fn log_dependencies(config: &Config, state: &AppState) {
+    let cache = state.lookup.cache();
+    match cache.kind() {
+        "redis" => match cache.ping().await {
+            Ok(()) => info!(url = %redacted_url(&config.redis.url), "cache: redis answers"),
+            Err(err) => warn!(
+                url = %redacted_url(&config.redis.url), error = %err,
+                "cache: redis does not answer; lookups go to the upstream until it does"
+            ),
+        },
+        kind => info!(kind, max_entries = config.cache.memory_max_entries, "cache: in-process"),
+    }
+    info!(
+        url = %redacted_url(&config.upstream.url),
+        concurrency = config.upstream.concurrency,
+        timeout = ?config.upstream.timeout,
+        token = if config.upstream.token.is_some() { "set" } else { "none" },
+        "upstream"
+    );
+}
+
+/// A URL fit for logs: any password in it replaced.
+pub fn redacted_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) if url.password().is_some() => {
+            let _ = url.set_password(Some("redacted"));
+            url.to_string().replace("%7Bsn%7D", "{sn}")
+        }
+        _ => raw.to_owned(),
+    }
+}

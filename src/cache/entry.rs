@@ -1,0 +1,157 @@
+//! The bytes stored per SN: a short text header (kind, fetch time) and the upstream's JSON.
+//!
+//! Layout: `dp1` + `+` (found) or `-` (not found) + the fetch time in Unix milliseconds as 13
+//! digits + a space + the discount JSON (empty for not-found). A hit is answered by slicing
+//! the JSON out of the stored bytes; it is never parsed again.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const MAGIC: &[u8; 3] = b"dp1";
+const TIME_DIGITS: usize = 13;
+const HEADER_LEN: usize = MAGIC.len() + 1 + TIME_DIGITS + 1;
+
+/// Whether the upstream knew the SN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    Found,
+    NotFound,
+}
+
+/// A stored value that could not be decoded; treated as a miss and overwritten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("cache entry is not in the dp1 format")]
+pub struct EntryError;
+
+/// A decoded cache entry, holding the stored bytes without copying them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    kind: EntryKind,
+    fetched_at_ms: u64,
+    raw: Bytes,
+}
+
+impl Entry {
+    /// An entry for a discount the upstream returned at `fetched_at`.
+    pub fn found(discount_json: &[u8], fetched_at: SystemTime) -> Self {
+        Self::encode(EntryKind::Found, discount_json, fetched_at)
+    }
+
+    /// A negative entry: the upstream said the SN does not exist.
+    pub fn not_found(fetched_at: SystemTime) -> Self {
+        Self::encode(EntryKind::NotFound, b"", fetched_at)
+    }
+
+    fn encode(kind: EntryKind, payload: &[u8], fetched_at: SystemTime) -> Self {
+        let fetched_at_ms = unix_millis(fetched_at);
+        let mut buf = BytesMut::with_capacity(HEADER_LEN + payload.len());
+        buf.put_slice(MAGIC);
+        buf.put_u8(match kind {
+            EntryKind::Found => b'+',
+            EntryKind::NotFound => b'-',
+        });
+        buf.put_slice(format!("{fetched_at_ms:0TIME_DIGITS$}").as_bytes());
+        buf.put_u8(b' ');
+        buf.put_slice(payload);
+        Self { kind, fetched_at_ms, raw: buf.freeze() }
+    }
+
+    /// Decodes stored bytes.
+    ///
+    /// # Errors
+    /// Bytes that are not a `dp1` entry (another writer, a truncated value).
+    pub fn decode(raw: Bytes) -> Result<Self, EntryError> {
+        let header = raw.get(..HEADER_LEN).ok_or(EntryError)?;
+        if &header[..MAGIC.len()] != MAGIC || header[HEADER_LEN - 1] != b' ' {
+            return Err(EntryError);
+        }
+        let kind = match header[MAGIC.len()] {
+            b'+' => EntryKind::Found,
+            b'-' if raw.len() == HEADER_LEN => EntryKind::NotFound,
+            _ => return Err(EntryError),
+        };
+        let digits = &header[MAGIC.len() + 1..HEADER_LEN - 1];
+        let fetched_at_ms = parse_digits(digits).ok_or(EntryError)?;
+        if kind == EntryKind::Found && raw.len() == HEADER_LEN {
+            return Err(EntryError);
+        }
+        Ok(Self { kind, fetched_at_ms, raw })
+    }
+
+    pub fn kind(&self) -> EntryKind {
+        self.kind
+    }
+
+    /// The discount JSON exactly as the upstream sent it; `None` for a negative entry.
+    pub fn discount(&self) -> Option<Bytes> {
+        match self.kind {
+            EntryKind::Found => Some(self.raw.slice(HEADER_LEN..)),
+            EntryKind::NotFound => None,
+        }
+    }
+
+    /// How long ago the upstream gave this answer (zero if the clock went backwards).
+    pub fn age(&self, now: SystemTime) -> Duration {
+        Duration::from_millis(unix_millis(now).saturating_sub(self.fetched_at_ms))
+    }
+
+    /// The bytes to store.
+    pub fn encoded(&self) -> &Bytes {
+        &self.raw
+    }
+}
+
+fn unix_millis(time: SystemTime) -> u64 {
+    let millis = time.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
+    u64::try_from(millis).unwrap_or(u64::MAX)
+}
+
+fn parse_digits(digits: &[u8]) -> Option<u64> {
+    digits.iter().try_fold(0u64, |acc, &digit| {
+        digit.is_ascii_digit().then(|| acc * 10 + u64::from(digit - b'0'))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn found_entries_round_trip_and_splice_the_json_verbatim() {
+        let json = br#"{"ratio": "0.35", "note": "\u4f18"}"#;
+        let entry = Entry::found(json, at(1_732_254_000_123));
+        assert!(entry.encoded().starts_with(b"dp1+1732254000123 "));
+        let decoded = Entry::decode(entry.encoded().clone()).unwrap();
+        assert_eq!(decoded.kind(), EntryKind::Found);
+        assert_eq!(decoded.discount().as_deref(), Some(&json[..]));
+        assert_eq!(decoded.age(at(1_732_254_001_123)), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn negative_entries_round_trip_without_a_payload() {
+        let entry = Entry::not_found(at(5));
+        let decoded = Entry::decode(entry.encoded().clone()).unwrap();
+        assert_eq!(decoded.kind(), EntryKind::NotFound);
+        assert_eq!(decoded.discount(), None);
+    }
+
+    #[test]
+    fn foreign_or_truncated_values_are_rejected() {
+        for raw in [
+            &b""[..],
+            b"{\"ratio\":1}",
+            b"dp1+17322540001",
+            b"dp1+1732254000123 ",
+            b"dp1-1732254000123 junk",
+            b"dp1*1732254000123 {}",
+            b"dp1+17322540001x3 {}",
+            b"dp2+1732254000123 {}",
+        ] {
+            assert_eq!(Entry::decode(Bytes::copy_from_slice(raw)), Err(EntryError), "{raw:?}");
+        }
+    }
+}

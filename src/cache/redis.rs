@@ -1,0 +1,156 @@
+//! The shared cache: Redis through a deadpool of multiplexed connections, every call bounded.
+
+use super::{BoxFuture, Cache, CacheError, Write};
+use bytes::Bytes;
+use deadpool_redis::redis::{self, AsyncConnectionConfig};
+use deadpool_redis::{Manager, Pool, Runtime};
+use futures_util::future::try_join_all;
+use std::future::Future;
+use std::time::Duration;
+
+/// How [`RedisCache`] reaches Redis.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: String,
+    pub pool_size: usize,
+    pub key_prefix: String,
+    pub timeout: Duration,
+    pub chunk_size: usize,
+}
+
+/// Redis as a [`Cache`]. Keys are `<key_prefix><sn>`; big batches are split into chunks so one
+/// command never carries thousands of keys and blocks Redis for other clients.
+pub struct RedisCache {
+    pool: Pool,
+    key_prefix: String,
+    timeout: Duration,
+    chunk_size: usize,
+}
+
+impl RedisCache {
+    /// Builds the pool; connects lazily, so a Redis that is down now is not an error.
+    ///
+    /// # Errors
+    /// A URL redis-rs cannot use.
+    pub fn new(settings: &RedisSettings) -> Result<Self, CacheError> {
+        // Both redis-rs's own timeouts and ours: a hung Redis must never hang a request.
+        let connection = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(settings.timeout))
+            .set_response_timeout(Some(settings.timeout));
+        let manager = Manager::new_with_config(settings.url.as_str(), connection)
+            .map_err(|source| CacheError::Command { op: "connect", source })?;
+        let pool = Pool::builder(manager)
+            .max_size(settings.pool_size)
+            .wait_timeout(Some(settings.timeout))
+            .create_timeout(Some(settings.timeout))
+            .recycle_timeout(Some(settings.timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|err| CacheError::Pool(err.to_string()))?;
+        Ok(Self {
+            pool,
+            key_prefix: settings.key_prefix.clone(),
+            timeout: settings.timeout,
+            chunk_size: settings.chunk_size.max(1),
+        })
+    }
+
+    /// Runs one command on a pooled connection, bounding the checkout and the command apart.
+    async fn run<T, F, Fut>(&self, op: &'static str, command: F) -> Result<T, CacheError>
+    where
+        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let timeout = self.timeout;
+        let conn = tokio::time::timeout(timeout, self.pool.get())
+            .await
+            .map_err(|_| CacheError::Timeout { op: "connection checkout", timeout })?
+            .map_err(|err| CacheError::Pool(err.to_string()))?;
+        tokio::time::timeout(timeout, command(conn))
+            .await
+            .map_err(|_| CacheError::Timeout { op, timeout })?
+            .map_err(|source| CacheError::Command { op, source })
+    }
+
+    fn key_into(&self, buf: &mut Vec<u8>, sn: &str) {
+        buf.clear();
+        buf.extend_from_slice(self.key_prefix.as_bytes());
+        buf.extend_from_slice(sn.as_bytes());
+    }
+
+    async fn get_chunk(&self, sns: &[&str]) -> Result<Vec<Option<Bytes>>, CacheError> {
+        let mut cmd = redis::cmd("MGET");
+        let mut key = Vec::new();
+        for sn in sns {
+            self.key_into(&mut key, sn);
+            cmd.arg(&key[..]);
+        }
+        let values: Vec<Option<Vec<u8>>> =
+            self.run("MGET", |mut conn| async move { cmd.query_async(&mut conn).await }).await?;
+        Ok(values.into_iter().map(|value| value.map(Bytes::from)).collect())
+    }
+
+    async fn set_chunk(&self, writes: &[Write]) -> Result<(), CacheError> {
+        let mut pipe = redis::pipe();
+        let mut key = Vec::new();
+        for write in writes {
+            self.key_into(&mut key, &write.sn);
+            // One SET with PX: a key can never be left without its TTL.
+            let millis = u64::try_from(write.ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+            pipe.cmd("SET").arg(&key[..]).arg(&write.value[..]).arg("PX").arg(millis).ignore();
+        }
+        self.run("SET pipeline", |mut conn| async move { pipe.query_async::<()>(&mut conn).await })
+            .await
+    }
+
+    async fn delete_chunk(&self, sns: &[&str]) -> Result<u64, CacheError> {
+        let mut cmd = redis::cmd("DEL");
+        let mut key = Vec::new();
+        for sn in sns {
+            self.key_into(&mut key, sn);
+            cmd.arg(&key[..]);
+        }
+        self.run("DEL", |mut conn| async move { cmd.query_async(&mut conn).await }).await
+    }
+}
+
+impl Cache for RedisCache {
+    fn get_many<'a>(
+        &'a self,
+        sns: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<Vec<Option<Bytes>>, CacheError>> {
+        Box::pin(async move {
+            let chunks = sns.chunks(self.chunk_size).map(|chunk| self.get_chunk(chunk));
+            let values = try_join_all(chunks).await?;
+            Ok(values.into_iter().flatten().collect())
+        })
+    }
+
+    fn set_many<'a>(&'a self, writes: &'a [Write]) -> BoxFuture<'a, Result<(), CacheError>> {
+        Box::pin(async move {
+            try_join_all(writes.chunks(self.chunk_size).map(|chunk| self.set_chunk(chunk))).await?;
+            Ok(())
+        })
+    }
+
+    fn delete_many<'a>(&'a self, sns: &'a [&'a str]) -> BoxFuture<'a, Result<u64, CacheError>> {
+        Box::pin(async move {
+            let chunks = sns.chunks(self.chunk_size).map(|chunk| self.delete_chunk(chunk));
+            Ok(try_join_all(chunks).await?.into_iter().sum())
+        })
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), CacheError>> {
+        Box::pin(async move {
+            self.run("PING", |mut conn| async move {
+                redis::cmd("PING").query_async::<String>(&mut conn).await
+            })
+            .await
+            .map(drop)
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+}

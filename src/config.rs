@@ -1,0 +1,376 @@
+//! Configuration: the TOML file, then `DISCOUNT_PROXY_…` environment variables, then flags.
+//! A bad value stops the start with a message naming the key, before any port is bound.
+
+use crate::secret::Secret;
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The prefix of every environment variable that overrides a config key.
+pub const ENV_PREFIX: &str = "DISCOUNT_PROXY_";
+
+/// The file read when no `--config` is given; missing is fine (built-in defaults apply).
+pub const DEFAULT_PATH: &str = "config/default.toml";
+
+/// Why the configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("invalid config: {0}")]
+    Load(#[source] Box<figment::Error>),
+    #[error("invalid config: {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: &'static str, message: impl Into<String>) -> Self {
+        Self::Invalid { key, message: message.into() }
+    }
+}
+
+/// The whole configuration. Every section has defaults that work on a developer's machine.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub redis: RedisConfig,
+    pub cache: CacheConfig,
+    pub upstream: UpstreamConfig,
+    pub log: LogConfig,
+}
+
+/// The HTTP side facing export jobs and curl.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub max_batch: usize,
+    pub max_body_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// How long in-flight requests and write-backs may take to finish after SIGTERM.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// A client that has not sent its request headers by then is disconnected (slowloris).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    #[serde(deserialize_with = "list_or_csv")]
+    pub api_tokens: Vec<Secret>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_batch: 10_000,
+            max_body_bytes: 4 * 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            api_tokens: Vec::new(),
+        }
+    }
+}
+
+/// The shared cache.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    pub url: String,
+    pub pool_size: usize,
+    pub key_prefix: String,
+    /// Bounds one pool checkout and, separately, one command: a slow Redis costs at most this.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Most keys in one `MGET` or one write-back pipeline; bigger batches are split.
+    pub chunk_size: usize,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379/0".to_owned(),
+            pool_size: 16,
+            key_prefix: "discount:v1:".to_owned(),
+            timeout: Duration::from_millis(250),
+            chunk_size: 500,
+        }
+    }
+}
+
+/// How long answers are kept.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub negative_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub stale_ttl: Duration,
+    /// Entries kept by the in-memory cache used when Redis is not available (`demo`).
+    pub memory_max_entries: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(3600),
+            negative_ttl: Duration::from_secs(300),
+            stale_ttl: Duration::from_secs(3600),
+            memory_max_entries: 100_000,
+        }
+    }
+}
+
+/// The discount service being fronted.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    pub url: String,
+    pub token: Option<Secret>,
+    pub concurrency: usize,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    pub retries: u32,
+    pub max_body_bytes: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:8001/contract/?sn={sn}".to_owned(),
+            token: None,
+            concurrency: 64,
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
+            retries: 0,
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+/// `text` for people, `json` for log pipelines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl Config {
+    /// Loads the file (or the default path, if present), then applies the environment.
+    ///
+    /// # Errors
+    /// A missing explicit file, an unknown key, a wrong type: the message names the key and
+    /// where it came from.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(path, Env::prefixed(ENV_PREFIX).split("__"))
+    }
+
+    fn load_from(path: Option<&Path>, env: Env) -> Result<Self, ConfigError> {
+        let mut figment = Figment::new();
+        match path {
+            Some(path) if !path.exists() => return Err(ConfigError::MissingFile(path.to_owned())),
+            Some(path) => figment = figment.merge(Toml::file_exact(path)),
+            None if Path::new(DEFAULT_PATH).exists() => {
+                figment = figment.merge(Toml::file_exact(DEFAULT_PATH));
+            }
+            None => {}
+        }
+        figment
+            .merge(env)
+            .extract::<Config>()
+            .map_err(|err| ConfigError::Load(Box::new(err)))
+    }
+
+    /// Checks what types alone cannot: ranges, URL shapes, the `{sn}` placeholder.
+    ///
+    /// # Errors
+    /// The first invalid key, with what is wrong with it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        at_least(self.server.max_batch, 1, "server.max_batch")?;
+        at_least(self.server.max_body_bytes, 64, "server.max_body_bytes")?;
+        positive(self.server.request_timeout, "server.request_timeout")?;
+        positive(self.server.header_read_timeout, "server.header_read_timeout")?;
+        validate_redis_url(&self.redis.url)?;
+        at_least(self.redis.pool_size, 1, "redis.pool_size")?;
+        at_least(self.redis.chunk_size, 1, "redis.chunk_size")?;
+        positive(self.redis.timeout, "redis.timeout")?;
+        positive(self.cache.ttl, "cache.ttl")?;
+        positive(self.cache.negative_ttl, "cache.negative_ttl")?;
+        at_least(self.cache.memory_max_entries, 1, "cache.memory_max_entries")?;
+        validate_upstream_url(&self.upstream.url)?;
+        at_least(self.upstream.concurrency, 1, "upstream.concurrency")?;
+        positive(self.upstream.timeout, "upstream.timeout")?;
+        positive(self.upstream.connect_timeout, "upstream.connect_timeout")?;
+        at_least(self.upstream.max_body_bytes, 2, "upstream.max_body_bytes")?;
+        if self.server.api_tokens.iter().any(|token| token.expose().is_empty()) {
+            return Err(ConfigError::invalid("server.api_tokens", "a token is empty"));
+        }
+        Ok(())
+    }
+}
+
+fn at_least(value: usize, min: usize, key: &'static str) -> Result<(), ConfigError> {
+    if value < min {
+        return Err(ConfigError::invalid(key, format!("must be at least {min}, got {value}")));
+    }
+    Ok(())
+}
+
+fn positive(value: Duration, key: &'static str) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        return Err(ConfigError::invalid(key, "must be longer than 0s"));
+    }
+    Ok(())
+}
+
+fn validate_redis_url(raw: &str) -> Result<(), ConfigError> {
+    let url = url::Url::parse(raw)
+        .map_err(|err| ConfigError::invalid("redis.url", format!("{raw:?} is not a URL: {err}")))?;
+    match url.scheme() {
+        "redis" if url.host_str().is_some() => Ok(()),
+        "redis" => Err(ConfigError::invalid("redis.url", "has no host")),
+        other => Err(ConfigError::invalid(
+            "redis.url",
+            format!("scheme {other:?} is not supported; use redis://host:port/db"),
+        )),
+    }
+}
+
+fn validate_upstream_url(template: &str) -> Result<(), ConfigError> {
+    const KEY: &str = "upstream.url";
+    if !template.contains("{sn}") {
+        return Err(ConfigError::invalid(KEY, format!("{template:?} has no {{sn}} placeholder")));
+    }
+    let sample = template.replace("{sn}", "C2024-0001");
+    let url = url::Url::parse(&sample)
+        .map_err(|err| ConfigError::invalid(KEY, format!("{template:?} is not a URL: {err}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(ConfigError::invalid(KEY, "must be an http:// or https:// URL with a host"));
+    }
+    Ok(())
+}
+
+/// A list from TOML, or a comma-separated string from an environment variable.
+fn list_or_csv<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Secret>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrCsv {
+        List(Vec<Secret>),
+        Csv(String),
+    }
+    Ok(match ListOrCsv::deserialize(deserializer)? {
+        ListOrCsv::List(list) => list,
+        ListOrCsv::Csv(csv) => csv
+            .split(',')
+            .map(str::trim)
+            .filter(|token| !token.is_empty())
+            .map(Secret::new)
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load_in_jail(jail: &Jail, file: Option<&str>) -> Result<Config, ConfigError> {
+        let path = file.map(|contents| {
+            let path = jail.directory().join("test.toml");
+            std::fs::write(&path, contents).unwrap();
+            path
+        });
+        let config = Config::load(path.as_deref())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn every_file_in_config_dir_loads_and_validates() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|ext| ext == "toml") {
+                let config = Config::load_from(Some(&path), Env::prefixed("NOTHING_SET_"))
+                    .unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+                config.validate().unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2, "expected default.toml and production.example.toml");
+    }
+
+    #[test]
+    fn env_overrides_file_and_lists_are_comma_separated() {
+        Jail::expect_with(|jail| {
+            jail.set_env("DISCOUNT_PROXY_SERVER__MAX_BATCH", "500");
+            jail.set_env("DISCOUNT_PROXY_SERVER__API_TOKENS", "t1, t2");
+            jail.set_env("DISCOUNT_PROXY_UPSTREAM__TOKEN", "12345");
+            jail.set_env("DISCOUNT_PROXY_CACHE__TTL", "90s");
+            let config = load_in_jail(jail, Some("[server]\nmax_batch = 20\n")).unwrap();
+            assert_eq!(config.server.max_batch, 500);
+            let tokens: Vec<_> = config.server.api_tokens.iter().map(Secret::expose).collect();
+            assert_eq!(tokens, ["t1", "t2"]);
+            assert_eq!(config.upstream.token.as_ref().map(Secret::expose), Some("12345"));
+            assert_eq!(config.cache.ttl, Duration::from_secs(90));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_named_in_the_error() {
+        Jail::expect_with(|jail| {
+            let err = load_in_jail(jail, Some("[server]\nmax_btach = 1\n")).unwrap_err();
+            assert!(err.to_string().contains("max_btach"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("DISCOUNT_PROXY_REDIS__URLL", "redis://x");
+            let err = load_in_jail(jail, None).unwrap_err();
+            assert!(err.to_string().contains("urll"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_are_named_in_the_error() {
+        Jail::expect_with(|jail| {
+            let err = load_in_jail(jail, Some("[cache]\nttl = \"soon\"\n")).unwrap_err();
+            assert!(err.to_string().contains("ttl"), "{err}");
+            let err = load_in_jail(jail, Some("[upstream]\nurl = \"http://x/a\"\n")).unwrap_err();
+            assert!(err.to_string().contains("upstream.url"), "{err}");
+            let err = load_in_jail(jail, Some("[redis]\nurl = \"nope\"\n")).unwrap_err();
+            assert!(err.to_string().contains("redis.url"), "{err}");
+            let err = load_in_jail(jail, Some("[upstream]\nconcurrency = 0\n")).unwrap_err();
+            assert!(err.to_string().contains("upstream.concurrency"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn debug_output_redacts_tokens() {
+        let mut config = Config::default();
+        config.upstream.token = Some(Secret::new("upstream-secret"));
+        config.server.api_tokens = vec![Secret::new("client-secret")];
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("upstream-secret") && !printed.contains("client-secret"));
+    }
+}

@@ -1,0 +1,86 @@
+//! The request path's error, and the one place that maps it to an HTTP status and API code.
+
+use crate::lookup::ItemError;
+use crate::sn::SnError;
+use hyper::StatusCode;
+
+/// Everything that can end a request early. Messages go to the client: no internal detail.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error(transparent)]
+    InvalidSn(#[from] SnError),
+    #[error("this endpoint needs an `Authorization: Bearer <token>` header with a valid token")]
+    Unauthorized,
+    #[error("there is no route {0}")]
+    RouteNotFound(String),
+    #[error("{method} is not allowed here; allowed: {allow}")]
+    MethodNotAllowed { method: String, allow: &'static str },
+    #[error("the batch has {count} SNs; at most {max} are allowed")]
+    BatchTooLarge { count: usize, max: usize },
+    #[error("the request body is larger than {max} bytes")]
+    PayloadTooLarge { max: usize },
+    #[error("the request body must be JSON, sent with `Content-Type: application/json`")]
+    UnsupportedMediaType,
+    #[error(transparent)]
+    Item(#[from] ItemError),
+    #[error("the cache is not reachable; nothing was removed, try again")]
+    CacheUnavailable,
+}
+
+impl Error {
+    /// The HTTP status, from API.md's Errors table.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidJson(_) | Self::InvalidRequest(_) | Self::InvalidSn(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::BatchTooLarge { .. } | Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Item(item) => match item.code() {
+                "upstream_timeout" | "deadline_exceeded" => StatusCode::GATEWAY_TIMEOUT,
+                "upstream_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::BAD_GATEWAY,
+            },
+            Self::CacheUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The machine-readable code, from API.md's Errors table.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidJson(_) => "invalid_json",
+            Self::InvalidRequest(_) => "invalid_request",
+            Self::InvalidSn(_) => "invalid_sn",
+            Self::Unauthorized => "unauthorized",
+            Self::RouteNotFound(_) => "not_found",
+            Self::MethodNotAllowed { .. } => "method_not_allowed",
+            Self::BatchTooLarge { .. } => "batch_too_large",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::Item(item) => item.code(),
+            Self::CacheUnavailable => "cache_unavailable",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::UpstreamError;
+    use std::time::Duration;
+
+    #[test]
+    fn upstream_failures_map_to_gateway_statuses() {
+        let timeout = Error::Item(ItemError::Upstream(UpstreamError::Timeout(Duration::from_secs(1))));
+        assert_eq!((timeout.status(), timeout.code()), (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"));
+        let status = Error::Item(ItemError::Upstream(UpstreamError::Status(503)));
+        assert_eq!((status.status(), status.code()), (StatusCode::BAD_GATEWAY, "upstream_error"));
+        let deadline = Error::Item(ItemError::DeadlineExceeded);
+        assert_eq!((deadline.status(), deadline.code()), (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded"));
+    }
+}

@@ -1,0 +1,36 @@
+//! discount-proxy: answers a whole batch of contract SNs at once from Redis, fetching only
+//! the misses from the one-SN-per-request upstream discount service, and writing them back.
+//!
+//! # Layout
+//!
+//! - [`cli`]: command-line parsing (`serve`, `simulate-upstream`, `demo`).
+//! - [`config`]: TOML file → `DISCOUNT_PROXY_…` environment → flags, validated before binding.
+//! - [`app`]: wires config into the running parts (cache, upstream, lookup) and serves them.
+//! - [`server`]: accept loop, hyper connections, graceful shutdown, the per-request log line.
+//! - [`routes`]: method + path → handler; JSON in, JSON out.
+//! - [`error`]: the request-path error and the one place that maps it to status and code.
+//! - [`health`]: the phase and dependency states `/readyz` reports.
+//! - [`lookup`]: the core: dedup → cache → bounded upstream fetch → write-back.
+//! - [`render`]: response bodies written straight into one buffer, cached JSON spliced in.
+//! - [`sn`]: what a valid serial number is.
+//! - [`cache`]: the `Cache` trait, the entry format, the Redis and in-memory backends.
+//! - [`upstream`]: the HTTP client for the discount service.
+//! - [`simulator`]: a stand-in for the upstream, for the quick start and benchmarks.
+//! - [`telemetry`]: the tracing subscriber.
+//! - [`secret`]: a string that never shows itself in logs.
+
+pub mod app;
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod health;
+pub mod lookup;
+pub mod render;
+pub mod routes;
+pub mod secret;
+pub mod server;
+pub mod simulator;
+pub mod sn;
+pub mod telemetry;
+pub mod upstream;

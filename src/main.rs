@@ -1,0 +1,132 @@
+//! The binary: parse the command line, load the config, start telemetry, run.
+
+use clap::Parser;
+use discount_proxy::app::{self, CacheChoice};
+use discount_proxy::cache::{Cache, RedisCache, redis_settings};
+use discount_proxy::cli::{Cli, Command, ServeArgs, SimulateArgs};
+use discount_proxy::config::{Config, LogFormat};
+use discount_proxy::secret::Secret;
+use discount_proxy::simulator::Simulator;
+use discount_proxy::telemetry;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => return fail(&anyhow::Error::new(err).context("could not start the async runtime")),
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            None => serve(&cli.serve).await,
+            Some(Command::Serve(args)) => serve(&args).await,
+            Some(Command::Demo(args)) => demo(&args).await,
+            Some(Command::SimulateUpstream(args)) => simulate(&args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => fail(&err),
+    }
+}
+
+fn fail(err: &anyhow::Error) -> ExitCode {
+    eprintln!("error: {err:#}");
+    ExitCode::FAILURE
+}
+
+fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
+    let mut config = Config::load(args.config.as_deref())?;
+    args.apply(&mut config);
+    config.validate()?;
+    Ok(config)
+}
+
+async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let config = load_config(args)?;
+    init_telemetry(config.log.format)?;
+    app::serve(&config, CacheChoice::Redis, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// The proxy and a simulated upstream in one process, on Redis if it answers and the
+/// in-process cache if it does not.
+async fn demo(args: &ServeArgs) -> anyhow::Result<()> {
+    let mut config = load_config(args)?;
+    init_telemetry(config.log.format)?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let upstream_addr = listener.local_addr()?;
+    let simulator = Simulator::new(Duration::from_millis(500), config.upstream.token.clone());
+    tokio::spawn(simulator.run(listener, std::future::pending()));
+    config.upstream.url = format!("http://{upstream_addr}/contract/?sn={{sn}}");
+    info!(addr = %upstream_addr, latency = "500ms", "demo: simulated upstream started");
+    let choice = match RedisCache::new(&redis_settings(&config.redis)) {
+        Ok(redis) => match redis.ping().await {
+            Ok(()) => CacheChoice::Redis,
+            Err(err) => {
+                warn!(url = %app::redacted_url(&config.redis.url), error = %err, "demo: redis does not answer; using the in-process cache");
+                CacheChoice::Memory
+            }
+        },
+        Err(err) => {
+            warn!(error = %err, "demo: redis URL unusable; using the in-process cache");
+            CacheChoice::Memory
+        }
+    };
+    let base = format!("http://{}", config.server.listen);
+    info!("demo: try  curl -s {base}/v1/discounts/C2024-0001");
+    info!(
+        "demo: try  curl -s -H 'Content-Type: application/json' -d '{{\"sns\":[\"C2024-0001\",\"C2024-0002\",\"NF-1\"]}}' {base}/v1/discounts/lookup"
+    );
+    app::serve(&config, choice, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn simulate(args: &SimulateArgs) -> anyhow::Result<()> {
+    init_telemetry(LogFormat::Text)?;
+    let listener = TcpListener::bind(args.listen).await?;
+    info!(addr = %listener.local_addr()?, latency = ?args.latency, "simulated upstream listening");
+    let simulator = Simulator::new(args.latency, args.token.clone().map(Secret::new));
+    simulator.run(listener, shutdown_signal()).await;
+    Ok(())
+}
+
+fn init_telemetry(format: LogFormat) -> anyhow::Result<()> {
+    telemetry::init(format).map_err(|err| anyhow::anyhow!("could not start logging: {err}"))
+}
+
+/// Resolves on the first SIGTERM or Ctrl-C; a second one exits at once.
+async fn shutdown_signal() {
+    wait_for_signal().await;
+    info!("signal received; draining (send another to exit at once)");
+    tokio::spawn(async {
+        wait_for_signal().await;
+        warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

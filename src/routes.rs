@@ -1,0 +1,256 @@
+//! Method + path → handler. JSON in, JSON out; the lookup core does the work.
+
+use crate::app::AppState;
+use crate::error::Error;
+use crate::lookup::{Outcome, Source};
+use crate::{render, sn};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+
+/// The response body type of every route.
+pub type Body = Full<Bytes>;
+
+/// What a lookup did, attached to its response for the request log line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LookupStats {
+    pub sns: usize,
+    pub hits: usize,
+    pub misses: usize,
+}
+
+const SN_PATH_PREFIX: &str = "/v1/discounts/";
+
+/// Routes one request. Errors become their JSON error response here.
+pub async fn handle(state: &AppState, request: Request<Incoming>) -> Response<Body> {
+    route(state, request).await.unwrap_or_else(error_response)
+}
+
+async fn route(state: &AppState, request: Request<Incoming>) -> Result<Response<Body>, Error> {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    match path.as_str() {
+        "/healthz" => {
+            allow(&method, &[Method::GET, Method::HEAD], "GET, HEAD")?;
+            Ok(json_response(StatusCode::OK, br#"{"status":"ok"}"#.to_vec()))
+        }
+        "/readyz" => {
+            allow(&method, &[Method::GET, Method::HEAD], "GET, HEAD")?;
+            Ok(readyz(state).await)
+        }
+        "/v1/discounts/lookup" => {
+            allow(&method, &[Method::POST], "POST")?;
+            authorize(state, &request)?;
+            lookup_batch(state, request).await
+        }
+        "/v1/discounts/invalidate" => {
+            allow(&method, &[Method::POST], "POST")?;
+            authorize(state, &request)?;
+            invalidate(state, request).await
+        }
+        _ => match path.strip_prefix(SN_PATH_PREFIX).filter(|raw| !raw.is_empty()) {
+            Some(raw_sn) => {
+                allow(&method, &[Method::GET, Method::DELETE], "GET, DELETE")?;
+                authorize(state, &request)?;
+                let sn = sn::decode_path_segment(raw_sn)?;
+                if method == Method::DELETE {
+                    delete_one(state, &sn).await
+                } else {
+                    lookup_one(state, sn, refresh_requested(&request)?).await
+                }
+            }
+            None => Err(Error::RouteNotFound(format!("{method} {path}"))),
+        },
+    }
+}
+
+fn allow(method: &Method, allowed: &[Method], allow: &'static str) -> Result<(), Error> {
+    if allowed.contains(method) {
+        return Ok(());
+    }
+    Err(Error::MethodNotAllowed { method: method.to_string(), allow })
+}
+
+/// With `server.api_tokens` set, `/v1/*` needs `Authorization: Bearer <token>`.
+fn authorize(state: &AppState, request: &Request<Incoming>) -> Result<(), Error> {
+    if state.api_tokens.is_empty() {
+        return Ok(());
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "))
+        .ok_or(Error::Unauthorized)?;
+    // Check every token, so timing does not tell which one came close.
+    let matched = state.api_tokens.iter().fold(false, |found, token| token.matches(presented) | found);
+    if matched { Ok(()) } else { Err(Error::Unauthorized) }
+}
+
+async fn readyz(state: &AppState) -> Response<Body> {
+    use crate::health::Phase;
+    let phase = state.health.phase();
+    let cache = state.lookup.cache();
+    let cache_state = match cache.ping().await {
+        Ok(()) => "ok",
+        Err(_) => "down",
+    };
+    let status = match phase {
+        Phase::Starting => "starting",
+        Phase::Draining => "draining",
+        Phase::Ready if cache_state == "ok" => "ok",
+        Phase::Ready => "degraded",
+    };
+    let body = json!({
+        "status": status,
+        cache.kind(): cache_state,
+        "upstream": state.health.upstream_state(),
+    });
+    let code = if phase == Phase::Ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    json_response(code, body.to_string().into_bytes())
+}
+
+#[derive(Deserialize)]
+struct SnsBody {
+    sns: Vec<String>,
+}
+
+async fn lookup_batch(state: &AppState, request: Request<Incoming>) -> Result<Response<Body>, Error> {
+    let refresh = refresh_requested(&request)?;
+    let sns = read_sns(state, request).await?;
+    let batch = state.lookup.resolve(sns, refresh).await;
+    let stats = LookupStats {
+        sns: batch.summary.requested,
+        hits: batch.summary.cache_hits + batch.summary.stale,
+        misses: batch.summary.upstream_fetches,
+    };
+    let mut response = json_response(StatusCode::OK, render::batch(&batch));
+    response.extensions_mut().insert(stats);
+    Ok(response)
+}
+
+async fn lookup_one(state: &AppState, sn: String, refresh: bool) -> Result<Response<Body>, Error> {
+    let mut batch = state.lookup.resolve(vec![sn], refresh).await;
+    let stats = LookupStats {
+        sns: 1,
+        hits: batch.summary.cache_hits + batch.summary.stale,
+        misses: batch.summary.upstream_fetches,
+    };
+    let (Some(sn), Some(outcome)) = (batch.distinct.pop(), batch.outcomes.pop()) else {
+        return Err(Error::InvalidRequest("no SN in the path".to_owned()));
+    };
+    let (status, source) = match &outcome {
+        Outcome::Found { source, .. } => (StatusCode::OK, *source),
+        Outcome::NotFound { source } => (StatusCode::NOT_FOUND, *source),
+        Outcome::Invalid(err) => return Err(Error::InvalidSn(*err)),
+        Outcome::Failed(err) => return Err(Error::Item(err.clone())),
+    };
+    let mut response = json_response(status, render::item(&sn, &outcome));
+    let x_cache = match source {
+        Source::Cache => "HIT",
+        Source::Upstream => "MISS",
+        Source::Stale => "STALE",
+    };
+    response.headers_mut().insert("x-cache", HeaderValue::from_static(x_cache));
+    response.extensions_mut().insert(stats);
+    Ok(response)
+}
+
+async fn delete_one(state: &AppState, sn: &str) -> Result<Response<Body>, Error> {
+    state.lookup.invalidate(&[sn]).await.map_err(|_| Error::CacheUnavailable)?;
+    let mut response = Response::new(Body::default());
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    Ok(response)
+}
+
+async fn invalidate(state: &AppState, request: Request<Incoming>) -> Result<Response<Body>, Error> {
+    let sns = read_sns(state, request).await?;
+    if let Some((index, err)) =
+        sns.iter().enumerate().find_map(|(i, sn)| sn::validate(sn).err().map(|err| (i, err)))
+    {
+        return Err(Error::InvalidRequest(format!("sns[{index}] is not a valid SN: {err}")));
+    }
+    let sns: Vec<&str> = sns.iter().map(String::as_str).collect();
+    let invalidated = state.lookup.invalidate(&sns).await.map_err(|_| Error::CacheUnavailable)?;
+    Ok(json_response(StatusCode::OK, json!({ "invalidated": invalidated }).to_string().into_bytes()))
+}
+
+/// Reads a `{"sns": [...]}` body: media type, size (enforced while reading), JSON, shape, count.
+async fn read_sns(state: &AppState, request: Request<Incoming>) -> Result<Vec<String>, Error> {
+    let body = read_json_body(request, state.max_body_bytes).await?;
+    let parsed: SnsBody = serde_json::from_slice(&body).map_err(|err| match err.classify() {
+        serde_json::error::Category::Data => {
+            Error::InvalidRequest(format!("expected {{\"sns\": [\"<sn>\", ...]}}: {err}"))
+        }
+        _ => Error::InvalidJson(err.to_string()),
+    })?;
+    if parsed.sns.is_empty() {
+        return Err(Error::InvalidRequest("`sns` must hold at least one SN".to_owned()));
+    }
+    if parsed.sns.len() > state.max_batch {
+        return Err(Error::BatchTooLarge { count: parsed.sns.len(), max: state.max_batch });
+    }
+    Ok(parsed.sns)
+}
+
+async fn read_json_body(request: Request<Incoming>, max: usize) -> Result<Bytes, Error> {
+    let is_json = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err(Error::UnsupportedMediaType);
+    }
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max as u64) {
+        return Err(Error::PayloadTooLarge { max });
+    }
+    // Limited stops reading at `max`, whatever Content-Length claimed (or chunked encoding).
+    match Limited::new(request.into_body(), max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => Err(Error::PayloadTooLarge { max }),
+        Err(err) => Err(Error::InvalidRequest(format!("the request body could not be read: {err}"))),
+    }
+}
+
+fn refresh_requested(request: &Request<Incoming>) -> Result<bool, Error> {
+    let query = request.uri().query().unwrap_or_default();
+    let mut refresh = false;
+    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        if key == "refresh" {
+            refresh = match value.as_ref() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                other => {
+                    return Err(Error::InvalidRequest(format!("refresh must be true or false, got {other:?}")));
+                }
+            };
+        }
+    }
+    Ok(refresh)
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// The one place an [`Error`] becomes a response.
+fn error_response(err: Error) -> Response<Body> {
+    let mut response = json_response(err.status(), render::error(err.code(), &err.to_string()));
+    if let Error::MethodNotAllowed { allow, .. } = err {
+        response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    }
+    response
+}

@@ -1,0 +1,90 @@
+//! The accept loop: hyper connections through hyper-util's auto builder, one log line per
+//! request, and a graceful shutdown that lets in-flight requests and write-backs finish.
+
+use crate::app::AppState;
+use crate::routes::{self, LookupStats};
+use hyper::Request;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+/// Serves `listener` until `shutdown` resolves, then drains: `/readyz` turns 503, no new
+/// connections, in-flight requests and write-backs get `server.shutdown_grace` to finish.
+pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(state.header_read_timeout);
+    let graceful = GracefulShutdown::new();
+    state.health.mark_ready();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let state = Arc::clone(&state);
+                    let service = service_fn(move |request| {
+                        let state = Arc::clone(&state);
+                        async move { Ok::<_, Infallible>(handle_logged(&state, request).await) }
+                    });
+                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                    let connection = graceful.watch(connection.into_owned());
+                    tokio::spawn(async move {
+                        // A client that vanishes mid-request is its own business, not an error.
+                        let _ = connection.await;
+                    });
+                }
+                Err(err) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = &mut shutdown => break,
+        }
+    }
+    drain(listener, graceful, &state).await;
+}
+
+async fn drain(listener: TcpListener, graceful: GracefulShutdown, state: &AppState) {
+    state.health.mark_draining();
+    drop(listener);
+    info!(grace = ?state.shutdown_grace, "shutting down: finishing in-flight requests");
+    let deadline = Instant::now() + state.shutdown_grace;
+    if tokio::time::timeout_at(deadline, graceful.shutdown()).await.is_err() {
+        warn!("grace period over with requests still in flight");
+    }
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    if state.lookup.drain(remaining).await {
+        info!("shutdown complete: all write-backs finished");
+    } else {
+        warn!("grace period over with write-backs still running");
+    }
+}
+
+async fn handle_logged(state: &AppState, request: Request<Incoming>) -> hyper::Response<routes::Body> {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = routes::handle(state, request).await;
+    let stats = response.extensions().get::<LookupStats>().copied().unwrap_or_default();
+    info!(
+        %method,
+        path,
+        status = response.status().as_u16(),
+        sns = stats.sns,
+        hits = stats.hits,
+        misses = stats.misses,
+        elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
+    response
+}

@@ -1,0 +1,94 @@
+//! What a valid contract serial number (SN) is, checked before any work is done for it.
+
+use std::fmt;
+
+/// The longest SN accepted, in bytes of UTF-8.
+pub const MAX_SN_BYTES: usize = 128;
+
+/// Why an SN was rejected; the message goes back to the client as-is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnError {
+    Empty,
+    TooLong(usize),
+    ControlCharacter,
+    Whitespace,
+    NotUtf8,
+}
+
+impl fmt::Display for SnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Empty => f.write_str("SN is empty"),
+            Self::TooLong(len) => write!(f, "SN is {len} bytes long; at most {MAX_SN_BYTES} are allowed"),
+            Self::ControlCharacter => f.write_str("SN contains a control character"),
+            Self::Whitespace => f.write_str("SN contains whitespace"),
+            Self::NotUtf8 => f.write_str("SN is not valid UTF-8"),
+        }
+    }
+}
+
+impl std::error::Error for SnError {}
+
+/// Checks an SN: 1 to 128 bytes of UTF-8, no control characters, no whitespace.
+///
+/// Because every SN becomes part of a Redis key and an upstream URL, this is the gate that keeps
+/// `"a\r\nFLUSHALL"` and friends out of both.
+pub fn validate(sn: &str) -> Result<(), SnError> {
+    if sn.is_empty() {
+        return Err(SnError::Empty);
+    }
+    if sn.len() > MAX_SN_BYTES {
+        return Err(SnError::TooLong(sn.len()));
+    }
+    for ch in sn.chars() {
+        if ch.is_control() {
+            return Err(SnError::ControlCharacter);
+        }
+        if ch.is_whitespace() {
+            return Err(SnError::Whitespace);
+        }
+    }
+    Ok(())
+}
+
+/// Percent-decodes an SN taken from a URL path, then validates it.
+pub fn decode_path_segment(raw: &str) -> Result<String, SnError> {
+    let decoded = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| SnError::NotUtf8)?
+        .into_owned();
+    validate(&decoded)?;
+    Ok(decoded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ordinary_and_unicode_sns_are_valid() {
+        assert_eq!(validate("C2024-0001"), Ok(()));
+        assert_eq!(validate("合同-2024/07"), Ok(()));
+        assert_eq!(validate(&"a".repeat(128)), Ok(()));
+    }
+
+    #[test]
+    fn bad_sns_are_rejected_with_the_reason() {
+        assert_eq!(validate(""), Err(SnError::Empty));
+        assert_eq!(validate(&"a".repeat(129)), Err(SnError::TooLong(129)));
+        assert_eq!(validate("a\r\nFLUSHALL"), Err(SnError::ControlCharacter));
+        assert_eq!(validate("a\0b"), Err(SnError::ControlCharacter));
+        assert_eq!(validate("a b"), Err(SnError::Whitespace));
+        assert_eq!(validate("a\u{3000}b"), Err(SnError::Whitespace));
+        assert_eq!(validate("a\u{85}b"), Err(SnError::ControlCharacter));
+    }
+
+    #[test]
+    fn path_segments_are_percent_decoded_before_validation() {
+        assert_eq!(decode_path_segment("C%2F1").as_deref(), Ok("C/1"));
+        assert_eq!(decode_path_segment("%E5%90%88").as_deref(), Ok("合"));
+        assert_eq!(decode_path_segment("a%0D%0Ab"), Err(SnError::ControlCharacter));
+        assert_eq!(decode_path_segment("%FF"), Err(SnError::NotUtf8));
+        assert_eq!(decode_path_segment("a%20b"), Err(SnError::Whitespace));
+    }
+}

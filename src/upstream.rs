@@ -1,0 +1,217 @@
+//! The client for the upstream discount service: one SN per request, bounded concurrency
+//! shared by every lookup, a timeout per request, bodies size-checked while they stream in.
+
+use crate::secret::Secret;
+use bytes::{Bytes, BytesMut};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use reqwest::StatusCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// Everything but RFC 3986's unreserved characters is percent-encoded in the SN.
+const SN_ENCODE_SET: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+/// How [`UpstreamClient`] talks to the discount service.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub url_template: String,
+    pub token: Option<Secret>,
+    pub concurrency: usize,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub max_body_bytes: usize,
+}
+
+/// A definite answer from the upstream: the only kind that is ever cached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fetched {
+    /// `200` with a JSON body, kept as the upstream's bytes.
+    Found(Bytes),
+    /// `404`: the SN does not exist.
+    NotFound,
+}
+
+/// Why the upstream gave no definite answer. Never cached.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("the upstream did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the upstream answered HTTP {0}")]
+    Status(u16),
+    #[error("the upstream answered 200 with a body that is not JSON")]
+    NotJson,
+    #[error("the upstream answered with a body larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("could not reach the upstream: {0}")]
+    Connection(String),
+    #[error("could not build the upstream URL: {0}")]
+    Url(String),
+}
+
+impl UpstreamError {
+    /// The API error code for this failure.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Timeout(_) => "upstream_timeout",
+            _ => "upstream_error",
+        }
+    }
+}
+
+/// The `{sn}` URL template, split once so building a URL is two copies and an encode.
+#[derive(Debug, Clone)]
+struct UrlTemplate {
+    before: String,
+    after: String,
+}
+
+impl UrlTemplate {
+    fn parse(template: &str) -> Self {
+        let (before, after) = template.split_once("{sn}").unwrap_or((template, ""));
+        Self { before: before.to_owned(), after: after.to_owned() }
+    }
+
+    fn url_for(&self, sn: &str) -> String {
+        let mut url = String::with_capacity(self.before.len() + sn.len() * 3 + self.after.len());
+        url.push_str(&self.before);
+        url.extend(utf8_percent_encode(sn, SN_ENCODE_SET));
+        url.push_str(&self.after);
+        url
+    }
+}
+
+/// The upstream client. One instance is shared by every request, and so is its limit.
+pub struct UpstreamClient {
+    http: reqwest::Client,
+    template: UrlTemplate,
+    token: Option<Secret>,
+    limit: Arc<Semaphore>,
+    timeout: Duration,
+    max_body_bytes: usize,
+}
+
+impl UpstreamClient {
+    /// Builds the client with a keep-alive pool sized to the concurrency limit.
+    ///
+    /// # Errors
+    /// The TLS stack could not be set up.
+    pub fn new(settings: &UpstreamSettings) -> Result<Self, UpstreamError> {
+        install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .connect_timeout(settings.connect_timeout)
+            .pool_max_idle_per_host(settings.concurrency)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|err| UpstreamError::Connection(err.without_url().to_string()))?;
+        Ok(Self {
+            http,
+            template: UrlTemplate::parse(&settings.url_template),
+            token: settings.token.clone(),
+            limit: Arc::new(Semaphore::new(settings.concurrency)),
+            timeout: settings.timeout,
+            max_body_bytes: settings.max_body_bytes,
+        })
+    }
+
+    /// Fetches one SN, waiting for a slot under the global limit first.
+    ///
+    /// The timeout covers the request and its body, not the wait for a slot: that wait is
+    /// bounded by the caller's own deadline.
+    ///
+    /// # Errors
+    /// Anything but a `200` with a JSON body or a `404`.
+    pub async fn fetch(&self, sn: &str) -> Result<Fetched, UpstreamError> {
+        let _permit = self
+            .limit
+            .acquire()
+            .await
+            .map_err(|_| UpstreamError::Connection("the upstream client is closed".to_owned()))?;
+        tokio::time::timeout(self.timeout, self.fetch_now(sn))
+            .await
+            .map_err(|_| UpstreamError::Timeout(self.timeout))?
+    }
+
+    async fn fetch_now(&self, sn: &str) -> Result<Fetched, UpstreamError> {
+        let url = self.template.url_for(sn);
+        let url = reqwest::Url::parse(&url).map_err(|err| UpstreamError::Url(err.to_string()))?;
+        let mut request = self.http.get(url);
+        if let Some(token) = &self.token {
+            request = request.header("Authorization", format!("Token {}", token.expose()));
+        }
+        // `without_url`: the URL may carry credentials in a template's query string.
+        let mut response =
+            request.send().await.map_err(|err| UpstreamError::Connection(err.without_url().to_string()))?;
+        match response.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => return Ok(Fetched::NotFound),
+            other => return Err(UpstreamError::Status(other.as_u16())),
+        }
+        let body = self.read_body(&mut response).await?;
+        Ok(Fetched::Found(compact_json(body)?))
+    }
+
+    /// Reads the body chunk by chunk, giving up as soon as it passes the limit.
+    async fn read_body(&self, response: &mut reqwest::Response) -> Result<Bytes, UpstreamError> {
+        if response.content_length().is_some_and(|len| len > self.max_body_bytes as u64) {
+            return Err(UpstreamError::TooLarge(self.max_body_bytes));
+        }
+        let mut body = BytesMut::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|err| UpstreamError::Connection(err.without_url().to_string()))?
+        {
+            if body.len() + chunk.len() > self.max_body_bytes {
+                return Err(UpstreamError::TooLarge(self.max_body_bytes));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    }
+}
+
+/// Checks the body is one JSON value and makes it a single line, so it can be spliced into
+/// responses (and NDJSON lines) as-is. A body already on one line is kept byte for byte.
+fn compact_json(body: Bytes) -> Result<Bytes, UpstreamError> {
+    let value: &serde_json::value::RawValue =
+        serde_json::from_slice(&body).map_err(|_| UpstreamError::NotJson)?;
+    let trimmed = value.get();
+    if !trimmed.contains(['\n', '\r']) {
+        let start = body.len() - body.trim_ascii_start().len();
+        return Ok(body.slice(start..start + trimmed.len()));
+    }
+    let value: serde_json::Value = serde_json::from_str(trimmed).map_err(|_| UpstreamError::NotJson)?;
+    serde_json::to_vec(&value).map(Bytes::from).map_err(|_| UpstreamError::NotJson)
+}
+
+/// reqwest is built without a default crypto provider (it saves minutes of build); install
+/// ring's before the first client is built. Installing twice is harmless.
+fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sns_are_percent_encoded_into_the_template() {
+        let template = UrlTemplate::parse("http://up:8000/contract/?sn={sn}&x=1");
+        assert_eq!(template.url_for("C2024-0001"), "http://up:8000/contract/?sn=C2024-0001&x=1");
+        assert_eq!(template.url_for("a/b&c=d#e"), "http://up:8000/contract/?sn=a%2Fb%26c%3Dd%23e&x=1");
+        assert_eq!(template.url_for("合"), "http://up:8000/contract/?sn=%E5%90%88&x=1");
+        assert_eq!(template.url_for("a+b%"), "http://up:8000/contract/?sn=a%2Bb%25&x=1");
+    }
+
+    #[test]
+    fn json_bodies_are_kept_verbatim_or_made_one_line() {
+        let body = Bytes::from_static(br#" {"ratio": "0.35"} "#);
+        assert_eq!(compact_json(body).unwrap(), Bytes::from_static(br#"{"ratio": "0.35"}"#));
+        let body = Bytes::from_static(b"{\n  \"ratio\": \"0.35\"\n}\n");
+        assert_eq!(compact_json(body).unwrap(), Bytes::from_static(br#"{"ratio":"0.35"}"#));
+        assert!(matches!(compact_json(Bytes::from_static(b"<html>")), Err(UpstreamError::NotJson)));
+        assert!(matches!(compact_json(Bytes::from_static(b"{\"a\":")), Err(UpstreamError::NotJson)));
+        assert!(matches!(compact_json(Bytes::new()), Err(UpstreamError::NotJson)));
+    }
+}
