@@ -87,20 +87,32 @@ impl AppState {
     }
 }
 
-/// Binds `server.listen`, logs what the proxy talks to, and serves until `shutdown` resolves.
+/// Binds `server.listen`. Everything that can fail in the config has failed before this.
 ///
 /// # Errors
-/// The address cannot be bound, or the parts cannot be built.
+/// The address is taken or not ours.
+pub async fn bind(config: &Config) -> Result<TcpListener, StartError> {
+    let addr = config.server.listen;
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Builds the parts, logs what the proxy talks to, and serves `listener` until `shutdown`
+/// resolves and the drain is over.
+///
+/// # Errors
+/// The parts cannot be built.
 pub async fn serve(
     config: &Config,
+    listener: TcpListener,
     choice: CacheChoice,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
     let state = AppState::build(config, choice)?;
-    let addr = config.server.listen;
-    let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
-    let local = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
-    info!(addr = %local, "listening");
+    if let Ok(local) = listener.local_addr() {
+        info!(addr = %local, "listening");
+    }
     log_dependencies(config, &state).await;
     crate::server::run(listener, state, shutdown).await;
     Ok(())
@@ -116,7 +128,11 @@ async fn log_dependencies(config: &Config, state: &AppState) {
                 "cache: redis does not answer; lookups go to the upstream until it does"
             ),
         },
-        kind => info!(kind, max_entries = config.cache.memory_max_entries, "cache: in-process"),
+        kind => info!(
+            kind,
+            max_entries = config.cache.memory_max_entries,
+            "cache: in-process"
+        ),
     }
     info!(
         url = %redacted_url(&config.upstream.url),

@@ -7,7 +7,12 @@ use std::time::Duration;
 
 /// A batching, caching proxy in front of a one-SN-per-request discount service.
 #[derive(Debug, Parser)]
-#[command(name = "discount-proxy", version, about, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "discount-proxy",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -85,7 +90,10 @@ mod tests {
         let cli = Cli::try_parse_from(["discount-proxy", "--config", "x.toml"]).unwrap();
         assert!(cli.command.is_none());
         assert_eq!(cli.serve.config, Some(PathBuf::from("x.toml")));
-        let cli = Cli::try_parse_from(["discount-proxy", "simulate-upstream", "--latency", "50ms"]).unwrap();
-        assert!(matches!(cli.command, Some(Command::SimulateUpstream(args)) if args.latency == Duration::from_millis(50)));
+        let cli = Cli::try_parse_from(["discount-proxy", "simulate-upstream", "--latency", "50ms"])
+            .unwrap();
+        assert!(
+            matches!(cli.command, Some(Command::SimulateUpstream(args)) if args.latency == Duration::from_millis(50))
+        );
     }
 }

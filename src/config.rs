@@ -20,15 +20,19 @@ pub const DEFAULT_PATH: &str = "config/default.toml";
 pub enum ConfigError {
     #[error("config file {0} does not exist")]
     MissingFile(PathBuf),
+    // figment's message already names the key and where it came from (file or variable).
     #[error("invalid config: {0}")]
-    Load(#[source] Box<figment::Error>),
+    Load(Box<figment::Error>),
     #[error("invalid config: {key}: {message}")]
     Invalid { key: &'static str, message: String },
 }
 
 impl ConfigError {
     fn invalid(key: &'static str, message: impl Into<String>) -> Self {
-        Self::Invalid { key, message: message.into() }
+        Self::Invalid {
+            key,
+            message: message.into(),
+        }
     }
 }
 
@@ -147,7 +151,7 @@ impl Default for UpstreamConfig {
         Self {
             url: "http://127.0.0.1:8001/contract/?sn={sn}".to_owned(),
             token: None,
-            concurrency: 64,
+            concurrency: 128,
             timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(1),
             retries: 0,
@@ -206,7 +210,10 @@ impl Config {
         at_least(self.server.max_batch, 1, "server.max_batch")?;
         at_least(self.server.max_body_bytes, 64, "server.max_body_bytes")?;
         positive(self.server.request_timeout, "server.request_timeout")?;
-        positive(self.server.header_read_timeout, "server.header_read_timeout")?;
+        positive(
+            self.server.header_read_timeout,
+            "server.header_read_timeout",
+        )?;
         validate_redis_url(&self.redis.url)?;
         at_least(self.redis.pool_size, 1, "redis.pool_size")?;
         at_least(self.redis.chunk_size, 1, "redis.chunk_size")?;
@@ -219,8 +226,16 @@ impl Config {
         positive(self.upstream.timeout, "upstream.timeout")?;
         positive(self.upstream.connect_timeout, "upstream.connect_timeout")?;
         at_least(self.upstream.max_body_bytes, 2, "upstream.max_body_bytes")?;
-        if self.server.api_tokens.iter().any(|token| token.expose().is_empty()) {
-            return Err(ConfigError::invalid("server.api_tokens", "a token is empty"));
+        if self
+            .server
+            .api_tokens
+            .iter()
+            .any(|token| token.expose().is_empty())
+        {
+            return Err(ConfigError::invalid(
+                "server.api_tokens",
+                "a token is empty",
+            ));
         }
         Ok(())
     }
@@ -228,7 +243,10 @@ impl Config {
 
 fn at_least(value: usize, min: usize, key: &'static str) -> Result<(), ConfigError> {
     if value < min {
-        return Err(ConfigError::invalid(key, format!("must be at least {min}, got {value}")));
+        return Err(ConfigError::invalid(
+            key,
+            format!("must be at least {min}, got {value}"),
+        ));
     }
     Ok(())
 }
@@ -256,13 +274,19 @@ fn validate_redis_url(raw: &str) -> Result<(), ConfigError> {
 fn validate_upstream_url(template: &str) -> Result<(), ConfigError> {
     const KEY: &str = "upstream.url";
     if !template.contains("{sn}") {
-        return Err(ConfigError::invalid(KEY, format!("{template:?} has no {{sn}} placeholder")));
+        return Err(ConfigError::invalid(
+            KEY,
+            format!("{template:?} has no {{sn}} placeholder"),
+        ));
     }
     let sample = template.replace("{sn}", "C2024-0001");
     let url = url::Url::parse(&sample)
         .map_err(|err| ConfigError::invalid(KEY, format!("{template:?} is not a URL: {err}")))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(ConfigError::invalid(KEY, "must be an http:// or https:// URL with a host"));
+        return Err(ConfigError::invalid(
+            KEY,
+            "must be an http:// or https:// URL with a host",
+        ));
     }
     Ok(())
 }
@@ -311,11 +335,16 @@ mod tests {
             if path.extension().is_some_and(|ext| ext == "toml") {
                 let config = Config::load_from(Some(&path), Env::prefixed("NOTHING_SET_"))
                     .unwrap_or_else(|err| panic!("{}: {err}", path.display()));
-                config.validate().unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+                config
+                    .validate()
+                    .unwrap_or_else(|err| panic!("{}: {err}", path.display()));
                 seen += 1;
             }
         }
-        assert!(seen >= 2, "expected default.toml and production.example.toml");
+        assert!(
+            seen >= 2,
+            "expected default.toml and production.example.toml"
+        );
     }
 
     #[test]
@@ -327,9 +356,17 @@ mod tests {
             jail.set_env("DISCOUNT_PROXY_CACHE__TTL", "90s");
             let config = load_in_jail(jail, Some("[server]\nmax_batch = 20\n")).unwrap();
             assert_eq!(config.server.max_batch, 500);
-            let tokens: Vec<_> = config.server.api_tokens.iter().map(Secret::expose).collect();
+            let tokens: Vec<_> = config
+                .server
+                .api_tokens
+                .iter()
+                .map(Secret::expose)
+                .collect();
             assert_eq!(tokens, ["t1", "t2"]);
-            assert_eq!(config.upstream.token.as_ref().map(Secret::expose), Some("12345"));
+            assert_eq!(
+                config.upstream.token.as_ref().map(Secret::expose),
+                Some("12345")
+            );
             assert_eq!(config.cache.ttl, Duration::from_secs(90));
             Ok(())
         });

@@ -35,11 +35,15 @@ impl Error {
     /// The HTTP status, from API.md's Errors table.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::InvalidJson(_) | Self::InvalidRequest(_) | Self::InvalidSn(_) => StatusCode::BAD_REQUEST,
+            Self::InvalidJson(_) | Self::InvalidRequest(_) | Self::InvalidSn(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Self::BatchTooLarge { .. } | Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BatchTooLarge { .. } | Self::PayloadTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Item(item) => match item.code() {
                 "upstream_timeout" | "deadline_exceeded" => StatusCode::GATEWAY_TIMEOUT,
@@ -76,11 +80,22 @@ mod tests {
 
     #[test]
     fn upstream_failures_map_to_gateway_statuses() {
-        let timeout = Error::Item(ItemError::Upstream(UpstreamError::Timeout(Duration::from_secs(1))));
-        assert_eq!((timeout.status(), timeout.code()), (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"));
+        let timeout = Error::Item(ItemError::Upstream(UpstreamError::Timeout(
+            Duration::from_secs(1),
+        )));
+        assert_eq!(
+            (timeout.status(), timeout.code()),
+            (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout")
+        );
         let status = Error::Item(ItemError::Upstream(UpstreamError::Status(503)));
-        assert_eq!((status.status(), status.code()), (StatusCode::BAD_GATEWAY, "upstream_error"));
+        assert_eq!(
+            (status.status(), status.code()),
+            (StatusCode::BAD_GATEWAY, "upstream_error")
+        );
         let deadline = Error::Item(ItemError::DeadlineExceeded);
-        assert_eq!((deadline.status(), deadline.code()), (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded"));
+        assert_eq!(
+            (deadline.status(), deadline.code()),
+            (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded")
+        );
     }
 }

@@ -38,7 +38,9 @@ impl Health {
 
     pub fn mark_ready(&self) {
         // Never go back from draining to ready.
-        let _ = self.phase.compare_exchange(STARTING, READY, Ordering::AcqRel, Ordering::Acquire);
+        let _ = self
+            .phase
+            .compare_exchange(STARTING, READY, Ordering::AcqRel, Ordering::Acquire);
     }
 
     pub fn mark_draining(&self) {
@@ -47,7 +49,8 @@ impl Health {
 
     /// Records one upstream answer: a definite one (`ok`) or a failure.
     pub fn record_upstream(&self, ok: bool) {
-        self.upstream.store(if ok { OK } else { FAILING }, Ordering::Relaxed);
+        self.upstream
+            .store(if ok { OK } else { FAILING }, Ordering::Relaxed);
         if !ok {
             self.upstream_errors.fetch_add(1, Ordering::Relaxed);
         }

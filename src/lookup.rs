@@ -98,7 +98,9 @@ pub struct Batch {
 impl Batch {
     /// The results in request order, duplicates repeated.
     pub fn in_request_order(&self) -> impl Iterator<Item = (&str, &Outcome)> {
-        self.order.iter().map(|&i| (self.distinct[i].as_str(), &self.outcomes[i]))
+        self.order
+            .iter()
+            .map(|&i| (self.distinct[i].as_str(), &self.outcomes[i]))
     }
 }
 
@@ -120,7 +122,13 @@ impl Lookup {
         health: Arc<Health>,
         settings: LookupSettings,
     ) -> Self {
-        Self { cache, upstream, health, settings, tasks: TaskTracker::new() }
+        Self {
+            cache,
+            upstream,
+            health,
+            settings,
+            tasks: TaskTracker::new(),
+        }
     }
 
     pub fn cache(&self) -> &Arc<dyn Cache> {
@@ -140,17 +148,28 @@ impl Lookup {
                 Err(err) => outcomes[index] = Some(Outcome::Invalid(err)),
             }
         }
-        let misses = if refresh { valid } else { self.read_cache(&distinct, valid, &mut outcomes).await };
+        let misses = if refresh {
+            valid
+        } else {
+            self.read_cache(&distinct, valid, deadline, &mut outcomes)
+                .await
+        };
         let upstream_fetches = misses.len();
         if !misses.is_empty() {
-            self.fetch_misses(&distinct, &misses, deadline, &mut outcomes).await;
+            self.fetch_misses(&distinct, &misses, deadline, &mut outcomes)
+                .await;
         }
         let outcomes: Vec<Outcome> = outcomes
             .into_iter()
             .map(|outcome| outcome.unwrap_or(Outcome::Failed(ItemError::DeadlineExceeded)))
             .collect();
         let summary = summarize(order.len(), &outcomes, upstream_fetches, started.elapsed());
-        Batch { distinct, outcomes, order, summary }
+        Batch {
+            distinct,
+            outcomes,
+            order,
+            summary,
+        }
     }
 
     /// Fills in the hits; returns the indices still to fetch. A cache failure is logged and
@@ -159,17 +178,24 @@ impl Lookup {
         &self,
         distinct: &[String],
         candidates: Vec<usize>,
+        deadline: Instant,
         outcomes: &mut [Option<Outcome>],
     ) -> Vec<usize> {
         if candidates.is_empty() {
             return candidates;
         }
         let sns: Vec<&str> = candidates.iter().map(|&i| distinct[i].as_str()).collect();
-        let values = match self.cache.get_many(&sns).await {
-            Ok(values) => values,
-            Err(err) => {
+        let read = tokio::time::timeout_at(deadline, self.cache.get_many(&sns)).await;
+        let values = match read {
+            Ok(Ok(values)) => values,
+            Ok(Err(err)) => {
                 self.health.record_redis_error();
                 warn!(error = %err, sns = sns.len(), "cache read failed; fetching from the upstream");
+                return candidates;
+            }
+            Err(_) => {
+                self.health.record_redis_error();
+                warn!(sns = sns.len(), "cache read outlived the request deadline");
                 return candidates;
             }
         };
@@ -208,8 +234,13 @@ impl Lookup {
         // write-back: the next lookup of the same SNs is a hit.
         while let Ok(Some((index, result))) = tokio::time::timeout_at(deadline, rx.recv()).await {
             outcomes[index] = Some(match result {
-                Ok(Fetched::Found(discount)) => Outcome::Found { discount, source: Source::Upstream },
-                Ok(Fetched::NotFound) => Outcome::NotFound { source: Source::Upstream },
+                Ok(Fetched::Found(discount)) => Outcome::Found {
+                    discount,
+                    source: Source::Upstream,
+                },
+                Ok(Fetched::NotFound) => Outcome::NotFound {
+                    source: Source::Upstream,
+                },
                 Err(err) => Outcome::Failed(ItemError::Upstream(err)),
             });
         }
@@ -220,7 +251,10 @@ impl Lookup {
     /// # Errors
     /// The cache could not be reached: the caller must not claim they were removed.
     pub async fn invalidate(&self, sns: &[&str]) -> Result<u64, crate::cache::CacheError> {
-        self.cache.delete_many(sns).await.inspect_err(|_| self.health.record_redis_error())
+        self.cache
+            .delete_many(sns)
+            .await
+            .inspect_err(|_| self.health.record_redis_error())
     }
 
     /// Stops taking new background work and waits (up to `grace`) for what is under way.
@@ -242,7 +276,11 @@ struct Fetcher {
 type FetchResult = (usize, Result<Fetched, UpstreamError>);
 
 impl Fetcher {
-    async fn fetch_and_write_back(self, jobs: Vec<(usize, String)>, tx: mpsc::UnboundedSender<FetchResult>) {
+    async fn fetch_and_write_back(
+        self,
+        jobs: Vec<(usize, String)>,
+        tx: mpsc::UnboundedSender<FetchResult>,
+    ) {
         let mut pending: FuturesUnordered<_> = jobs
             .into_iter()
             .map(|(index, sn)| {
@@ -274,7 +312,11 @@ impl Fetcher {
             Fetched::Found(json) => (Entry::found(json, now), self.settings.ttl),
             Fetched::NotFound => (Entry::not_found(now), self.settings.negative_ttl),
         };
-        Write { sn, value: entry.encoded().clone(), ttl: jittered(ttl) }
+        Write {
+            sn,
+            value: entry.encoded().clone(),
+            ttl: jittered(ttl),
+        }
     }
 
     async fn write_back(&self, writes: &[Write]) {
@@ -293,8 +335,13 @@ impl Fetcher {
 
 fn hit(entry: &Entry) -> Outcome {
     match (entry.kind(), entry.discount()) {
-        (EntryKind::Found, Some(discount)) => Outcome::Found { discount, source: Source::Cache },
-        _ => Outcome::NotFound { source: Source::Cache },
+        (EntryKind::Found, Some(discount)) => Outcome::Found {
+            discount,
+            source: Source::Cache,
+        },
+        _ => Outcome::NotFound {
+            source: Source::Cache,
+        },
     }
 }
 
@@ -319,7 +366,12 @@ fn dedup(requested: Vec<String>) -> (Vec<String>, Vec<usize>) {
     (distinct, order)
 }
 
-fn summarize(requested: usize, outcomes: &[Outcome], upstream_fetches: usize, elapsed: Duration) -> Summary {
+fn summarize(
+    requested: usize,
+    outcomes: &[Outcome],
+    upstream_fetches: usize,
+    elapsed: Duration,
+) -> Summary {
     let mut summary = Summary {
         requested,
         unique: outcomes.len(),

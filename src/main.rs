@@ -17,7 +17,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
-        Err(err) => return fail(&anyhow::Error::new(err).context("could not start the async runtime")),
+        Err(err) => {
+            return fail(&anyhow::Error::new(err).context("could not start the async runtime"));
+        }
     };
     let result = runtime.block_on(async {
         match cli.command {
@@ -48,7 +50,8 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
 async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let config = load_config(args)?;
     init_telemetry(config.log.format)?;
-    app::serve(&config, CacheChoice::Redis, shutdown_signal()).await?;
+    let listener = app::bind(&config).await?;
+    app::serve(&config, listener, CacheChoice::Redis, shutdown_signal()).await?;
     Ok(())
 }
 
@@ -76,12 +79,13 @@ async fn demo(args: &ServeArgs) -> anyhow::Result<()> {
             CacheChoice::Memory
         }
     };
-    let base = format!("http://{}", config.server.listen);
+    let listener = app::bind(&config).await?;
+    let base = format!("http://{}", listener.local_addr()?);
     info!("demo: try  curl -s {base}/v1/discounts/C2024-0001");
     info!(
         "demo: try  curl -s -H 'Content-Type: application/json' -d '{{\"sns\":[\"C2024-0001\",\"C2024-0002\",\"NF-1\"]}}' {base}/v1/discounts/lookup"
     );
-    app::serve(&config, choice, shutdown_signal()).await?;
+    app::serve(&config, listener, choice, shutdown_signal()).await?;
     Ok(())
 }
 

@@ -95,21 +95,41 @@ mod tests {
     #[test]
     fn batch_bodies_are_valid_json_in_request_order() {
         let batch = Batch {
-            distinct: vec!["A\"1".to_owned(), "B".to_owned(), "".to_owned(), "D".to_owned()],
+            distinct: vec![
+                "A\"1".to_owned(),
+                "B".to_owned(),
+                "".to_owned(),
+                "D".to_owned(),
+            ],
             outcomes: vec![
-                Outcome::Found { discount: Bytes::from_static(br#"{"ratio":"0.35"}"#), source: Source::Cache },
-                Outcome::NotFound { source: Source::Upstream },
+                Outcome::Found {
+                    discount: Bytes::from_static(br#"{"ratio":"0.35"}"#),
+                    source: Source::Cache,
+                },
+                Outcome::NotFound {
+                    source: Source::Upstream,
+                },
                 Outcome::Invalid(SnError::Empty),
                 Outcome::Failed(ItemError::DeadlineExceeded),
             ],
             order: vec![0, 1, 0, 2, 3],
-            summary: Summary { requested: 5, unique: 4, ..Summary::default() },
+            summary: Summary {
+                requested: 5,
+                unique: 4,
+                ..Summary::default()
+            },
         };
         let body: Value = serde_json::from_slice(&super::batch(&batch)).unwrap();
         let results = body["results"].as_array().unwrap();
         assert_eq!(results.len(), 5);
-        assert_eq!(results[0], json!({"sn": "A\"1", "status": "ok", "source": "cache", "discount": {"ratio": "0.35"}}));
-        assert_eq!(results[1], json!({"sn": "B", "status": "not_found", "source": "upstream"}));
+        assert_eq!(
+            results[0],
+            json!({"sn": "A\"1", "status": "ok", "source": "cache", "discount": {"ratio": "0.35"}})
+        );
+        assert_eq!(
+            results[1],
+            json!({"sn": "B", "status": "not_found", "source": "upstream"})
+        );
         assert_eq!(results[2], results[0]);
         assert_eq!(results[3]["error"]["code"], "invalid_sn");
         assert_eq!(results[4]["error"]["code"], "deadline_exceeded");
@@ -118,7 +138,11 @@ mod tests {
 
     #[test]
     fn error_bodies_escape_messages() {
-        let body: Value = serde_json::from_slice(&error("invalid_json", "bad \"quote\"\n")).unwrap();
-        assert_eq!(body, json!({"error": {"code": "invalid_json", "message": "bad \"quote\"\n"}}));
+        let body: Value =
+            serde_json::from_slice(&error("invalid_json", "bad \"quote\"\n")).unwrap();
+        assert_eq!(
+            body,
+            json!({"error": {"code": "invalid_json", "message": "bad \"quote\"\n"}})
+        );
     }
 }

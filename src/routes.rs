@@ -36,7 +36,10 @@ async fn route(state: &AppState, request: Request<Incoming>) -> Result<Response<
     match path.as_str() {
         "/healthz" => {
             allow(&method, &[Method::GET, Method::HEAD], "GET, HEAD")?;
-            Ok(json_response(StatusCode::OK, br#"{"status":"ok"}"#.to_vec()))
+            Ok(json_response(
+                StatusCode::OK,
+                br#"{"status":"ok"}"#.to_vec(),
+            ))
         }
         "/readyz" => {
             allow(&method, &[Method::GET, Method::HEAD], "GET, HEAD")?;
@@ -52,7 +55,10 @@ async fn route(state: &AppState, request: Request<Incoming>) -> Result<Response<
             authorize(state, &request)?;
             invalidate(state, request).await
         }
-        _ => match path.strip_prefix(SN_PATH_PREFIX).filter(|raw| !raw.is_empty()) {
+        _ => match path
+            .strip_prefix(SN_PATH_PREFIX)
+            .filter(|raw| !raw.is_empty())
+        {
             Some(raw_sn) => {
                 allow(&method, &[Method::GET, Method::DELETE], "GET, DELETE")?;
                 authorize(state, &request)?;
@@ -72,7 +78,10 @@ fn allow(method: &Method, allowed: &[Method], allow: &'static str) -> Result<(),
     if allowed.contains(method) {
         return Ok(());
     }
-    Err(Error::MethodNotAllowed { method: method.to_string(), allow })
+    Err(Error::MethodNotAllowed {
+        method: method.to_string(),
+        allow,
+    })
 }
 
 /// With `server.api_tokens` set, `/v1/*` needs `Authorization: Bearer <token>`.
@@ -86,8 +95,15 @@ fn authorize(state: &AppState, request: &Request<Incoming>) -> Result<(), Error>
         .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "))
         .ok_or(Error::Unauthorized)?;
     // Check every token, so timing does not tell which one came close.
-    let matched = state.api_tokens.iter().fold(false, |found, token| token.matches(presented) | found);
-    if matched { Ok(()) } else { Err(Error::Unauthorized) }
+    let matched = state
+        .api_tokens
+        .iter()
+        .fold(false, |found, token| token.matches(presented) | found);
+    if matched {
+        Ok(())
+    } else {
+        Err(Error::Unauthorized)
+    }
 }
 
 async fn readyz(state: &AppState) -> Response<Body> {
@@ -109,7 +125,11 @@ async fn readyz(state: &AppState) -> Response<Body> {
         cache.kind(): cache_state,
         "upstream": state.health.upstream_state(),
     });
-    let code = if phase == Phase::Ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if phase == Phase::Ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     json_response(code, body.to_string().into_bytes())
 }
 
@@ -118,7 +138,10 @@ struct SnsBody {
     sns: Vec<String>,
 }
 
-async fn lookup_batch(state: &AppState, request: Request<Incoming>) -> Result<Response<Body>, Error> {
+async fn lookup_batch(
+    state: &AppState,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Error> {
     let refresh = refresh_requested(&request)?;
     let sns = read_sns(state, request).await?;
     let batch = state.lookup.resolve(sns, refresh).await;
@@ -154,13 +177,19 @@ async fn lookup_one(state: &AppState, sn: String, refresh: bool) -> Result<Respo
         Source::Upstream => "MISS",
         Source::Stale => "STALE",
     };
-    response.headers_mut().insert("x-cache", HeaderValue::from_static(x_cache));
+    response
+        .headers_mut()
+        .insert("x-cache", HeaderValue::from_static(x_cache));
     response.extensions_mut().insert(stats);
     Ok(response)
 }
 
 async fn delete_one(state: &AppState, sn: &str) -> Result<Response<Body>, Error> {
-    state.lookup.invalidate(&[sn]).await.map_err(|_| Error::CacheUnavailable)?;
+    state
+        .lookup
+        .invalidate(&[sn])
+        .await
+        .map_err(|_| Error::CacheUnavailable)?;
     let mut response = Response::new(Body::default());
     *response.status_mut() = StatusCode::NO_CONTENT;
     Ok(response)
@@ -168,14 +197,27 @@ async fn delete_one(state: &AppState, sn: &str) -> Result<Response<Body>, Error>
 
 async fn invalidate(state: &AppState, request: Request<Incoming>) -> Result<Response<Body>, Error> {
     let sns = read_sns(state, request).await?;
-    if let Some((index, err)) =
-        sns.iter().enumerate().find_map(|(i, sn)| sn::validate(sn).err().map(|err| (i, err)))
+    if let Some((index, err)) = sns
+        .iter()
+        .enumerate()
+        .find_map(|(i, sn)| sn::validate(sn).err().map(|err| (i, err)))
     {
-        return Err(Error::InvalidRequest(format!("sns[{index}] is not a valid SN: {err}")));
+        return Err(Error::InvalidRequest(format!(
+            "sns[{index}] is not a valid SN: {err}"
+        )));
     }
     let sns: Vec<&str> = sns.iter().map(String::as_str).collect();
-    let invalidated = state.lookup.invalidate(&sns).await.map_err(|_| Error::CacheUnavailable)?;
-    Ok(json_response(StatusCode::OK, json!({ "invalidated": invalidated }).to_string().into_bytes()))
+    let invalidated = state
+        .lookup
+        .invalidate(&sns)
+        .await
+        .map_err(|_| Error::CacheUnavailable)?;
+    Ok(json_response(
+        StatusCode::OK,
+        json!({ "invalidated": invalidated })
+            .to_string()
+            .into_bytes(),
+    ))
 }
 
 /// Reads a `{"sns": [...]}` body: media type, size (enforced while reading), JSON, shape, count.
@@ -188,10 +230,15 @@ async fn read_sns(state: &AppState, request: Request<Incoming>) -> Result<Vec<St
         _ => Error::InvalidJson(err.to_string()),
     })?;
     if parsed.sns.is_empty() {
-        return Err(Error::InvalidRequest("`sns` must hold at least one SN".to_owned()));
+        return Err(Error::InvalidRequest(
+            "`sns` must hold at least one SN".to_owned(),
+        ));
     }
     if parsed.sns.len() > state.max_batch {
-        return Err(Error::BatchTooLarge { count: parsed.sns.len(), max: state.max_batch });
+        return Err(Error::BatchTooLarge {
+            count: parsed.sns.len(),
+            max: state.max_batch,
+        });
     }
     Ok(parsed.sns)
 }
@@ -217,8 +264,12 @@ async fn read_json_body(request: Request<Incoming>, max: usize) -> Result<Bytes,
     // Limited stops reading at `max`, whatever Content-Length claimed (or chunked encoding).
     match Limited::new(request.into_body(), max).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => Err(Error::PayloadTooLarge { max }),
-        Err(err) => Err(Error::InvalidRequest(format!("the request body could not be read: {err}"))),
+        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(Error::PayloadTooLarge { max })
+        }
+        Err(err) => Err(Error::InvalidRequest(format!(
+            "the request body could not be read: {err}"
+        ))),
     }
 }
 
@@ -231,7 +282,9 @@ fn refresh_requested(request: &Request<Incoming>) -> Result<bool, Error> {
                 "true" | "1" => true,
                 "false" | "0" => false,
                 other => {
-                    return Err(Error::InvalidRequest(format!("refresh must be true or false, got {other:?}")));
+                    return Err(Error::InvalidRequest(format!(
+                        "refresh must be true or false, got {other:?}"
+                    )));
                 }
             };
         }
@@ -242,7 +295,10 @@ fn refresh_requested(request: &Request<Incoming>) -> Result<bool, Error> {
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
@@ -250,7 +306,9 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
 fn error_response(err: Error) -> Response<Body> {
     let mut response = json_response(err.status(), render::error(err.code(), &err.to_string()));
     if let Error::MethodNotAllowed { allow, .. } = err {
-        response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(allow));
     }
     response
 }

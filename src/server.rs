@@ -21,7 +21,10 @@ use tracing::{info, warn};
 /// connections, in-flight requests and write-backs get `server.shutdown_grace` to finish.
 pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
     let mut builder = Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(state.header_read_timeout);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.header_read_timeout);
     let graceful = GracefulShutdown::new();
     state.health.mark_ready();
     tokio::pin!(shutdown);
@@ -59,7 +62,10 @@ async fn drain(listener: TcpListener, graceful: GracefulShutdown, state: &AppSta
     drop(listener);
     info!(grace = ?state.shutdown_grace, "shutting down: finishing in-flight requests");
     let deadline = Instant::now() + state.shutdown_grace;
-    if tokio::time::timeout_at(deadline, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout_at(deadline, graceful.shutdown())
+        .await
+        .is_err()
+    {
         warn!("grace period over with requests still in flight");
     }
     let remaining = deadline.saturating_duration_since(Instant::now());
@@ -70,12 +76,19 @@ async fn drain(listener: TcpListener, graceful: GracefulShutdown, state: &AppSta
     }
 }
 
-async fn handle_logged(state: &AppState, request: Request<Incoming>) -> hyper::Response<routes::Body> {
+async fn handle_logged(
+    state: &AppState,
+    request: Request<Incoming>,
+) -> hyper::Response<routes::Body> {
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let response = routes::handle(state, request).await;
-    let stats = response.extensions().get::<LookupStats>().copied().unwrap_or_default();
+    let stats = response
+        .extensions()
+        .get::<LookupStats>()
+        .copied()
+        .unwrap_or_default();
     info!(
         %method,
         path,
@@ -83,7 +96,7 @@ async fn handle_logged(state: &AppState, request: Request<Incoming>) -> hyper::R
         sns = stats.sns,
         hits = stats.hits,
         misses = stats.misses,
-        elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+        elapsed = ?started.elapsed(),
         "request"
     );
     response

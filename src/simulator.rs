@@ -29,7 +29,11 @@ impl Simulator {
     /// A simulator answering after `latency`; with a `token`, requests must carry
     /// `Authorization: Token <token>` or get `401`.
     pub fn new(latency: Duration, token: Option<Secret>) -> Arc<Self> {
-        Arc::new(Self { latency, token, requests: AtomicU64::new(0) })
+        Arc::new(Self {
+            latency,
+            token,
+            requests: AtomicU64::new(0),
+        })
     }
 
     /// Discount requests answered so far (what benchmarks compare with SN counts).
@@ -67,7 +71,10 @@ impl Simulator {
 
     async fn answer(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
         if request.uri().path() == "/stats" {
-            return json(StatusCode::OK, format!(r#"{{"requests":{}}}"#, self.requests()));
+            return json(
+                StatusCode::OK,
+                format!(r#"{{"requests":{}}}"#, self.requests()),
+            );
         }
         if let Some(token) = &self.token {
             let presented = request
@@ -75,16 +82,25 @@ impl Simulator {
                 .get(header::AUTHORIZATION)
                 .and_then(|value| value.as_bytes().strip_prefix(b"Token "));
             if !presented.is_some_and(|presented| token.matches(presented)) {
-                return json(StatusCode::UNAUTHORIZED, r#"{"detail":"invalid token"}"#.to_owned());
+                return json(
+                    StatusCode::UNAUTHORIZED,
+                    r#"{"detail":"invalid token"}"#.to_owned(),
+                );
             }
         }
         let Some(sn) = requested_sn(&request) else {
-            return json(StatusCode::BAD_REQUEST, r#"{"detail":"no sn given"}"#.to_owned());
+            return json(
+                StatusCode::BAD_REQUEST,
+                r#"{"detail":"no sn given"}"#.to_owned(),
+            );
         };
         self.requests.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(self.latency).await;
         if sn.starts_with("NF") {
-            return json(StatusCode::NOT_FOUND, r#"{"detail":"not found"}"#.to_owned());
+            return json(
+                StatusCode::NOT_FOUND,
+                r#"{"detail":"not found"}"#.to_owned(),
+            );
         }
         json(StatusCode::OK, discount_for(&sn))
     }
@@ -98,8 +114,16 @@ fn requested_sn(request: &Request<Incoming>) -> Option<String> {
             .map(|(_, value)| value.into_owned())
     });
     from_query.or_else(|| {
-        let segment = request.uri().path().rsplit('/').next().filter(|s| !s.is_empty())?;
-        percent_encoding::percent_decode_str(segment).decode_utf8().ok().map(|s| s.into_owned())
+        let segment = request
+            .uri()
+            .path()
+            .rsplit('/')
+            .next()
+            .filter(|s| !s.is_empty())?;
+        percent_encoding::percent_decode_str(segment)
+            .decode_utf8()
+            .ok()
+            .map(|s| s.into_owned())
     })
 }
 
@@ -126,9 +150,10 @@ pub fn discount_for(sn: &str) -> String {
 fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
     response
 }
 

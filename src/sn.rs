@@ -19,7 +19,10 @@ impl fmt::Display for SnError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Empty => f.write_str("SN is empty"),
-            Self::TooLong(len) => write!(f, "SN is {len} bytes long; at most {MAX_SN_BYTES} are allowed"),
+            Self::TooLong(len) => write!(
+                f,
+                "SN is {len} bytes long; at most {MAX_SN_BYTES} are allowed"
+            ),
             Self::ControlCharacter => f.write_str("SN contains a control character"),
             Self::Whitespace => f.write_str("SN contains whitespace"),
             Self::NotUtf8 => f.write_str("SN is not valid UTF-8"),
@@ -87,7 +90,10 @@ mod tests {
     fn path_segments_are_percent_decoded_before_validation() {
         assert_eq!(decode_path_segment("C%2F1").as_deref(), Ok("C/1"));
         assert_eq!(decode_path_segment("%E5%90%88").as_deref(), Ok("合"));
-        assert_eq!(decode_path_segment("a%0D%0Ab"), Err(SnError::ControlCharacter));
+        assert_eq!(
+            decode_path_segment("a%0D%0Ab"),
+            Err(SnError::ControlCharacter)
+        );
         assert_eq!(decode_path_segment("%FF"), Err(SnError::NotUtf8));
         assert_eq!(decode_path_segment("a%20b"), Err(SnError::Whitespace));
     }

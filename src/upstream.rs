@@ -10,7 +10,11 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 
 /// Everything but RFC 3986's unreserved characters is percent-encoded in the SN.
-const SN_ENCODE_SET: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+const SN_ENCODE_SET: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
 
 /// How [`UpstreamClient`] talks to the discount service.
 #[derive(Debug, Clone)]
@@ -69,7 +73,10 @@ struct UrlTemplate {
 impl UrlTemplate {
     fn parse(template: &str) -> Self {
         let (before, after) = template.split_once("{sn}").unwrap_or((template, ""));
-        Self { before: before.to_owned(), after: after.to_owned() }
+        Self {
+            before: before.to_owned(),
+            after: after.to_owned(),
+        }
     }
 
     fn url_for(&self, sn: &str) -> String {
@@ -122,11 +129,10 @@ impl UpstreamClient {
     /// # Errors
     /// Anything but a `200` with a JSON body or a `404`.
     pub async fn fetch(&self, sn: &str) -> Result<Fetched, UpstreamError> {
-        let _permit = self
-            .limit
-            .acquire()
-            .await
-            .map_err(|_| UpstreamError::Connection("the upstream client is closed".to_owned()))?;
+        let _permit =
+            self.limit.acquire().await.map_err(|_| {
+                UpstreamError::Connection("the upstream client is closed".to_owned())
+            })?;
         tokio::time::timeout(self.timeout, self.fetch_now(sn))
             .await
             .map_err(|_| UpstreamError::Timeout(self.timeout))?
@@ -140,8 +146,10 @@ impl UpstreamClient {
             request = request.header("Authorization", format!("Token {}", token.expose()));
         }
         // `without_url`: the URL may carry credentials in a template's query string.
-        let mut response =
-            request.send().await.map_err(|err| UpstreamError::Connection(err.without_url().to_string()))?;
+        let mut response = request
+            .send()
+            .await
+            .map_err(|err| UpstreamError::Connection(err.without_url().to_string()))?;
         match response.status() {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND => return Ok(Fetched::NotFound),
@@ -153,7 +161,10 @@ impl UpstreamClient {
 
     /// Reads the body chunk by chunk, giving up as soon as it passes the limit.
     async fn read_body(&self, response: &mut reqwest::Response) -> Result<Bytes, UpstreamError> {
-        if response.content_length().is_some_and(|len| len > self.max_body_bytes as u64) {
+        if response
+            .content_length()
+            .is_some_and(|len| len > self.max_body_bytes as u64)
+        {
             return Err(UpstreamError::TooLarge(self.max_body_bytes));
         }
         let mut body = BytesMut::new();
@@ -181,8 +192,11 @@ fn compact_json(body: Bytes) -> Result<Bytes, UpstreamError> {
         let start = body.len() - body.trim_ascii_start().len();
         return Ok(body.slice(start..start + trimmed.len()));
     }
-    let value: serde_json::Value = serde_json::from_str(trimmed).map_err(|_| UpstreamError::NotJson)?;
-    serde_json::to_vec(&value).map(Bytes::from).map_err(|_| UpstreamError::NotJson)
+    let value: serde_json::Value =
+        serde_json::from_str(trimmed).map_err(|_| UpstreamError::NotJson)?;
+    serde_json::to_vec(&value)
+        .map(Bytes::from)
+        .map_err(|_| UpstreamError::NotJson)
 }
 
 /// reqwest is built without a default crypto provider (it saves minutes of build); install
@@ -198,20 +212,47 @@ mod tests {
     #[test]
     fn sns_are_percent_encoded_into_the_template() {
         let template = UrlTemplate::parse("http://up:8000/contract/?sn={sn}&x=1");
-        assert_eq!(template.url_for("C2024-0001"), "http://up:8000/contract/?sn=C2024-0001&x=1");
-        assert_eq!(template.url_for("a/b&c=d#e"), "http://up:8000/contract/?sn=a%2Fb%26c%3Dd%23e&x=1");
-        assert_eq!(template.url_for("合"), "http://up:8000/contract/?sn=%E5%90%88&x=1");
-        assert_eq!(template.url_for("a+b%"), "http://up:8000/contract/?sn=a%2Bb%25&x=1");
+        assert_eq!(
+            template.url_for("C2024-0001"),
+            "http://up:8000/contract/?sn=C2024-0001&x=1"
+        );
+        assert_eq!(
+            template.url_for("a/b&c=d#e"),
+            "http://up:8000/contract/?sn=a%2Fb%26c%3Dd%23e&x=1"
+        );
+        assert_eq!(
+            template.url_for("合"),
+            "http://up:8000/contract/?sn=%E5%90%88&x=1"
+        );
+        assert_eq!(
+            template.url_for("a+b%"),
+            "http://up:8000/contract/?sn=a%2Bb%25&x=1"
+        );
     }
 
     #[test]
     fn json_bodies_are_kept_verbatim_or_made_one_line() {
         let body = Bytes::from_static(br#" {"ratio": "0.35"} "#);
-        assert_eq!(compact_json(body).unwrap(), Bytes::from_static(br#"{"ratio": "0.35"}"#));
+        assert_eq!(
+            compact_json(body).unwrap(),
+            Bytes::from_static(br#"{"ratio": "0.35"}"#)
+        );
         let body = Bytes::from_static(b"{\n  \"ratio\": \"0.35\"\n}\n");
-        assert_eq!(compact_json(body).unwrap(), Bytes::from_static(br#"{"ratio":"0.35"}"#));
-        assert!(matches!(compact_json(Bytes::from_static(b"<html>")), Err(UpstreamError::NotJson)));
-        assert!(matches!(compact_json(Bytes::from_static(b"{\"a\":")), Err(UpstreamError::NotJson)));
-        assert!(matches!(compact_json(Bytes::new()), Err(UpstreamError::NotJson)));
+        assert_eq!(
+            compact_json(body).unwrap(),
+            Bytes::from_static(br#"{"ratio":"0.35"}"#)
+        );
+        assert!(matches!(
+            compact_json(Bytes::from_static(b"<html>")),
+            Err(UpstreamError::NotJson)
+        ));
+        assert!(matches!(
+            compact_json(Bytes::from_static(b"{\"a\":")),
+            Err(UpstreamError::NotJson)
+        ));
+        assert!(matches!(
+            compact_json(Bytes::new()),
+            Err(UpstreamError::NotJson)
+        ));
     }
 }

@@ -53,7 +53,11 @@ impl Entry {
         buf.put_slice(format!("{fetched_at_ms:0TIME_DIGITS$}").as_bytes());
         buf.put_u8(b' ');
         buf.put_slice(payload);
-        Self { kind, fetched_at_ms, raw: buf.freeze() }
+        Self {
+            kind,
+            fetched_at_ms,
+            raw: buf.freeze(),
+        }
     }
 
     /// Decodes stored bytes.
@@ -75,7 +79,11 @@ impl Entry {
         if kind == EntryKind::Found && raw.len() == HEADER_LEN {
             return Err(EntryError);
         }
-        Ok(Self { kind, fetched_at_ms, raw })
+        Ok(Self {
+            kind,
+            fetched_at_ms,
+            raw,
+        })
     }
 
     pub fn kind(&self) -> EntryKind {
@@ -102,13 +110,18 @@ impl Entry {
 }
 
 fn unix_millis(time: SystemTime) -> u64 {
-    let millis = time.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
+    let millis = time
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
     u64::try_from(millis).unwrap_or(u64::MAX)
 }
 
 fn parse_digits(digits: &[u8]) -> Option<u64> {
     digits.iter().try_fold(0u64, |acc, &digit| {
-        digit.is_ascii_digit().then(|| acc * 10 + u64::from(digit - b'0'))
+        digit
+            .is_ascii_digit()
+            .then(|| acc * 10 + u64::from(digit - b'0'))
     })
 }
 
@@ -151,7 +164,11 @@ mod tests {
             b"dp1+17322540001x3 {}",
             b"dp2+1732254000123 {}",
         ] {
-            assert_eq!(Entry::decode(Bytes::copy_from_slice(raw)), Err(EntryError), "{raw:?}");
+            assert_eq!(
+                Entry::decode(Bytes::copy_from_slice(raw)),
+                Err(EntryError),
+                "{raw:?}"
+            );
         }
     }
 }

@@ -16,13 +16,18 @@ pub struct MemoryCache {
 
 impl MemoryCache {
     pub fn new(max_entries: usize) -> Self {
-        Self { entries: Mutex::new(HashMap::new()), max_entries: max_entries.max(1) }
+        Self {
+            entries: Mutex::new(HashMap::new()),
+            max_entries: max_entries.max(1),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Bytes, Instant)>> {
         // A panic while holding the lock cannot leave the map half-updated in a way that
         // matters for a cache, so a poisoned lock is simply taken over.
-        self.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn make_room(entries: &mut HashMap<String, (Bytes, Instant)>, max: usize, now: Instant) {
@@ -93,14 +98,24 @@ mod tests {
     use std::time::Duration;
 
     fn write(sn: &str, ttl: Duration) -> Write {
-        Write { sn: sn.to_owned(), value: Bytes::from(format!("v-{sn}")), ttl }
+        Write {
+            sn: sn.to_owned(),
+            value: Bytes::from(format!("v-{sn}")),
+            ttl,
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn values_expire_after_their_ttl() {
         let cache = MemoryCache::new(10);
-        cache.set_many(&[write("a", Duration::from_secs(2))]).await.unwrap();
-        assert_eq!(cache.get_many(&["a", "b"]).await.unwrap(), [Some(Bytes::from("v-a")), None]);
+        cache
+            .set_many(&[write("a", Duration::from_secs(2))])
+            .await
+            .unwrap();
+        assert_eq!(
+            cache.get_many(&["a", "b"]).await.unwrap(),
+            [Some(Bytes::from("v-a")), None]
+        );
         tokio::time::advance(Duration::from_secs(3)).await;
         assert_eq!(cache.get_many(&["a"]).await.unwrap(), [None]);
         assert_eq!(cache.delete_many(&["a"]).await.unwrap(), 0);
@@ -109,7 +124,9 @@ mod tests {
     #[tokio::test]
     async fn never_holds_more_than_its_bound() {
         let cache = MemoryCache::new(3);
-        let writes: Vec<_> = (0..10).map(|i| write(&i.to_string(), Duration::from_secs(60))).collect();
+        let writes: Vec<_> = (0..10)
+            .map(|i| write(&i.to_string(), Duration::from_secs(60)))
+            .collect();
         cache.set_many(&writes).await.unwrap();
         assert_eq!(cache.lock().len(), 3);
         // The newest write is always kept.
@@ -119,7 +136,10 @@ mod tests {
     #[tokio::test]
     async fn delete_counts_only_existing_keys() {
         let cache = MemoryCache::new(10);
-        cache.set_many(&[write("a", Duration::from_secs(60))]).await.unwrap();
+        cache
+            .set_many(&[write("a", Duration::from_secs(60))])
+            .await
+            .unwrap();
         assert_eq!(cache.delete_many(&["a", "b"]).await.unwrap(), 1);
         assert_eq!(cache.get_many(&["a"]).await.unwrap(), [None]);
     }

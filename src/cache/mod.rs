@@ -46,8 +46,10 @@ pub struct Write {
 /// A store of encoded entries keyed by SN. Implementations add their own key prefix.
 pub trait Cache: Send + Sync + 'static {
     /// The raw values for `sns`, in the same order; `None` where nothing is stored.
-    fn get_many<'a>(&'a self, sns: &'a [&'a str])
-    -> BoxFuture<'a, Result<Vec<Option<Bytes>>, CacheError>>;
+    fn get_many<'a>(
+        &'a self,
+        sns: &'a [&'a str],
+    ) -> BoxFuture<'a, Result<Vec<Option<Bytes>>, CacheError>>;
 
     /// Stores every write with its own TTL. Nothing is ever stored without one.
     fn set_many<'a>(&'a self, writes: &'a [Write]) -> BoxFuture<'a, Result<(), CacheError>>;

@@ -37,8 +37,13 @@ impl RedisCache {
         let connection = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(settings.timeout))
             .set_response_timeout(Some(settings.timeout));
-        let manager = Manager::new_with_config(settings.url.as_str(), connection)
-            .map_err(|source| CacheError::Command { op: "connect", source })?;
+        let manager =
+            Manager::new_with_config(settings.url.as_str(), connection).map_err(|source| {
+                CacheError::Command {
+                    op: "connect",
+                    source,
+                }
+            })?;
         let pool = Pool::builder(manager)
             .max_size(settings.pool_size)
             .wait_timeout(Some(settings.timeout))
@@ -64,7 +69,10 @@ impl RedisCache {
         let timeout = self.timeout;
         let conn = tokio::time::timeout(timeout, self.pool.get())
             .await
-            .map_err(|_| CacheError::Timeout { op: "connection checkout", timeout })?
+            .map_err(|_| CacheError::Timeout {
+                op: "connection checkout",
+                timeout,
+            })?
             .map_err(|err| CacheError::Pool(err.to_string()))?;
         tokio::time::timeout(timeout, command(conn))
             .await
@@ -85,9 +93,15 @@ impl RedisCache {
             self.key_into(&mut key, sn);
             cmd.arg(&key[..]);
         }
-        let values: Vec<Option<Vec<u8>>> =
-            self.run("MGET", |mut conn| async move { cmd.query_async(&mut conn).await }).await?;
-        Ok(values.into_iter().map(|value| value.map(Bytes::from)).collect())
+        let values: Vec<Option<Vec<u8>>> = self
+            .run("MGET", |mut conn| async move {
+                cmd.query_async(&mut conn).await
+            })
+            .await?;
+        Ok(values
+            .into_iter()
+            .map(|value| value.map(Bytes::from))
+            .collect())
     }
 
     async fn set_chunk(&self, writes: &[Write]) -> Result<(), CacheError> {
@@ -96,11 +110,20 @@ impl RedisCache {
         for write in writes {
             self.key_into(&mut key, &write.sn);
             // One SET with PX: a key can never be left without its TTL.
-            let millis = u64::try_from(write.ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-            pipe.cmd("SET").arg(&key[..]).arg(&write.value[..]).arg("PX").arg(millis).ignore();
+            let millis = u64::try_from(write.ttl.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            pipe.cmd("SET")
+                .arg(&key[..])
+                .arg(&write.value[..])
+                .arg("PX")
+                .arg(millis)
+                .ignore();
         }
-        self.run("SET pipeline", |mut conn| async move { pipe.query_async::<()>(&mut conn).await })
-            .await
+        self.run("SET pipeline", |mut conn| async move {
+            pipe.query_async::<()>(&mut conn).await
+        })
+        .await
     }
 
     async fn delete_chunk(&self, sns: &[&str]) -> Result<u64, CacheError> {
@@ -110,7 +133,11 @@ impl RedisCache {
             self.key_into(&mut key, sn);
             cmd.arg(&key[..]);
         }
-        self.run("DEL", |mut conn| async move { cmd.query_async(&mut conn).await }).await
+        self.run(
+            "DEL",
+            |mut conn| async move { cmd.query_async(&mut conn).await },
+        )
+        .await
     }
 }
 
@@ -120,7 +147,9 @@ impl Cache for RedisCache {
         sns: &'a [&'a str],
     ) -> BoxFuture<'a, Result<Vec<Option<Bytes>>, CacheError>> {
         Box::pin(async move {
-            let chunks = sns.chunks(self.chunk_size).map(|chunk| self.get_chunk(chunk));
+            let chunks = sns
+                .chunks(self.chunk_size)
+                .map(|chunk| self.get_chunk(chunk));
             let values = try_join_all(chunks).await?;
             Ok(values.into_iter().flatten().collect())
         })
@@ -128,14 +157,21 @@ impl Cache for RedisCache {
 
     fn set_many<'a>(&'a self, writes: &'a [Write]) -> BoxFuture<'a, Result<(), CacheError>> {
         Box::pin(async move {
-            try_join_all(writes.chunks(self.chunk_size).map(|chunk| self.set_chunk(chunk))).await?;
+            try_join_all(
+                writes
+                    .chunks(self.chunk_size)
+                    .map(|chunk| self.set_chunk(chunk)),
+            )
+            .await?;
             Ok(())
         })
     }
 
     fn delete_many<'a>(&'a self, sns: &'a [&'a str]) -> BoxFuture<'a, Result<u64, CacheError>> {
         Box::pin(async move {
-            let chunks = sns.chunks(self.chunk_size).map(|chunk| self.delete_chunk(chunk));
+            let chunks = sns
+                .chunks(self.chunk_size)
+                .map(|chunk| self.delete_chunk(chunk));
             Ok(try_join_all(chunks).await?.into_iter().sum())
         })
     }

@@ -1,0 +1,246 @@
+//! The command line: bad config stops the start, `simulate-upstream`, `demo`.
+
+use crate::support::{Process, RedisServer, free_port};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+/// Runs the binary expecting a config error: non-zero exit, a message naming `key`, and
+/// no attempt to bind (the port we hold would make binding fail with another message).
+async fn expect_config_error(args: &[&str], envs: &[(&str, &str)], key: &str) {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = held.local_addr().unwrap().to_string();
+    let mut all_args = vec!["serve", "--listen", listen.as_str()];
+    all_args.extend_from_slice(args);
+    let mut process = Process::spawn(&all_args, envs);
+    let status = process.wait(Duration::from_secs(20)).await;
+    let output = process.output();
+    assert!(!status.success(), "started despite {key}: {output}");
+    assert!(
+        output.to_lowercase().contains(&key.to_lowercase()),
+        "the message names {key}: {output}"
+    );
+    assert!(
+        !output.contains("could not listen"),
+        "failed before binding: {output}"
+    );
+}
+
+#[tokio::test]
+async fn bad_config_stops_the_start_with_a_message_naming_the_key() {
+    expect_config_error(
+        &[],
+        &[("DISCOUNT_PROXY_SERVER__MAX_BATCH", "lots")],
+        "max_batch",
+    )
+    .await;
+    expect_config_error(&[], &[("DISCOUNT_PROXY_SERVER__NOPE", "1")], "nope").await;
+    expect_config_error(&[], &[("DISCOUNT_PROXY_CACHE__TTL", "forever")], "ttl").await;
+    expect_config_error(
+        &[],
+        &[("DISCOUNT_PROXY_UPSTREAM__URL", "http://x/no-placeholder")],
+        "upstream.url",
+    )
+    .await;
+    expect_config_error(
+        &[],
+        &[("DISCOUNT_PROXY_REDIS__URL", "mysql://x")],
+        "redis.url",
+    )
+    .await;
+    expect_config_error(
+        &["--config", "does/not/exist.toml"],
+        &[],
+        "does/not/exist.toml",
+    )
+    .await;
+    let dir = std::env::temp_dir().join(format!("dp-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "[upstream]\nconcurency = 4\n").unwrap();
+    expect_config_error(&["--config", file.to_str().unwrap()], &[], "concurency").await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn tokens_never_appear_in_the_logs() {
+    let redis = RedisServer::start();
+    let mut proxy = Process::spawn(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--redis-url",
+            &redis.url(),
+        ],
+        &[
+            ("RUST_LOG", "trace"),
+            ("DISCOUNT_PROXY_UPSTREAM__TOKEN", "tok-upstream-123"),
+            ("DISCOUNT_PROXY_SERVER__API_TOKENS", "tok-client-456"),
+            (
+                "DISCOUNT_PROXY_UPSTREAM__URL",
+                &format!("http://127.0.0.1:{}/?sn={{sn}}", free_port()),
+            ),
+        ],
+    );
+    let addr = proxy.listening_addr().await;
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/v1/discounts/C1");
+    let response = client
+        .get(&url)
+        .header("authorization", "Bearer tok-client-456")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        502,
+        "the upstream is down, yet the request was authorised"
+    );
+    let response = client
+        .get(&url)
+        .header("authorization", "Bearer tok-wrong-789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    proxy.signal("TERM");
+    proxy.wait(Duration::from_secs(10)).await;
+    let output = proxy.output();
+    assert!(output.contains("upstream"), "the log is there: {output}");
+    for secret in ["tok-upstream-123", "tok-client-456", "tok-wrong-789"] {
+        assert!(!output.contains(secret), "{secret} leaked into the log");
+    }
+}
+
+#[tokio::test]
+async fn simulate_upstream_speaks_the_upstream_contract() {
+    let port = free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let sim = Process::spawn(
+        &[
+            "simulate-upstream",
+            "--listen",
+            &listen,
+            "--latency",
+            "10ms",
+        ],
+        &[],
+    );
+    sim.wait_for_line("listening", Duration::from_secs(20))
+        .await;
+    let client = reqwest::Client::new();
+    let found = client
+        .get(format!("http://{listen}/contract/?sn=C2024-0001"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(found.status(), 200);
+    let body: Value = found.json().await.unwrap();
+    assert_eq!(body["sn"], "C2024-0001");
+    assert!(body["ratio"].is_string());
+    let again: Value = client
+        .get(format!("http://{listen}/contract/?sn=C2024-0001"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again, body, "deterministic per SN");
+    let missing = client
+        .get(format!("http://{listen}/contract/?sn=NF-0001"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let stats: Value = client
+        .get(format!("http://{listen}/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats, json!({"requests": 3}));
+}
+
+#[tokio::test]
+async fn demo_without_redis_serves_from_the_in_process_cache() {
+    let dead_redis = format!("redis://127.0.0.1:{}/0", free_port());
+    let demo = Process::spawn(
+        &[
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--redis-url",
+            &dead_redis,
+        ],
+        &[],
+    );
+    let addr = demo.listening_addr().await;
+    demo.wait_for_line("in-process", Duration::from_secs(5))
+        .await;
+    demo.wait_for_line("curl", Duration::from_secs(5)).await;
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/v1/discounts/lookup");
+    let body = json!({"sns": ["C2024-0001", "NF-1"]});
+    let first: Value = client
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["results"][0]["source"], "upstream");
+    assert_eq!(first["results"][1]["status"], "not_found");
+    let second: Value = client
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(second["summary"]["cache_hits"], 2);
+    let ready: Value = client
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["memory"], "ok");
+}
+
+#[tokio::test]
+async fn demo_with_redis_uses_it() {
+    let redis = RedisServer::start();
+    let demo = Process::spawn(
+        &[
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--redis-url",
+            &redis.url(),
+        ],
+        &[],
+    );
+    let addr = demo.listening_addr().await;
+    demo.wait_for_line("redis answers", Duration::from_secs(5))
+        .await;
+    let response = reqwest::get(format!("http://{addr}/v1/discounts/C2024-0001"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut conn = redis.client().await;
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg("discount:v1:C2024-0001")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(exists, 1);
+}

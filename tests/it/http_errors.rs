@@ -1,0 +1,236 @@
+//! Every error of the contract's table that the lookup endpoints can produce, as JSON.
+
+use crate::support::TestApp;
+use serde_json::{Value, json};
+
+async fn expect_error(response: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(response.status(), status, "expected {code}");
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    body
+}
+
+#[tokio::test]
+async fn a_body_that_is_not_json_is_invalid_json() {
+    let app = TestApp::spawn().await;
+    for body in [
+        "{\"sns\": [",
+        "not json",
+        "",
+        "\u{feff}{\"sns\":[\"A\"]}",
+        "{\"sns\": [\"A\"]} trailing",
+    ] {
+        let response = app
+            .post_raw("/v1/discounts/lookup", "application/json", body.to_owned())
+            .await;
+        expect_error(response, 400, "invalid_json").await;
+    }
+    assert_eq!(app.upstream.total_calls(), 0);
+}
+
+#[tokio::test]
+async fn json_of_the_wrong_shape_is_invalid_request() {
+    let app = TestApp::spawn().await;
+    for body in [
+        json!({}),
+        json!({"sns": "C1"}),
+        json!({"sns": [1, 2]}),
+        json!({"sns": ["C1", null]}),
+        json!({"sns": []}),
+        json!(["C1"]),
+        json!({"sns": null}),
+    ] {
+        let response = app.post_json("/v1/discounts/lookup", &body).await;
+        expect_error(response, 400, "invalid_request").await;
+    }
+    let deep = format!("{{\"sns\": {}\"A\"{}}}", "[".repeat(300), "]".repeat(300));
+    let response = app
+        .post_raw("/v1/discounts/lookup", "application/json", deep)
+        .await;
+    expect_error(response, 400, "invalid_request").await;
+    let response = app
+        .post_json(
+            "/v1/discounts/lookup?refresh=maybe",
+            &json!({"sns": ["C1"]}),
+        )
+        .await;
+    expect_error(response, 400, "invalid_request").await;
+    assert_eq!(app.upstream.total_calls(), 0);
+}
+
+#[tokio::test]
+async fn an_invalid_sn_in_the_path_is_400_invalid_sn() {
+    let app = TestApp::spawn().await;
+    let long = "x".repeat(129);
+    for path in [
+        "a%20b",
+        "a%0D%0AFLUSHALL",
+        "%FF%FE",
+        long.as_str(),
+        "nul%00",
+    ] {
+        let response = app.get(&format!("/v1/discounts/{path}")).await;
+        expect_error(response, 400, "invalid_sn").await;
+    }
+    assert_eq!(app.upstream.total_calls(), 0);
+}
+
+#[tokio::test]
+async fn unknown_routes_are_404_not_found() {
+    let app = TestApp::spawn().await;
+    for path in [
+        "/",
+        "/v1",
+        "/v1/discounts",
+        "/v1/discounts/",
+        "/v2/discounts/C1",
+        "/metricsx",
+    ] {
+        expect_error(app.get(path).await, 404, "not_found").await;
+    }
+}
+
+#[tokio::test]
+async fn wrong_methods_are_405_with_allow() {
+    let app = TestApp::spawn().await;
+    let cases = [
+        (reqwest::Method::GET, "/v1/discounts/lookup", "POST"),
+        (reqwest::Method::PUT, "/v1/discounts/lookup", "POST"),
+        (reqwest::Method::GET, "/v1/discounts/invalidate", "POST"),
+        (reqwest::Method::POST, "/v1/discounts/C1", "GET, DELETE"),
+        (reqwest::Method::PATCH, "/v1/discounts/C1", "GET, DELETE"),
+        (reqwest::Method::POST, "/healthz", "GET, HEAD"),
+        (reqwest::Method::DELETE, "/readyz", "GET, HEAD"),
+    ];
+    for (method, path, allow) in cases {
+        let response = app
+            .client
+            .request(method.clone(), app.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.headers()["allow"], allow, "{method} {path}");
+        expect_error(response, 405, "method_not_allowed").await;
+    }
+}
+
+#[tokio::test]
+async fn more_sns_than_max_batch_is_413_batch_too_large() {
+    let app = TestApp::spawn_with(|config| config.server.max_batch = 10).await;
+    let sns: Vec<String> = (0..11).map(|i| format!("C{i}")).collect();
+    let response = app
+        .post_json("/v1/discounts/lookup", &json!({ "sns": sns }))
+        .await;
+    expect_error(response, 413, "batch_too_large").await;
+    let response = app
+        .post_json("/v1/discounts/lookup", &json!({ "sns": sns[..10] }))
+        .await;
+    assert_eq!(response.status(), 200, "exactly max_batch is fine");
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_413_payload_too_large_whether_declared_or_chunked() {
+    let app = TestApp::spawn_with(|config| config.server.max_body_bytes = 1024).await;
+    let big =
+        json!({ "sns": (0..200).map(|i| format!("C{i:05}")).collect::<Vec<_>>() }).to_string();
+    assert!(big.len() > 1024);
+    let declared = app
+        .post_raw("/v1/discounts/lookup", "application/json", big.clone())
+        .await;
+    expect_error(declared, 413, "payload_too_large").await;
+    // Chunked, with no Content-Length: the limit holds while reading.
+    let chunks: Vec<Result<String, std::io::Error>> = big
+        .as_bytes()
+        .chunks(100)
+        .map(|c| Ok(String::from_utf8(c.to_vec()).unwrap()))
+        .collect();
+    let stream = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let chunked = app
+        .post_raw("/v1/discounts/lookup", "application/json", stream)
+        .await;
+    expect_error(chunked, 413, "payload_too_large").await;
+    assert_eq!(app.upstream.total_calls(), 0);
+    // The server is still fine.
+    let response = app
+        .post_json("/v1/discounts/lookup", &json!({"sns": ["C1"]}))
+        .await;
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn a_body_that_is_not_declared_json_is_415() {
+    let app = TestApp::spawn().await;
+    let body = json!({"sns": ["C1"]}).to_string();
+    for content_type in [
+        "application/x-www-form-urlencoded",
+        "text/plain",
+        "application/jsonx",
+    ] {
+        let response = app
+            .post_raw("/v1/discounts/lookup", content_type, body.clone())
+            .await;
+        expect_error(response, 415, "unsupported_media_type").await;
+    }
+    let no_type = app
+        .client
+        .post(app.url("/v1/discounts/lookup"))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    expect_error(no_type, 415, "unsupported_media_type").await;
+    let with_charset = app
+        .post_raw(
+            "/v1/discounts/lookup",
+            "Application/JSON; charset=utf-8",
+            body,
+        )
+        .await;
+    assert_eq!(with_charset.status(), 200);
+}
+
+#[tokio::test]
+async fn with_api_tokens_v1_routes_need_a_valid_bearer_token() {
+    use discount_proxy::secret::Secret;
+    let app = TestApp::spawn_with(|config| {
+        config.server.api_tokens = vec![Secret::new("tok-1"), Secret::new("tok-2")]
+    })
+    .await;
+    let url = app.url("/v1/discounts/C1");
+    for header in [
+        None,
+        Some("Bearer nope"),
+        Some("tok-1"),
+        Some("Bearer tok-1x"),
+        Some("Basic dG9rLTE="),
+    ] {
+        let mut request = app.client.get(&url);
+        if let Some(header) = header {
+            request = request.header("authorization", header);
+        }
+        let body = expect_error(request.send().await.unwrap(), 401, "unauthorized").await;
+        assert!(!body.to_string().contains("tok-"), "no token in the error");
+    }
+    assert_eq!(app.upstream.total_calls(), 0, "nothing is done before auth");
+    let ok = app
+        .client
+        .get(&url)
+        .header("authorization", "Bearer tok-2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(app.get("/healthz").await.status(), 200, "health stays open");
+    assert_eq!(
+        app.get("/readyz").await.status(),
+        200,
+        "readiness stays open"
+    );
+}

@@ -1,0 +1,130 @@
+//! The binary's life: SIGTERM lets in-flight batches finish and their write-backs land.
+
+use crate::support::{Process, RedisServer, StubUpstream, TestApp, results, wait_until};
+use discount_proxy::health::Phase;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+#[tokio::test]
+async fn sigterm_during_a_slow_batch_finishes_the_response_and_the_write_back() {
+    let redis = RedisServer::start();
+    let upstream = StubUpstream::start().await;
+    upstream.set_latency(Duration::from_millis(800));
+    let mut proxy = Process::spawn(
+        &["serve", "--listen", "127.0.0.1:0"],
+        &[
+            ("DISCOUNT_PROXY_REDIS__URL", &redis.url()),
+            ("DISCOUNT_PROXY_UPSTREAM__URL", &upstream.url_template()),
+            ("DISCOUNT_PROXY_SERVER__SHUTDOWN_GRACE", "20s"),
+        ],
+    );
+    let addr = proxy.listening_addr().await;
+    let client = reqwest::Client::new();
+    let sns = ["T1", "T2", "T3", "T4", "T5"];
+    let lookup = client
+        .post(format!("http://{addr}/v1/discounts/lookup"))
+        .json(&json!({ "sns": sns }))
+        .send();
+    let terminate_mid_batch = async {
+        wait_until(
+            "the batch is at the upstream",
+            Duration::from_secs(10),
+            || async { upstream.in_flight() == 5 },
+        )
+        .await;
+        proxy.signal("TERM");
+    };
+    let (response, ()) = tokio::join!(lookup, terminate_mid_batch);
+    let response = response.expect("the in-flight request is answered");
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        results(&body).iter().all(|item| item["status"] == "ok"),
+        "{body}"
+    );
+    let status = proxy.wait(Duration::from_secs(20)).await;
+    assert!(
+        status.success(),
+        "exit status {status:?}; output:\n{}",
+        proxy.output()
+    );
+    let mut conn = redis.client().await;
+    for sn in sns {
+        let key = format!("discount:v1:{sn}");
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl > 0, "{key} written back with a TTL before exit");
+    }
+    assert!(
+        proxy.output().contains("shutdown complete"),
+        "{}",
+        proxy.output()
+    );
+}
+
+#[tokio::test]
+async fn after_sigterm_new_connections_are_refused() {
+    let redis = RedisServer::start();
+    let upstream = StubUpstream::start().await;
+    let mut proxy = Process::spawn(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--redis-url",
+            &redis.url(),
+            "--upstream-url",
+            &upstream.url_template(),
+        ],
+        &[],
+    );
+    let addr = proxy.listening_addr().await;
+    let client = reqwest::Client::new();
+    let response = client
+        .get(format!("http://{addr}/v1/discounts/C1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "plain `discount-proxy` serves, flags override"
+    );
+    proxy.signal("TERM");
+    assert!(proxy.wait(Duration::from_secs(10)).await.success());
+    assert!(
+        client
+            .get(format!("http://{addr}/healthz"))
+            .send()
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn draining_turns_unready_at_once_and_still_finishes_in_flight_lookups() {
+    let mut app = TestApp::spawn().await;
+    assert_eq!(app.state.health.phase(), Phase::Ready);
+    app.upstream.hold();
+    let lookup = app.lookup(&["G1", "G2"]);
+    let drain = async {
+        wait_until(
+            "the lookup is at the upstream",
+            Duration::from_secs(5),
+            || async { app.upstream.in_flight() == 2 },
+        )
+        .await;
+        app.begin_shutdown();
+        wait_until("draining", Duration::from_secs(5), || async {
+            app.state.health.phase() == Phase::Draining
+        })
+        .await;
+        app.upstream.release();
+    };
+    let (body, ()) = tokio::join!(lookup, drain);
+    app.stopped().await;
+    assert!(results(&body).iter().all(|item| item["status"] == "ok"));
+    assert!(app.redis_value("G1").await.is_some() && app.redis_value("G2").await.is_some());
+}

@@ -1,0 +1,12 @@
+//! The one integration-test binary: real `redis-server`s, a real stub upstream over HTTP, and
+//! the proxy on a free port. Set `TEST_LOG=1` to see the proxy's logs.
+
+mod support;
+
+mod cache_control;
+mod commands;
+mod http_errors;
+mod lifecycle;
+mod lookup;
+mod redis_faults;
+mod upstream_errors;

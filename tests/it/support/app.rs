@@ -1,0 +1,184 @@
+//! The proxy on a free port, with its own Redis and stub upstream, all stopped on `Drop`.
+
+use super::{RedisServer, StubUpstream};
+use discount_proxy::app::{AppState, CacheChoice};
+use discount_proxy::config::Config;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    pub redis: RedisServer,
+    pub upstream: StubUpstream,
+    pub config: Config,
+    pub state: Arc<AppState>,
+    shutdown: std::sync::Mutex<Option<oneshot::Sender<()>>>,
+    server: Option<JoinHandle<()>>,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// Spawns with the test defaults, after `customize` has had its say.
+    pub async fn spawn_with(customize: impl FnOnce(&mut Config)) -> Self {
+        super::init_logging();
+        let redis = RedisServer::start();
+        let upstream = StubUpstream::start().await;
+        let mut config = Self::config_for(&redis, &upstream);
+        customize(&mut config);
+        config.validate().expect("test config is valid");
+        Self::spawn_on(config, CacheChoice::Redis, redis, upstream).await
+    }
+
+    /// The defaults tests start from: short timeouts, everything on 127.0.0.1.
+    pub fn config_for(redis: &RedisServer, upstream: &StubUpstream) -> Config {
+        let mut config = Config::default();
+        config.server.listen = "127.0.0.1:0".parse().unwrap();
+        config.server.request_timeout = Duration::from_secs(10);
+        config.server.shutdown_grace = Duration::from_secs(10);
+        config.redis.url = redis.url();
+        config.redis.timeout = Duration::from_millis(250);
+        config.upstream.url = upstream.url_template();
+        config.upstream.timeout = Duration::from_secs(2);
+        config.upstream.concurrency = 16;
+        config
+    }
+
+    pub async fn spawn_on(
+        config: Config,
+        choice: CacheChoice,
+        redis: RedisServer,
+        upstream: StubUpstream,
+    ) -> Self {
+        let state = AppState::build(&config, choice).unwrap();
+        let listener = tokio::net::TcpListener::bind(config.server.listen)
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (shutdown, stop) = oneshot::channel::<()>();
+        let server = tokio::spawn(discount_proxy::server::run(
+            listener,
+            Arc::clone(&state),
+            async {
+                let _ = stop.await;
+            },
+        ));
+        super::wait_until("the server is ready", Duration::from_secs(5), || async {
+            state.health.phase() == discount_proxy::health::Phase::Ready
+        })
+        .await;
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        Self {
+            addr,
+            client,
+            redis,
+            upstream,
+            config,
+            state,
+            shutdown: std::sync::Mutex::new(Some(shutdown)),
+            server: Some(server),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `POST /v1/discounts/lookup` with these SNs; asserts `200` and returns the body.
+    pub async fn lookup(&self, sns: &[&str]) -> Value {
+        self.lookup_at("/v1/discounts/lookup", sns).await
+    }
+
+    pub async fn lookup_at(&self, path: &str, sns: &[&str]) -> Value {
+        let response = self
+            .post_json(path, &serde_json::json!({ "sns": sns }))
+            .await;
+        assert_eq!(response.status(), 200, "lookup failed");
+        response.json().await.unwrap()
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.post_raw(path, "application/json", body.to_string())
+            .await
+    }
+
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.unwrap()
+    }
+
+    /// The Redis key the proxy uses for `sn`.
+    pub fn key(&self, sn: &str) -> String {
+        format!("{}{sn}", self.config.redis.key_prefix)
+    }
+
+    /// The key's remaining TTL in milliseconds (`-2` missing, `-1` no TTL).
+    pub async fn pttl(&self, sn: &str) -> i64 {
+        let mut redis = self.redis.client().await;
+        redis::cmd("PTTL")
+            .arg(self.key(sn))
+            .query_async(&mut redis)
+            .await
+            .unwrap()
+    }
+
+    pub async fn redis_value(&self, sn: &str) -> Option<Vec<u8>> {
+        let mut redis = self.redis.client().await;
+        redis::cmd("GET")
+            .arg(self.key(sn))
+            .query_async(&mut redis)
+            .await
+            .unwrap()
+    }
+
+    /// Starts the shutdown SIGTERM would start; in-flight requests go on.
+    pub fn begin_shutdown(&self) {
+        if let Some(shutdown) = self.shutdown.lock().unwrap().take() {
+            let _ = shutdown.send(());
+        }
+    }
+
+    /// Waits for the server to finish draining after [`TestApp::begin_shutdown`].
+    pub async fn stopped(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.await.unwrap();
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+/// The results array of a lookup response.
+pub fn results(body: &Value) -> &Vec<Value> {
+    body["results"].as_array().expect("results is an array")
+}

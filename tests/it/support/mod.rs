@@ -1,0 +1,55 @@
+//! Test support: a real Redis, a stub upstream, the proxy, and waiting on conditions.
+
+mod app;
+mod process;
+mod redis;
+mod upstream;
+
+pub use self::app::{TestApp, results};
+pub use self::process::Process;
+pub use self::redis::RedisServer;
+pub use self::upstream::{Reply, StubUpstream};
+
+use std::future::Future;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Polls `condition` until it holds, failing the test with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !condition().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Installs a log subscriber when `TEST_LOG` is set; tests are silent otherwise.
+pub fn init_logging() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".to_owned()),
+                ))
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+/// A free TCP port on 127.0.0.1 (free now; the caller binds it right away).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -1,0 +1,138 @@
+//! The real binary as a child process, its log lines collected for the test to wait on.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub struct Process {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Process {
+    /// Runs `discount-proxy` with these arguments and environment variables.
+    pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_discount-proxy"));
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command.env("RUST_LOG", "info").env_remove("RUST_BACKTRACE");
+        for (key, _) in std::env::vars() {
+            if key.starts_with("DISCOUNT_PROXY_") {
+                command.env_remove(key);
+            }
+        }
+        command.envs(envs.iter().copied());
+        let mut child = command.spawn().expect("the discount-proxy binary runs");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let streams = [
+            child.stdout.take().map(read_box),
+            child.stderr.take().map(read_box),
+        ];
+        let readers = streams
+            .into_iter()
+            .flatten()
+            .map(|stream| {
+                let lines = Arc::clone(&lines);
+                std::thread::spawn(move || {
+                    for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                        lines.lock().unwrap().push(line);
+                    }
+                })
+            })
+            .collect();
+        Self {
+            child,
+            lines,
+            readers,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything it printed so far, one string.
+    pub fn output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits for a line containing `needle`, returning it.
+    pub async fn wait_for_line(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|line| line.contains(needle))
+            {
+                return line.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no line with {needle:?} within {timeout:?}; output:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits for the `listening addr=…` line and returns the address.
+    pub async fn listening_addr(&self) -> SocketAddr {
+        let line = self
+            .wait_for_line("listening", Duration::from_secs(20))
+            .await;
+        let addr = line
+            .split("addr=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next());
+        addr.and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status();
+        assert!(status.is_ok_and(|s| s.success()));
+    }
+
+    /// Waits for the process to exit (failing the test after `timeout`).
+    pub async fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // The readers end at EOF: after this, output() has every line.
+                for reader in self.readers.drain(..) {
+                    let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+                }
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running after {timeout:?}; output:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+fn read_box(stream: impl std::io::Read + Send + 'static) -> Box<dyn std::io::Read + Send> {
+    Box::new(stream)
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,222 @@
+//! A stub of the upstream discount service: a real HTTP server whose latency and answers
+//! are set per SN, and which counts every call, the calls in flight and their peak.
+
+use bytes::Bytes;
+use http_body_util::{Either, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// What the stub answers for one SN.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// This status and body.
+    Status(u16, &'static str),
+    /// `200` with a body of this many bytes, sent chunked with no `Content-Length`.
+    ChunkedBody(usize),
+    /// Never answers (until the connection is dropped).
+    Hang,
+}
+
+#[derive(Default)]
+struct State {
+    replies: Mutex<HashMap<String, Reply>>,
+    latencies: Mutex<HashMap<String, Duration>>,
+    default_latency: Mutex<Duration>,
+    calls: Mutex<HashMap<String, usize>>,
+    raw_queries: Mutex<Vec<String>>,
+    authorizations: Mutex<Vec<Option<String>>>,
+    total: AtomicUsize,
+    in_flight: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+pub struct StubUpstream {
+    addr: SocketAddr,
+    state: Arc<State>,
+    held: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StubUpstream {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State::default());
+        let (held, _) = watch::channel(false);
+        let task = tokio::spawn(serve(listener, Arc::clone(&state), held.subscribe()));
+        Self {
+            addr,
+            state,
+            held,
+            task,
+        }
+    }
+
+    /// The `upstream.url` template pointing here.
+    pub fn url_template(&self) -> String {
+        format!("http://{}/contract/?sn={{sn}}", self.addr)
+    }
+
+    /// The body the stub sends for a found SN by default.
+    pub fn discount_for(sn: &str) -> serde_json::Value {
+        serde_json::json!({"sn": sn, "ratio": format!("0.{}", sn.len() % 10)})
+    }
+
+    pub fn reply(&self, sn: &str, reply: Reply) {
+        self.state
+            .replies
+            .lock()
+            .unwrap()
+            .insert(sn.to_owned(), reply);
+    }
+
+    pub fn set_latency(&self, latency: Duration) {
+        *self.state.default_latency.lock().unwrap() = latency;
+    }
+
+    pub fn set_latency_for(&self, sn: &str, latency: Duration) {
+        self.state
+            .latencies
+            .lock()
+            .unwrap()
+            .insert(sn.to_owned(), latency);
+    }
+
+    /// Calls for one SN (as the stub decoded it).
+    pub fn calls(&self, sn: &str) -> usize {
+        self.state
+            .calls
+            .lock()
+            .unwrap()
+            .get(sn)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn total_calls(&self) -> usize {
+        self.state.total.load(Ordering::SeqCst)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.state.in_flight.load(Ordering::SeqCst)
+    }
+
+    pub fn peak_in_flight(&self) -> usize {
+        self.state.peak.load(Ordering::SeqCst)
+    }
+
+    /// Query strings exactly as they arrived, still percent-encoded.
+    pub fn raw_queries(&self) -> Vec<String> {
+        self.state.raw_queries.lock().unwrap().clone()
+    }
+
+    /// `Authorization` headers as they arrived.
+    pub fn authorizations(&self) -> Vec<Option<String>> {
+        self.state.authorizations.lock().unwrap().clone()
+    }
+
+    /// Holds every request (after it is counted) until [`StubUpstream::release`].
+    pub fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    pub fn release(&self) {
+        self.held.send_replace(false);
+    }
+}
+
+impl Drop for StubUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(listener: TcpListener, state: Arc<State>, held: watch::Receiver<bool>) {
+    let mut connections = tokio::task::JoinSet::new();
+    while let Ok((stream, _)) = listener.accept().await {
+        let state = Arc::clone(&state);
+        let held = held.clone();
+        connections.spawn(async move {
+            let service = service_fn(move |request| {
+                let state = Arc::clone(&state);
+                let held = held.clone();
+                async move { Ok::<_, Infallible>(answer(&state, held, request).await) }
+            });
+            let _ = Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+type StubBody = Either<
+    Full<Bytes>,
+    StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>,
+>;
+
+async fn answer(
+    state: &State,
+    mut held: watch::Receiver<bool>,
+    request: Request<Incoming>,
+) -> Response<StubBody> {
+    let query = request.uri().query().unwrap_or_default().to_owned();
+    let sn = url::form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == "sn")
+        .map(|(_, value)| value.into_owned())
+        .unwrap_or_default();
+    let authorization = request
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    state.raw_queries.lock().unwrap().push(query);
+    state.authorizations.lock().unwrap().push(authorization);
+    *state.calls.lock().unwrap().entry(sn.clone()).or_default() += 1;
+    state.total.fetch_add(1, Ordering::SeqCst);
+    let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    state.peak.fetch_max(now, Ordering::SeqCst);
+    let _ = held.wait_for(|held| !held).await;
+    let latency = state.latencies.lock().unwrap().get(&sn).copied();
+    let latency = latency.unwrap_or_else(|| *state.default_latency.lock().unwrap());
+    tokio::time::sleep(latency).await;
+    let reply = state.replies.lock().unwrap().get(&sn).cloned();
+    let response = match reply {
+        None => full(200, StubUpstream::discount_for(&sn).to_string()),
+        Some(Reply::Status(status, body)) => full(status, body.to_owned()),
+        Some(Reply::ChunkedBody(len)) => chunked(len),
+        Some(Reply::Hang) => std::future::pending().await,
+    };
+    state.in_flight.fetch_sub(1, Ordering::SeqCst);
+    response
+}
+
+fn full(status: u16, body: String) -> Response<StubBody> {
+    let mut response = Response::new(Either::Left(Full::new(Bytes::from(body))));
+    *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+    response
+}
+
+fn chunked(len: usize) -> Response<StubBody> {
+    // A JSON string of `len` bytes, in 16 KiB frames.
+    let mut body = vec![b'a'; len.max(2)];
+    body[0] = b'"';
+    *body.last_mut().unwrap() = b'"';
+    let frames: Vec<_> = body
+        .chunks(16 * 1024)
+        .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+        .collect();
+    Response::new(Either::Right(StreamBody::new(futures_util::stream::iter(
+        frames,
+    ))))
+}

@@ -1,0 +1,142 @@
+//! Upstream failures are per-SN errors, never cached, and never fail the other SNs.
+
+use crate::support::{Reply, TestApp, results, wait_until};
+use serde_json::Value;
+use std::time::Duration;
+
+async fn app_with_faults() -> TestApp {
+    let app = TestApp::spawn_with(|config| {
+        config.upstream.timeout = Duration::from_millis(300);
+        config.upstream.max_body_bytes = 64 * 1024;
+    })
+    .await;
+    app.upstream.reply("E500", Reply::Status(500, "boom"));
+    app.upstream.reply("E503", Reply::Status(503, "{}"));
+    app.upstream.reply("E429", Reply::Status(429, "{}"));
+    app.upstream
+        .reply("HTML", Reply::Status(200, "<html>oops</html>"));
+    app.upstream
+        .reply("TRUNC", Reply::Status(200, r#"{"ratio": "0."#));
+    app.upstream.reply("HUGE", Reply::ChunkedBody(1024 * 1024));
+    app.upstream.reply("E418", Reply::Status(418, "{}"));
+    app.upstream.reply("SLOW", Reply::Hang);
+    app
+}
+
+#[tokio::test]
+async fn upstream_failures_are_item_errors_and_the_rest_of_the_batch_succeeds() {
+    let app = app_with_faults().await;
+    let sns = [
+        "OK1", "E500", "E503", "E429", "HTML", "TRUNC", "HUGE", "E418", "SLOW", "OK2",
+    ];
+    let body = app.lookup(&sns).await;
+    let items = results(&body);
+    let code = |i: usize| {
+        items[i]["error"]["code"]
+            .as_str()
+            .unwrap_or("none")
+            .to_owned()
+    };
+    assert_eq!(items[0]["status"], "ok");
+    assert_eq!(items[9]["status"], "ok");
+    for i in 1..=7 {
+        assert_eq!(items[i]["status"], "error", "{}", sns[i]);
+        assert_eq!(code(i), "upstream_error", "{}", sns[i]);
+    }
+    assert_eq!(items[8]["status"], "error");
+    assert_eq!(code(8), "upstream_timeout");
+    assert_eq!(body["summary"]["errors"], 8);
+    for sn in &sns[1..9] {
+        assert_eq!(
+            app.redis_value(sn).await,
+            None,
+            "{sn}: an upstream error is never cached"
+        );
+    }
+    assert!(app.redis_value("OK1").await.is_some());
+}
+
+#[tokio::test]
+async fn a_failed_sn_is_fetched_again_on_the_next_lookup() {
+    let app = app_with_faults().await;
+    app.lookup(&["E500"]).await;
+    app.lookup(&["E500"]).await;
+    assert_eq!(app.upstream.calls("E500"), 2, "errors are not remembered");
+}
+
+#[tokio::test]
+async fn single_gets_map_upstream_failures_to_502_and_504() {
+    let app = app_with_faults().await;
+    for (sn, status, code) in [
+        ("E500", 502, "upstream_error"),
+        ("E429", 502, "upstream_error"),
+        ("HTML", 502, "upstream_error"),
+        ("HUGE", 502, "upstream_error"),
+        ("SLOW", 504, "upstream_timeout"),
+    ] {
+        let response = app.get(&format!("/v1/discounts/{sn}")).await;
+        assert_eq!(response.status(), status, "{sn}");
+        assert_eq!(response.headers()["content-type"], "application/json");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{sn}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_an_upstream_error() {
+    let port = crate::support::free_port();
+    let app = TestApp::spawn_with(|config| {
+        config.upstream.url = format!("http://127.0.0.1:{port}/contract/?sn={{sn}}");
+    })
+    .await;
+    let response = app.get("/v1/discounts/C1").await;
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "upstream_error");
+    assert_eq!(app.redis_value("C1").await, None);
+}
+
+#[tokio::test]
+async fn the_upstream_token_is_sent_and_never_leaks_into_responses() {
+    let app = TestApp::spawn_with(|config| {
+        config.upstream.token = Some(discount_proxy::secret::Secret::new("s3cr3t-upstream"));
+    })
+    .await;
+    app.upstream
+        .reply("E500", Reply::Status(500, "s3cr3t-upstream"));
+    let body = app.lookup(&["C1", "E500"]).await;
+    assert_eq!(
+        app.upstream.authorizations(),
+        vec![Some("Token s3cr3t-upstream".to_owned()); 2]
+    );
+    assert!(!body.to_string().contains("s3cr3t"), "{body}");
+}
+
+#[tokio::test]
+async fn past_the_deadline_unresolved_sns_are_deadline_exceeded_and_still_written_back() {
+    let app = TestApp::spawn_with(|config| {
+        config.server.request_timeout = Duration::from_millis(300);
+        config.upstream.timeout = Duration::from_secs(5);
+    })
+    .await;
+    app.upstream
+        .set_latency_for("LATE", Duration::from_millis(1000));
+    let body = app.lookup(&["FAST", "LATE"]).await;
+    let items = results(&body);
+    assert_eq!(items[0]["status"], "ok");
+    assert_eq!(items[1]["status"], "error");
+    assert_eq!(items[1]["error"]["code"], "deadline_exceeded");
+    // The fetch goes on in the background and is written back.
+    wait_until("LATE is written back", Duration::from_secs(5), || async {
+        app.redis_value("LATE").await.is_some()
+    })
+    .await;
+    let again = app.lookup(&["FAST", "LATE"]).await;
+    assert_eq!(again["summary"]["cache_hits"], 2);
+    assert_eq!(app.upstream.calls("LATE"), 1);
+}
