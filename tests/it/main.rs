@@ -1,6 +1,9 @@
 //! The one integration-test binary: real `redis-server`s, a real stub upstream over HTTP, and
 //! the proxy on a free port. Set `TEST_LOG=1` to see the proxy's logs.
 
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 mod cache_control;
