@@ -165,13 +165,19 @@ async fn lookup_one(state: &AppState, sn: String, refresh: bool) -> Result<Respo
     let (Some(sn), Some(outcome)) = (batch.distinct.pop(), batch.outcomes.pop()) else {
         return Err(Error::InvalidRequest("no SN in the path".to_owned()));
     };
-    let (status, source) = match &outcome {
-        Outcome::Found { source, .. } => (StatusCode::OK, *source),
-        Outcome::NotFound { source } => (StatusCode::NOT_FOUND, *source),
-        Outcome::Invalid(err) => return Err(Error::InvalidSn(*err)),
-        Outcome::Failed(err) => return Err(Error::Item(err.clone())),
+    let mut response = match &outcome {
+        Outcome::Found { source, .. } => sn_response(StatusCode::OK, &sn, &outcome, *source),
+        Outcome::NotFound { source } => sn_response(StatusCode::NOT_FOUND, &sn, &outcome, *source),
+        Outcome::Invalid(err) => error_response(Error::InvalidSn(*err)),
+        Outcome::Failed(err) => error_response(Error::Item(err.clone())),
     };
-    let mut response = json_response(status, render::item(&sn, &outcome));
+    // Failures are lookups too: the log line counts their SN and miss.
+    response.extensions_mut().insert(stats);
+    Ok(response)
+}
+
+fn sn_response(status: StatusCode, sn: &str, outcome: &Outcome, source: Source) -> Response<Body> {
+    let mut response = json_response(status, render::item(sn, outcome));
     let x_cache = match source {
         Source::Cache => "HIT",
         Source::Upstream => "MISS",
@@ -180,8 +186,7 @@ async fn lookup_one(state: &AppState, sn: String, refresh: bool) -> Result<Respo
     response
         .headers_mut()
         .insert("x-cache", HeaderValue::from_static(x_cache));
-    response.extensions_mut().insert(stats);
-    Ok(response)
+    response
 }
 
 async fn delete_one(state: &AppState, sn: &str) -> Result<Response<Body>, Error> {

@@ -83,7 +83,7 @@ async fn tokens_never_appear_in_the_logs() {
         ],
     );
     let addr = proxy.listening_addr().await;
-    let client = reqwest::Client::new();
+    let client = crate::support::http_client();
     let url = format!("http://{addr}/v1/discounts/C1");
     let response = client
         .get(&url)
@@ -106,7 +106,24 @@ async fn tokens_never_appear_in_the_logs() {
     proxy.signal("TERM");
     proxy.wait(Duration::from_secs(10)).await;
     let output = proxy.output();
-    assert!(output.contains("upstream"), "the log is there: {output}");
+    let request_line = output
+        .lines()
+        .find(|line| line.contains(" request ") && line.contains("status=502"))
+        .unwrap_or_else(|| panic!("one log line per request: {output}"));
+    for field in [
+        "method=GET",
+        "path=\"/v1/discounts/C1\"",
+        "sns=1",
+        "hits=0",
+        "misses=1",
+        "elapsed=",
+    ] {
+        assert!(request_line.contains(field), "{field} in {request_line}");
+    }
+    assert!(
+        output.contains("status=401"),
+        "rejected requests are logged too: {output}"
+    );
     for secret in ["tok-upstream-123", "tok-client-456", "tok-wrong-789"] {
         assert!(!output.contains(secret), "{secret} leaked into the log");
     }
@@ -128,7 +145,7 @@ async fn simulate_upstream_speaks_the_upstream_contract() {
     );
     sim.wait_for_line("listening", Duration::from_secs(20))
         .await;
-    let client = reqwest::Client::new();
+    let client = crate::support::http_client();
     let found = client
         .get(format!("http://{listen}/contract/?sn=C2024-0001"))
         .send()
@@ -181,7 +198,7 @@ async fn demo_without_redis_serves_from_the_in_process_cache() {
     demo.wait_for_line("in-process", Duration::from_secs(5))
         .await;
     demo.wait_for_line("curl", Duration::from_secs(5)).await;
-    let client = reqwest::Client::new();
+    let client = crate::support::http_client();
     let url = format!("http://{addr}/v1/discounts/lookup");
     let body = json!({"sns": ["C2024-0001", "NF-1"]});
     let first: Value = client
@@ -232,7 +249,9 @@ async fn demo_with_redis_uses_it() {
     let addr = demo.listening_addr().await;
     demo.wait_for_line("redis answers", Duration::from_secs(5))
         .await;
-    let response = reqwest::get(format!("http://{addr}/v1/discounts/C2024-0001"))
+    let response = crate::support::http_client()
+        .get(format!("http://{addr}/v1/discounts/C2024-0001"))
+        .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 200);

@@ -234,3 +234,63 @@ async fn with_api_tokens_v1_routes_need_a_valid_bearer_token() {
         "readiness stays open"
     );
 }
+
+/// Sends raw bytes on a fresh connection and returns everything the server answers.
+async fn raw_exchange(app: &TestApp, request: &[u8], half_close: bool) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    if half_close {
+        stream.shutdown().await.unwrap();
+    }
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(
+        read.is_ok(),
+        "the server neither answered nor closed the connection"
+    );
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn a_lying_content_length_is_a_clean_400_and_the_server_stays_up() {
+    let app = TestApp::spawn().await;
+    let body = r#"{"sns": ["C1"]}"#;
+    // Claims more than it sends, then closes its side.
+    let longer = format!(
+        "POST /v1/discounts/lookup HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{body}"
+    );
+    let answer = raw_exchange(&app, longer.as_bytes(), true).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("invalid_request"), "{answer}");
+    // Claims less than it sends: the JSON is cut short.
+    let shorter = format!(
+        "POST /v1/discounts/lookup HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5\r\nConnection: close\r\n\r\n{body}"
+    );
+    let answer = raw_exchange(&app, shorter.as_bytes(), false).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("invalid_json"), "{answer}");
+    assert_eq!(app.upstream.total_calls(), 0);
+    assert_eq!(app.get("/healthz").await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    let app = TestApp::spawn_with(|config| {
+        config.server.header_read_timeout = std::time::Duration::from_millis(300)
+    })
+    .await;
+    // No blank line: the headers never end. The server must hang up rather than wait forever.
+    let answer = raw_exchange(
+        &app,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: 1",
+        false,
+    )
+    .await;
+    assert!(!answer.contains("200 OK"), "{answer}");
+    assert_eq!(app.get("/healthz").await.status(), 200);
+}

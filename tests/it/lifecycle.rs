@@ -19,7 +19,7 @@ async fn sigterm_during_a_slow_batch_finishes_the_response_and_the_write_back() 
         ],
     );
     let addr = proxy.listening_addr().await;
-    let client = reqwest::Client::new();
+    let client = crate::support::http_client();
     let sns = ["T1", "T2", "T3", "T4", "T5"];
     let lookup = client
         .post(format!("http://{addr}/v1/discounts/lookup"))
@@ -81,7 +81,7 @@ async fn after_sigterm_new_connections_are_refused() {
         &[],
     );
     let addr = proxy.listening_addr().await;
-    let client = reqwest::Client::new();
+    let client = crate::support::http_client();
     let response = client
         .get(format!("http://{addr}/v1/discounts/C1"))
         .send()

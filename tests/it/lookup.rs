@@ -369,3 +369,38 @@ async fn the_write_back_is_in_redis_when_the_response_arrives() {
     assert!(app.redis_value("W1").await.is_some());
     assert!(app.redis_value("W2").await.is_some());
 }
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_batch_does_not_cancel_the_write_back() {
+    let app = TestApp::spawn().await;
+    app.upstream.hold();
+    let lookup = tokio::spawn({
+        let client = app.client.clone();
+        let url = app.url("/v1/discounts/lookup");
+        async move {
+            client
+                .post(url)
+                .json(&json!({"sns": ["Q1", "Q2"]}))
+                .send()
+                .await
+        }
+    });
+    crate::support::wait_until(
+        "the batch is at the upstream",
+        Duration::from_secs(5),
+        || async { app.upstream.in_flight() == 2 },
+    )
+    .await;
+    lookup.abort(); // the client goes away
+    let _ = lookup.await;
+    app.upstream.release();
+    crate::support::wait_until(
+        "both SNs are written back",
+        Duration::from_secs(5),
+        || async { app.redis_value("Q1").await.is_some() && app.redis_value("Q2").await.is_some() },
+    )
+    .await;
+    let body = app.lookup(&["Q1", "Q2"]).await;
+    assert_eq!(body["summary"]["cache_hits"], 2);
+    assert_eq!(app.upstream.total_calls(), 2);
+}

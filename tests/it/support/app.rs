@@ -74,10 +74,7 @@ impl TestApp {
             state.health.phase() == discount_proxy::health::Phase::Ready
         })
         .await;
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(0)
-            .build()
-            .unwrap();
+        let client = super::http_client();
         Self {
             addr,
             client,

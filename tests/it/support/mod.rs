@@ -45,6 +45,16 @@ pub fn init_logging() {
     });
 }
 
+/// An HTTP client for talking to the proxy. reqwest is built without a default TLS crypto
+/// provider (see `upstream.rs`), so one is installed first.
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
+}
+
 /// A free TCP port on 127.0.0.1 (free now; the caller binds it right away).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
