@@ -8,31 +8,16 @@ async fn delete_removes_the_entry_so_the_next_lookup_goes_upstream() {
     let app = TestApp::spawn().await;
     app.lookup(&["D1"]).await;
     assert!(app.redis_value("D1").await.is_some());
-    let response = app
-        .client
-        .delete(app.url("/v1/discounts/D1"))
-        .send()
-        .await
-        .unwrap();
+    let response = app.delete("/v1/discounts/D1").await;
     assert_eq!(response.status(), 204);
     assert_eq!(app.redis_value("D1").await, None);
     let again = app.get("/v1/discounts/D1").await;
     assert_eq!(again.headers()["x-cache"], "MISS");
     assert_eq!(app.upstream.calls("D1"), 2);
     // Deleting what is not cached is still 204.
-    let response = app
-        .client
-        .delete(app.url("/v1/discounts/NEVER"))
-        .send()
-        .await
-        .unwrap();
+    let response = app.delete("/v1/discounts/NEVER").await;
     assert_eq!(response.status(), 204);
-    let response = app
-        .client
-        .delete(app.url("/v1/discounts/a%20b"))
-        .send()
-        .await
-        .unwrap();
+    let response = app.delete("/v1/discounts/a%20b").await;
     assert_eq!(response.status(), 400);
 }
 
@@ -79,12 +64,7 @@ async fn invalidate_rejects_bad_input_without_touching_the_cache() {
 async fn cache_control_with_redis_down_is_503_not_a_false_success() {
     let mut app = TestApp::spawn().await;
     app.redis.stop();
-    let response = app
-        .client
-        .delete(app.url("/v1/discounts/D1"))
-        .send()
-        .await
-        .unwrap();
+    let response = app.delete("/v1/discounts/D1").await;
     assert_eq!(response.status(), 503);
     assert_eq!(
         response.json::<Value>().await.unwrap()["error"]["code"],

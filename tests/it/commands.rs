@@ -155,14 +155,8 @@ async fn simulate_upstream_speaks_the_upstream_contract() {
     let body: Value = found.json().await.unwrap();
     assert_eq!(body["sn"], "C2024-0001");
     assert!(body["ratio"].is_string());
-    let again: Value = client
-        .get(format!("http://{listen}/contract/?sn=C2024-0001"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let again: Value =
+        crate::support::get_json(&format!("http://{listen}/contract/?sn=C2024-0001")).await;
     assert_eq!(again, body, "deterministic per SN");
     let missing = client
         .get(format!("http://{listen}/contract/?sn=NF-0001"))
@@ -170,14 +164,7 @@ async fn simulate_upstream_speaks_the_upstream_contract() {
         .await
         .unwrap();
     assert_eq!(missing.status(), 404);
-    let stats: Value = client
-        .get(format!("http://{listen}/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = crate::support::get_json(&format!("http://{listen}/stats")).await;
     assert_eq!(stats, json!({"requests": 3}));
 }
 
@@ -198,38 +185,14 @@ async fn demo_without_redis_serves_from_the_in_process_cache() {
     demo.wait_for_line("in-process", Duration::from_secs(5))
         .await;
     demo.wait_for_line("curl", Duration::from_secs(5)).await;
-    let client = crate::support::http_client();
     let url = format!("http://{addr}/v1/discounts/lookup");
     let body = json!({"sns": ["C2024-0001", "NF-1"]});
-    let first: Value = client
-        .post(&url)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let first: Value = crate::support::post_json(&url, &body).await;
     assert_eq!(first["results"][0]["source"], "upstream");
     assert_eq!(first["results"][1]["status"], "not_found");
-    let second: Value = client
-        .post(&url)
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let second: Value = crate::support::post_json(&url, &body).await;
     assert_eq!(second["summary"]["cache_hits"], 2);
-    let ready: Value = client
-        .get(format!("http://{addr}/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready: Value = crate::support::get_json(&format!("http://{addr}/readyz")).await;
     assert_eq!(ready["memory"], "ok");
 }
 

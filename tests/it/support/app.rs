@@ -128,6 +128,10 @@ impl TestApp {
         self.client.get(self.url(path)).send().await.unwrap()
     }
 
+    pub async fn delete(&self, path: &str) -> reqwest::Response {
+        self.client.delete(self.url(path)).send().await.unwrap()
+    }
+
     /// The Redis key the proxy uses for `sn`.
     pub fn key(&self, sn: &str) -> String {
         format!("{}{sn}", self.config.redis.key_prefix)

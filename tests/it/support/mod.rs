@@ -55,6 +55,20 @@ pub fn http_client() -> reqwest::Client {
         .unwrap()
 }
 
+/// `GET url`, any status, the body as JSON.
+pub async fn get_json(url: &str) -> serde_json::Value {
+    json_of(http_client().get(url)).await
+}
+
+/// `POST url` with a JSON body, any status, the answer as JSON.
+pub async fn post_json(url: &str, body: &serde_json::Value) -> serde_json::Value {
+    json_of(http_client().post(url).json(body)).await
+}
+
+async fn json_of(request: reqwest::RequestBuilder) -> serde_json::Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 /// A free TCP port on 127.0.0.1 (free now; the caller binds it right away).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
