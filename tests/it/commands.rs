@@ -226,3 +226,37 @@ async fn demo_with_redis_uses_it() {
         .unwrap();
     assert_eq!(exists, 1);
 }
+
+#[tokio::test]
+async fn json_logs_are_one_json_object_per_line() {
+    let redis = RedisServer::start();
+    let mut proxy = Process::spawn(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--redis-url",
+            &redis.url(),
+        ],
+        &[("DISCOUNT_PROXY_LOG__FORMAT", "json")],
+    );
+    let line = proxy
+        .wait_for_line("listening", Duration::from_secs(20))
+        .await;
+    let event: Value = serde_json::from_str(&line).unwrap_or_else(|err| panic!("{err}: {line}"));
+    assert_eq!(event["fields"]["message"], "listening");
+    assert_eq!(event["level"], "INFO");
+    let addr = event["fields"]["addr"].as_str().unwrap().to_owned();
+    assert_eq!(
+        crate::support::get_json(&format!("http://{addr}/healthz")).await["status"],
+        "ok"
+    );
+    proxy.signal("TERM");
+    assert!(proxy.wait(Duration::from_secs(10)).await.success());
+    for line in proxy.output().lines() {
+        assert!(
+            serde_json::from_str::<Value>(line).is_ok(),
+            "not JSON: {line}"
+        );
+    }
+}
