@@ -1,21 +1,25 @@
 //! The core of the proxy: dedup → one cache read → bounded upstream fetch of the misses →
 //! one write-back. Every requested SN comes back exactly once with a value or a status.
 
-use crate::cache::{Cache, Entry, EntryKind, Write};
+mod fetch;
+mod outcome;
+
+pub use self::fetch::jittered;
+pub use self::outcome::{Batch, ItemError, Outcome, Source, Summary};
+
+use self::fetch::Fetcher;
+use self::outcome::summarize;
+use crate::cache::{Cache, Entry, EntryKind};
 use crate::health::Health;
-use crate::sn::{self, SnError};
-use crate::upstream::{Fetched, UpstreamClient, UpstreamError};
-use bytes::Bytes;
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
-use serde::Serialize;
+use crate::sn;
+use crate::upstream::{Fetched, UpstreamClient};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::warn;
 
 /// How long answers are kept and how long a lookup may take.
 #[derive(Debug, Clone)]
@@ -23,85 +27,6 @@ pub struct LookupSettings {
     pub ttl: Duration,
     pub negative_ttl: Duration,
     pub request_timeout: Duration,
-}
-
-/// Where an answer came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    Cache,
-    Upstream,
-    Stale,
-}
-
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Cache => "cache",
-            Self::Upstream => "upstream",
-            Self::Stale => "stale",
-        }
-    }
-}
-
-/// Why one SN of a batch has no answer; the others are unaffected.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum ItemError {
-    #[error(transparent)]
-    Upstream(#[from] UpstreamError),
-    #[error("the request's deadline passed before the upstream answered")]
-    DeadlineExceeded,
-}
-
-impl ItemError {
-    /// The API error code, from API.md's table of item codes.
-    pub fn code(&self) -> &'static str {
-        match self {
-            Self::Upstream(err) => err.code(),
-            Self::DeadlineExceeded => "deadline_exceeded",
-        }
-    }
-}
-
-/// What happened to one distinct SN.
-#[derive(Debug, Clone)]
-pub enum Outcome {
-    Found { discount: Bytes, source: Source },
-    NotFound { source: Source },
-    Invalid(SnError),
-    Failed(ItemError),
-}
-
-/// The `summary` of a batch response; counts are over distinct SNs.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct Summary {
-    pub requested: usize,
-    pub unique: usize,
-    pub cache_hits: usize,
-    pub upstream_fetches: usize,
-    pub stale: usize,
-    pub not_found: usize,
-    pub errors: usize,
-    pub invalid: usize,
-    pub elapsed_ms: u64,
-}
-
-/// A resolved batch: each distinct SN once, and for each requested position which one it is.
-#[derive(Debug)]
-pub struct Batch {
-    pub distinct: Vec<String>,
-    pub outcomes: Vec<Outcome>,
-    /// `order[i]` is the index in `distinct` of the `i`-th requested SN.
-    pub order: Vec<usize>,
-    pub summary: Summary,
-}
-
-impl Batch {
-    /// The results in request order, duplicates repeated.
-    pub fn in_request_order(&self) -> impl Iterator<Item = (&str, &Outcome)> {
-        self.order
-            .iter()
-            .map(|&i| (self.distinct[i].as_str(), &self.outcomes[i]))
-    }
 }
 
 /// The lookup service, shared by every request.
@@ -265,74 +190,6 @@ impl Lookup {
     }
 }
 
-/// What a fetch task needs, owned, so it outlives the request that started it.
-struct Fetcher {
-    cache: Arc<dyn Cache>,
-    upstream: Arc<UpstreamClient>,
-    health: Arc<Health>,
-    settings: LookupSettings,
-}
-
-type FetchResult = (usize, Result<Fetched, UpstreamError>);
-
-impl Fetcher {
-    async fn fetch_and_write_back(
-        self,
-        jobs: Vec<(usize, String)>,
-        tx: mpsc::UnboundedSender<FetchResult>,
-    ) {
-        let mut pending: FuturesUnordered<_> = jobs
-            .into_iter()
-            .map(|(index, sn)| {
-                let upstream = &self.upstream;
-                async move {
-                    let result = upstream.fetch(&sn).await;
-                    (index, sn, result)
-                }
-            })
-            .collect();
-        let mut writes = Vec::new();
-        while let Some((index, sn, result)) = pending.next().await {
-            self.health.record_upstream(result.is_ok());
-            match &result {
-                Ok(fetched) => writes.push(self.write_for(sn, fetched)),
-                Err(err) => warn!(sn = %sn, error = %err, "upstream fetch failed; not cached"),
-            }
-            // The receiver is gone when the client left or the deadline passed: keep going,
-            // the write-back still makes the next lookup a hit.
-            let _ = tx.send((index, result));
-        }
-        drop(pending);
-        self.write_back(&writes).await;
-    }
-
-    fn write_for(&self, sn: String, fetched: &Fetched) -> Write {
-        let now = SystemTime::now();
-        let (entry, ttl) = match fetched {
-            Fetched::Found(json) => (Entry::found(json, now), self.settings.ttl),
-            Fetched::NotFound => (Entry::not_found(now), self.settings.negative_ttl),
-        };
-        Write {
-            sn,
-            value: entry.encoded().clone(),
-            ttl: jittered(ttl),
-        }
-    }
-
-    async fn write_back(&self, writes: &[Write]) {
-        if writes.is_empty() {
-            return;
-        }
-        match self.cache.set_many(writes).await {
-            Ok(()) => debug!(keys = writes.len(), "write-back done"),
-            Err(err) => {
-                self.health.record_redis_error();
-                warn!(error = %err, keys = writes.len(), "write-back failed; the next lookup refetches");
-            }
-        }
-    }
-}
-
 fn hit(entry: &Entry) -> Outcome {
     match (entry.kind(), entry.discount()) {
         (EntryKind::Found, Some(discount)) => Outcome::Found {
@@ -343,11 +200,6 @@ fn hit(entry: &Entry) -> Outcome {
             source: Source::Cache,
         },
     }
-}
-
-/// ±10% on every TTL, so keys written together do not all expire together.
-pub fn jittered(ttl: Duration) -> Duration {
-    ttl.mul_f64(0.9 + 0.2 * fastrand::f64())
 }
 
 /// Each distinct SN once, in first-seen order, and the index of each requested SN in it.
@@ -366,38 +218,6 @@ fn dedup(requested: Vec<String>) -> (Vec<String>, Vec<usize>) {
     (distinct, order)
 }
 
-fn summarize(
-    requested: usize,
-    outcomes: &[Outcome],
-    upstream_fetches: usize,
-    elapsed: Duration,
-) -> Summary {
-    let mut summary = Summary {
-        requested,
-        unique: outcomes.len(),
-        upstream_fetches,
-        elapsed_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
-        ..Summary::default()
-    };
-    for outcome in outcomes {
-        match outcome {
-            Outcome::Found { source, .. } | Outcome::NotFound { source } => {
-                match source {
-                    Source::Cache => summary.cache_hits += 1,
-                    Source::Stale => summary.stale += 1,
-                    Source::Upstream => {}
-                }
-                if matches!(outcome, Outcome::NotFound { .. }) {
-                    summary.not_found += 1;
-                }
-            }
-            Outcome::Invalid(_) => summary.invalid += 1,
-            Outcome::Failed(_) => summary.errors += 1,
-        }
-    }
-    summary
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,14 +228,5 @@ mod tests {
         let (distinct, order) = dedup(requested);
         assert_eq!(distinct, ["b", "a", "c"]);
         assert_eq!(order, [0, 1, 0, 2, 1]);
-    }
-
-    #[test]
-    fn jitter_stays_within_ten_percent() {
-        let ttl = Duration::from_secs(1000);
-        for _ in 0..1000 {
-            let jittered = jittered(ttl);
-            assert!(jittered >= Duration::from_secs(900) && jittered <= Duration::from_secs(1100));
-        }
     }
 }

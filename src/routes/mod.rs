@@ -1,15 +1,17 @@
 //! Method + path → handler. JSON in, JSON out; the lookup core does the work.
 
+mod input;
+
+use self::input::{read_sns, refresh_requested};
 use crate::app::AppState;
 use crate::error::Error;
 use crate::lookup::{Outcome, Source};
 use crate::{render, sn};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use serde::Deserialize;
 use serde_json::json;
 
 /// The response body type of every route.
@@ -133,17 +135,12 @@ async fn readyz(state: &AppState) -> Response<Body> {
     json_response(code, body.to_string().into_bytes())
 }
 
-#[derive(Deserialize)]
-struct SnsBody {
-    sns: Vec<String>,
-}
-
 async fn lookup_batch(
     state: &AppState,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Error> {
     let refresh = refresh_requested(&request)?;
-    let sns = read_sns(state, request).await?;
+    let sns = read_sns(request, state.max_body_bytes, state.max_batch).await?;
     let batch = state.lookup.resolve(sns, refresh).await;
     let stats = LookupStats {
         sns: batch.summary.requested,
@@ -201,7 +198,7 @@ async fn delete_one(state: &AppState, sn: &str) -> Result<Response<Body>, Error>
 }
 
 async fn invalidate(state: &AppState, request: Request<Incoming>) -> Result<Response<Body>, Error> {
-    let sns = read_sns(state, request).await?;
+    let sns = read_sns(request, state.max_body_bytes, state.max_batch).await?;
     if let Some((index, err)) = sns
         .iter()
         .enumerate()
@@ -223,78 +220,6 @@ async fn invalidate(state: &AppState, request: Request<Incoming>) -> Result<Resp
             .to_string()
             .into_bytes(),
     ))
-}
-
-/// Reads a `{"sns": [...]}` body: media type, size (enforced while reading), JSON, shape, count.
-async fn read_sns(state: &AppState, request: Request<Incoming>) -> Result<Vec<String>, Error> {
-    let body = read_json_body(request, state.max_body_bytes).await?;
-    let parsed: SnsBody = serde_json::from_slice(&body).map_err(|err| match err.classify() {
-        serde_json::error::Category::Data => {
-            Error::InvalidRequest(format!("expected {{\"sns\": [\"<sn>\", ...]}}: {err}"))
-        }
-        _ => Error::InvalidJson(err.to_string()),
-    })?;
-    if parsed.sns.is_empty() {
-        return Err(Error::InvalidRequest(
-            "`sns` must hold at least one SN".to_owned(),
-        ));
-    }
-    if parsed.sns.len() > state.max_batch {
-        return Err(Error::BatchTooLarge {
-            count: parsed.sns.len(),
-            max: state.max_batch,
-        });
-    }
-    Ok(parsed.sns)
-}
-
-async fn read_json_body(request: Request<Incoming>, max: usize) -> Result<Bytes, Error> {
-    let is_json = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.split(';').next())
-        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"));
-    if !is_json {
-        return Err(Error::UnsupportedMediaType);
-    }
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > max as u64) {
-        return Err(Error::PayloadTooLarge { max });
-    }
-    // Limited stops reading at `max`, whatever Content-Length claimed (or chunked encoding).
-    match Limited::new(request.into_body(), max).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(Error::PayloadTooLarge { max })
-        }
-        Err(err) => Err(Error::InvalidRequest(format!(
-            "the request body could not be read: {err}"
-        ))),
-    }
-}
-
-fn refresh_requested(request: &Request<Incoming>) -> Result<bool, Error> {
-    let query = request.uri().query().unwrap_or_default();
-    let mut refresh = false;
-    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
-        if key == "refresh" {
-            refresh = match value.as_ref() {
-                "true" | "1" => true,
-                "false" | "0" => false,
-                other => {
-                    return Err(Error::InvalidRequest(format!(
-                        "refresh must be true or false, got {other:?}"
-                    )));
-                }
-            };
-        }
-    }
-    Ok(refresh)
 }
 
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {

@@ -1,0 +1,101 @@
+//! The background half of a lookup: fetch the misses under the global limit, hand each
+//! answer to the waiting request, write the definite ones back in one go.
+
+use crate::cache::{Cache, Entry, Write};
+use crate::health::Health;
+use crate::lookup::LookupSettings;
+use crate::upstream::{Fetched, UpstreamClient, UpstreamError};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+/// What a fetch task needs, owned, so it outlives the request that started it.
+pub(super) struct Fetcher {
+    pub(super) cache: Arc<dyn Cache>,
+    pub(super) upstream: Arc<UpstreamClient>,
+    pub(super) health: Arc<Health>,
+    pub(super) settings: LookupSettings,
+}
+
+/// One answer for the waiting request: the SN's index in the batch, and the result.
+pub(super) type FetchResult = (usize, Result<Fetched, UpstreamError>);
+
+impl Fetcher {
+    pub(super) async fn fetch_and_write_back(
+        self,
+        jobs: Vec<(usize, String)>,
+        tx: mpsc::UnboundedSender<FetchResult>,
+    ) {
+        let mut pending: FuturesUnordered<_> = jobs
+            .into_iter()
+            .map(|(index, sn)| {
+                let upstream = &self.upstream;
+                async move {
+                    let result = upstream.fetch(&sn).await;
+                    (index, sn, result)
+                }
+            })
+            .collect();
+        let mut writes = Vec::new();
+        while let Some((index, sn, result)) = pending.next().await {
+            self.health.record_upstream(result.is_ok());
+            match &result {
+                Ok(fetched) => writes.push(self.write_for(sn, fetched)),
+                Err(err) => warn!(sn = %sn, error = %err, "upstream fetch failed; not cached"),
+            }
+            // The receiver is gone when the client left or the deadline passed: keep going,
+            // the write-back still makes the next lookup a hit.
+            let _ = tx.send((index, result));
+        }
+        drop(pending);
+        self.write_back(&writes).await;
+    }
+
+    fn write_for(&self, sn: String, fetched: &Fetched) -> Write {
+        let now = SystemTime::now();
+        let (entry, ttl) = match fetched {
+            Fetched::Found(json) => (Entry::found(json, now), self.settings.ttl),
+            Fetched::NotFound => (Entry::not_found(now), self.settings.negative_ttl),
+        };
+        Write {
+            sn,
+            value: entry.encoded().clone(),
+            ttl: jittered(ttl),
+        }
+    }
+
+    async fn write_back(&self, writes: &[Write]) {
+        if writes.is_empty() {
+            return;
+        }
+        match self.cache.set_many(writes).await {
+            Ok(()) => debug!(keys = writes.len(), "write-back done"),
+            Err(err) => {
+                self.health.record_redis_error();
+                warn!(error = %err, keys = writes.len(), "write-back failed; the next lookup refetches");
+            }
+        }
+    }
+}
+
+/// ±10% on every TTL, so keys written together do not all expire together.
+pub fn jittered(ttl: Duration) -> Duration {
+    ttl.mul_f64(0.9 + 0.2 * fastrand::f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_ten_percent() {
+        let ttl = Duration::from_secs(1000);
+        for _ in 0..1000 {
+            let jittered = jittered(ttl);
+            assert!(jittered >= Duration::from_secs(900) && jittered <= Duration::from_secs(1100));
+        }
+    }
+}

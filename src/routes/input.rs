@@ -1,0 +1,91 @@
+//! Reading what a client sent: the `{"sns": [...]}` body and the `refresh` query flag.
+//! Each check fails with the error the contract names, before any work is done.
+
+use crate::error::Error;
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::Request;
+use hyper::body::Incoming;
+use hyper::header;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct SnsBody {
+    sns: Vec<String>,
+}
+
+/// Reads a `{"sns": [...]}` body: media type, size (enforced while reading), JSON, shape, count.
+pub(super) async fn read_sns(
+    request: Request<Incoming>,
+    max_body_bytes: usize,
+    max_batch: usize,
+) -> Result<Vec<String>, Error> {
+    let body = read_json_body(request, max_body_bytes).await?;
+    let parsed: SnsBody = serde_json::from_slice(&body).map_err(|err| match err.classify() {
+        serde_json::error::Category::Data => {
+            Error::InvalidRequest(format!("expected {{\"sns\": [\"<sn>\", ...]}}: {err}"))
+        }
+        _ => Error::InvalidJson(err.to_string()),
+    })?;
+    if parsed.sns.is_empty() {
+        return Err(Error::InvalidRequest(
+            "`sns` must hold at least one SN".to_owned(),
+        ));
+    }
+    if parsed.sns.len() > max_batch {
+        return Err(Error::BatchTooLarge {
+            count: parsed.sns.len(),
+            max: max_batch,
+        });
+    }
+    Ok(parsed.sns)
+}
+
+async fn read_json_body(request: Request<Incoming>, max: usize) -> Result<Bytes, Error> {
+    let is_json = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err(Error::UnsupportedMediaType);
+    }
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max as u64) {
+        return Err(Error::PayloadTooLarge { max });
+    }
+    // Limited stops reading at `max`, whatever Content-Length claimed (or chunked encoding).
+    match Limited::new(request.into_body(), max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(Error::PayloadTooLarge { max })
+        }
+        Err(err) => Err(Error::InvalidRequest(format!(
+            "the request body could not be read: {err}"
+        ))),
+    }
+}
+
+pub(super) fn refresh_requested(request: &Request<Incoming>) -> Result<bool, Error> {
+    let query = request.uri().query().unwrap_or_default();
+    let mut refresh = false;
+    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        if key == "refresh" {
+            refresh = match value.as_ref() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                other => {
+                    return Err(Error::InvalidRequest(format!(
+                        "refresh must be true or false, got {other:?}"
+                    )));
+                }
+            };
+        }
+    }
+    Ok(refresh)
+}
