@@ -98,24 +98,34 @@ pub async fn bind(config: &Config) -> Result<TcpListener, StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-/// Builds the parts, logs what the proxy talks to, and serves `listener` until `shutdown`
-/// resolves and the drain is over.
+/// A proxy with its parts built and its dependencies logged, about to serve.
+pub struct Prepared {
+    state: Arc<AppState>,
+    listener: TcpListener,
+}
+
+/// Builds the parts and logs what the proxy listens on and talks to.
 ///
 /// # Errors
 /// The parts cannot be built.
-pub async fn serve(
+pub async fn prepare(
     config: &Config,
     listener: TcpListener,
     choice: CacheChoice,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), StartError> {
+) -> Result<Prepared, StartError> {
     let state = AppState::build(config, choice)?;
     if let Ok(local) = listener.local_addr() {
         info!(addr = %local, "listening");
     }
     log_dependencies(config, &state).await;
-    crate::server::run(listener, state, shutdown).await;
-    Ok(())
+    Ok(Prepared { state, listener })
+}
+
+impl Prepared {
+    /// Serves until `shutdown` resolves and the drain is over.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        crate::server::run(self.listener, self.state, shutdown).await;
+    }
 }
 
 async fn log_dependencies(config: &Config, state: &AppState) {

@@ -51,7 +51,8 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     let config = load_config(args)?;
     init_telemetry(config.log.format)?;
     let listener = app::bind(&config).await?;
-    app::serve(&config, listener, CacheChoice::Redis, shutdown_signal()).await?;
+    let proxy = app::prepare(&config, listener, CacheChoice::Redis).await?;
+    proxy.run(shutdown_signal()).await;
     Ok(())
 }
 
@@ -81,11 +82,12 @@ async fn demo(args: &ServeArgs) -> anyhow::Result<()> {
     };
     let listener = app::bind(&config).await?;
     let base = format!("http://{}", listener.local_addr()?);
+    let proxy = app::prepare(&config, listener, choice).await?;
     info!("demo: try  curl -s {base}/v1/discounts/C2024-0001");
     info!(
         "demo: try  curl -s -H 'Content-Type: application/json' -d '{{\"sns\":[\"C2024-0001\",\"C2024-0002\",\"NF-1\"]}}' {base}/v1/discounts/lookup"
     );
-    app::serve(&config, listener, choice, shutdown_signal()).await?;
+    proxy.run(shutdown_signal()).await;
     Ok(())
 }
 

@@ -185,6 +185,12 @@ async fn demo_without_redis_serves_from_the_in_process_cache() {
     demo.wait_for_line("in-process", Duration::from_secs(5))
         .await;
     demo.wait_for_line("curl", Duration::from_secs(5)).await;
+    let output = demo.output();
+    let cache_line = output.find("cache: in-process").unwrap();
+    assert!(
+        cache_line < output.find("curl").unwrap(),
+        "the cache is stated first: {output}"
+    );
     let url = format!("http://{addr}/v1/discounts/lookup");
     let body = json!({"sns": ["C2024-0001", "NF-1"]});
     let first: Value = crate::support::post_json(&url, &body).await;
