@@ -1,7 +1,7 @@
 //! Wires the configuration into the running parts and serves them until shutdown.
 
 use crate::cache::{Cache, MemoryCache, RedisCache, redis_settings};
-use crate::config::Config;
+use crate::config::{Config, redacted_url};
 use crate::health::Health;
 use crate::lookup::{Lookup, LookupSettings};
 use crate::secret::Secret;
@@ -18,6 +18,7 @@ pub struct AppState {
     pub health: Arc<Health>,
     pub max_batch: usize,
     pub max_body_bytes: usize,
+    pub body_read_timeout: Duration,
     pub api_tokens: Vec<Secret>,
     pub shutdown_grace: Duration,
     pub header_read_timeout: Duration,
@@ -80,6 +81,7 @@ impl AppState {
             health,
             max_batch: config.server.max_batch,
             max_body_bytes: config.server.max_body_bytes,
+            body_read_timeout: config.server.body_read_timeout,
             api_tokens: config.server.api_tokens.clone(),
             shutdown_grace: config.server.shutdown_grace,
             header_read_timeout: config.server.header_read_timeout,
@@ -151,15 +153,4 @@ async fn log_dependencies(config: &Config, state: &AppState) {
         token = if config.upstream.token.is_some() { "set" } else { "none" },
         "upstream"
     );
-}
-
-/// A URL fit for logs: any password in it replaced.
-pub fn redacted_url(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut url) if url.password().is_some() => {
-            let _ = url.set_password(Some("redacted"));
-            url.to_string().replace("%7Bsn%7D", "{sn}")
-        }
-        _ => raw.to_owned(),
-    }
 }

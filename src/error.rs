@@ -25,6 +25,8 @@ pub enum Error {
     PayloadTooLarge { max: usize },
     #[error("the request body must be JSON, sent with `Content-Type: application/json`")]
     UnsupportedMediaType,
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(std::time::Duration),
     #[error(transparent)]
     Item(#[from] ItemError),
     #[error("the cache is not reachable; nothing was removed, try again")]
@@ -45,6 +47,7 @@ impl Error {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Item(item) => match item.code() {
                 "upstream_timeout" | "deadline_exceeded" => StatusCode::GATEWAY_TIMEOUT,
                 "upstream_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
@@ -66,6 +69,7 @@ impl Error {
             Self::BatchTooLarge { .. } => "batch_too_large",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::BodyTimeout(_) => "body_timeout",
             Self::Item(item) => item.code(),
             Self::CacheUnavailable => "cache_unavailable",
         }

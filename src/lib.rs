@@ -18,6 +18,7 @@
 //! - [`simulator`]: a stand-in for the upstream, for the quick start and benchmarks.
 //! - [`telemetry`]: the tracing subscriber.
 //! - [`secret`]: a string that never shows itself in logs.
+//! - [`tls`]: the crypto provider for TLS to the upstream and Redis.
 
 pub mod app;
 pub mod cache;
@@ -33,4 +34,5 @@ pub mod server;
 pub mod simulator;
 pub mod sn;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;

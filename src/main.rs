@@ -4,7 +4,7 @@ use clap::Parser;
 use discount_proxy::app::{self, CacheChoice};
 use discount_proxy::cache::{Cache, RedisCache, redis_settings};
 use discount_proxy::cli::{Cli, Command, ServeArgs, SimulateArgs};
-use discount_proxy::config::{Config, LogFormat};
+use discount_proxy::config::{self, Config, LogFormat};
 use discount_proxy::secret::Secret;
 use discount_proxy::simulator::Simulator;
 use discount_proxy::telemetry;
@@ -71,7 +71,7 @@ async fn demo(args: &ServeArgs) -> anyhow::Result<()> {
         Ok(redis) => match redis.ping().await {
             Ok(()) => CacheChoice::Redis,
             Err(err) => {
-                warn!(url = %app::redacted_url(&config.redis.url), error = %err, "demo: redis does not answer; using the in-process cache");
+                warn!(url = %config::redacted_url(&config.redis.url), error = %err, "demo: redis does not answer; using the in-process cache");
                 CacheChoice::Memory
             }
         },

@@ -68,6 +68,8 @@ impl UpstreamError {
 struct UrlTemplate {
     before: String,
     after: String,
+    /// `{sn}` stands in the path, where `.` and `..` would be read as dot segments.
+    in_path: bool,
 }
 
 impl UrlTemplate {
@@ -76,10 +78,22 @@ impl UrlTemplate {
         Self {
             before: before.to_owned(),
             after: after.to_owned(),
+            in_path: !before.contains(['?', '#']),
         }
     }
 
-    fn url_for(&self, sn: &str) -> String {
+    fn url_for(&self, sn: &str) -> Result<String, UpstreamError> {
+        if self.in_path && matches!(sn, "." | "..") {
+            // Even percent-encoded, URL parsers resolve these, which would ask for another
+            // resource and cache its answer under this SN.
+            return Err(UpstreamError::Url(format!(
+                "the SN {sn:?} cannot stand in a URL path"
+            )));
+        }
+        Ok(self.url_string(sn))
+    }
+
+    fn url_string(&self, sn: &str) -> String {
         let mut url = String::with_capacity(self.before.len() + sn.len() * 3 + self.after.len());
         url.push_str(&self.before);
         url.extend(utf8_percent_encode(sn, SN_ENCODE_SET));
@@ -104,11 +118,13 @@ impl UpstreamClient {
     /// # Errors
     /// The TLS stack could not be set up.
     pub fn new(settings: &UpstreamSettings) -> Result<Self, UpstreamError> {
-        install_crypto_provider();
+        crate::tls::install_crypto_provider();
         let http = reqwest::Client::builder()
             .connect_timeout(settings.connect_timeout)
             .pool_max_idle_per_host(settings.concurrency)
             .tcp_nodelay(true)
+            // A redirect is not the answer the contract asks for: it is an upstream_error.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|err| UpstreamError::Connection(err.without_url().to_string()))?;
         Ok(Self {
@@ -139,7 +155,7 @@ impl UpstreamClient {
     }
 
     async fn fetch_now(&self, sn: &str) -> Result<Fetched, UpstreamError> {
-        let url = self.template.url_for(sn);
+        let url = self.template.url_for(sn)?;
         let url = reqwest::Url::parse(&url).map_err(|err| UpstreamError::Url(err.to_string()))?;
         let mut request = self.http.get(url);
         if let Some(token) = &self.token {
@@ -183,26 +199,25 @@ impl UpstreamClient {
 }
 
 /// Checks the body is one JSON value and makes it a single line, so it can be spliced into
-/// responses (and NDJSON lines) as-is. A body already on one line is kept byte for byte.
+/// responses (and NDJSON lines) as-is. Nothing else changes: key order, number spelling and
+/// escapes stay the upstream's. A body already on one line is kept without a copy.
 fn compact_json(body: Bytes) -> Result<Bytes, UpstreamError> {
     let value: &serde_json::value::RawValue =
         serde_json::from_slice(&body).map_err(|_| UpstreamError::NotJson)?;
     let trimmed = value.get();
+    let start = body.len() - body.trim_ascii_start().len();
+    let json = body.slice(start..start + trimmed.len());
     if !trimmed.contains(['\n', '\r']) {
-        let start = body.len() - body.trim_ascii_start().len();
-        return Ok(body.slice(start..start + trimmed.len()));
+        return Ok(json);
     }
-    let value: serde_json::Value =
-        serde_json::from_str(trimmed).map_err(|_| UpstreamError::NotJson)?;
-    serde_json::to_vec(&value)
-        .map(Bytes::from)
-        .map_err(|_| UpstreamError::NotJson)
-}
-
-/// reqwest is built without a default crypto provider (it saves minutes of build); install
-/// ring's before the first client is built. Installing twice is harmless.
-fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    // In valid JSON a raw line break can only be whitespace between tokens (inside strings
+    // it must be escaped), so dropping those bytes keeps the value and its spelling.
+    Ok(json
+        .iter()
+        .copied()
+        .filter(|byte| !matches!(byte, b'\n' | b'\r'))
+        .collect::<Vec<u8>>()
+        .into())
 }
 
 #[cfg(test)]
@@ -213,20 +228,33 @@ mod tests {
     fn sns_are_percent_encoded_into_the_template() {
         let template = UrlTemplate::parse("http://up:8000/contract/?sn={sn}&x=1");
         assert_eq!(
-            template.url_for("C2024-0001"),
+            template.url_string("C2024-0001"),
             "http://up:8000/contract/?sn=C2024-0001&x=1"
         );
         assert_eq!(
-            template.url_for("a/b&c=d#e"),
+            template.url_string("a/b&c=d#e"),
             "http://up:8000/contract/?sn=a%2Fb%26c%3Dd%23e&x=1"
         );
         assert_eq!(
-            template.url_for("合"),
+            template.url_string("合"),
             "http://up:8000/contract/?sn=%E5%90%88&x=1"
         );
         assert_eq!(
-            template.url_for("a+b%"),
+            template.url_string("a+b%"),
             "http://up:8000/contract/?sn=a%2Bb%25&x=1"
+        );
+    }
+
+    #[test]
+    fn dot_sns_are_refused_only_where_they_would_be_path_segments() {
+        let in_query = UrlTemplate::parse("http://up/contract/?sn={sn}");
+        assert_eq!(in_query.url_for("..").unwrap(), "http://up/contract/?sn=..");
+        let in_path = UrlTemplate::parse("http://up/contract/{sn}/discount");
+        assert!(matches!(in_path.url_for(".."), Err(UpstreamError::Url(_))));
+        assert!(matches!(in_path.url_for("."), Err(UpstreamError::Url(_))));
+        assert_eq!(
+            in_path.url_for("...").unwrap(),
+            "http://up/contract/.../discount"
         );
     }
 
@@ -237,10 +265,10 @@ mod tests {
             compact_json(body).unwrap(),
             Bytes::from_static(br#"{"ratio": "0.35"}"#)
         );
-        let body = Bytes::from_static(b"{\n  \"ratio\": \"0.35\"\n}\n");
+        let body = Bytes::from_static(b"{\r\n  \"z\": 1.50,\n  \"a\": \"x\\ny\"\n}\n");
         assert_eq!(
             compact_json(body).unwrap(),
-            Bytes::from_static(br#"{"ratio":"0.35"}"#)
+            Bytes::from_static(br#"{  "z": 1.50,  "a": "x\ny"}"#)
         );
         assert!(matches!(
             compact_json(Bytes::from_static(b"<html>")),

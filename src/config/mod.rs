@@ -5,7 +5,7 @@ mod validate;
 
 use crate::secret::Secret;
 use figment::Figment;
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,6 +13,12 @@ use std::time::Duration;
 
 /// The prefix of every environment variable that overrides a config key.
 pub const ENV_PREFIX: &str = "DISCOUNT_PROXY_";
+
+/// Keys whose environment values are taken verbatim, never parsed as numbers or booleans.
+const SECRET_KEYS: [(&str, &str); 2] = [
+    ("upstream.token", "UPSTREAM__TOKEN"),
+    ("server.api_tokens", "SERVER__API_TOKENS"),
+];
 
 /// The file read when no `--config` is given; missing is fine (built-in defaults apply).
 pub const DEFAULT_PATH: &str = "config/default.toml";
@@ -64,6 +70,9 @@ pub struct ServerConfig {
     /// A client that has not sent its request headers by then is disconnected (slowloris).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// A request body must arrive completely within this (slow or stalled bodies).
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
     #[serde(deserialize_with = "list_or_csv")]
     pub api_tokens: Vec<Secret>,
 }
@@ -77,6 +86,7 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
             api_tokens: Vec::new(),
         }
     }
@@ -185,10 +195,10 @@ impl Config {
     /// A missing explicit file, an unknown key, a wrong type: the message names the key and
     /// where it came from.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::load_from(path, Env::prefixed(ENV_PREFIX).split("__"))
+        Self::load_from(path, ENV_PREFIX)
     }
 
-    fn load_from(path: Option<&Path>, env: Env) -> Result<Self, ConfigError> {
+    fn load_from(path: Option<&Path>, env_prefix: &str) -> Result<Self, ConfigError> {
         let mut figment = Figment::new();
         match path {
             Some(path) if !path.exists() => return Err(ConfigError::MissingFile(path.to_owned())),
@@ -198,10 +208,29 @@ impl Config {
             }
             None => {}
         }
+        let env = Env::prefixed(env_prefix).split("__");
+        figment = figment.merge(env.ignore(&SECRET_KEYS.map(|(key, _)| key)));
+        for (key, variable) in SECRET_KEYS {
+            // Taken as the exact string: figment would read `0123` as the number 123.
+            if let Ok(value) = std::env::var(format!("{env_prefix}{variable}")) {
+                figment = figment.merge(Serialized::default(key, value));
+            }
+        }
         figment
-            .merge(env)
             .extract::<Config>()
             .map_err(|err| ConfigError::Load(Box::new(err)))
+    }
+}
+
+/// A URL fit for logs and error messages: any password in it replaced.
+pub fn redacted_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) if url.password().is_some() => {
+            let _ = url.set_password(Some("redacted"));
+            url.to_string().replace("%7Bsn%7D", "{sn}")
+        }
+        Ok(_) => raw.to_owned(),
+        Err(_) => "(not a URL)".to_owned(),
     }
 }
 
@@ -249,7 +278,7 @@ mod tests {
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|ext| ext == "toml") {
-                let config = Config::load_from(Some(&path), Env::prefixed("NOTHING_SET_"))
+                let config = Config::load_from(Some(&path), "NOTHING_SET_")
                     .unwrap_or_else(|err| panic!("{}: {err}", path.display()));
                 config
                     .validate()
@@ -268,7 +297,7 @@ mod tests {
         Jail::expect_with(|jail| {
             jail.set_env("DISCOUNT_PROXY_SERVER__MAX_BATCH", "500");
             jail.set_env("DISCOUNT_PROXY_SERVER__API_TOKENS", "t1, t2");
-            jail.set_env("DISCOUNT_PROXY_UPSTREAM__TOKEN", "12345");
+            jail.set_env("DISCOUNT_PROXY_UPSTREAM__TOKEN", "012345");
             jail.set_env("DISCOUNT_PROXY_CACHE__TTL", "90s");
             let config = load_in_jail(jail, Some("[server]\nmax_batch = 20\n")).unwrap();
             assert_eq!(config.server.max_batch, 500);
@@ -281,7 +310,7 @@ mod tests {
             assert_eq!(tokens, ["t1", "t2"]);
             assert_eq!(
                 config.upstream.token.as_ref().map(Secret::expose),
-                Some("12345")
+                Some("012345")
             );
             assert_eq!(config.cache.ttl, Duration::from_secs(90));
             Ok(())

@@ -1,6 +1,6 @@
 //! What types alone cannot check: ranges, URL shapes, the `{sn}` placeholder.
 
-use super::{Config, ConfigError};
+use super::{Config, ConfigError, redacted_url};
 use std::time::Duration;
 
 impl Config {
@@ -60,17 +60,25 @@ fn positive(value: Duration, key: &'static str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+// Messages never echo a URL as given: it may hold a password.
 fn validate_redis_url(raw: &str) -> Result<(), ConfigError> {
+    const KEY: &str = "redis.url";
     let url = url::Url::parse(raw)
-        .map_err(|err| ConfigError::invalid("redis.url", format!("{raw:?} is not a URL: {err}")))?;
-    match url.scheme() {
-        "redis" if url.host_str().is_some() => Ok(()),
-        "redis" => Err(ConfigError::invalid("redis.url", "has no host")),
-        other => Err(ConfigError::invalid(
-            "redis.url",
-            format!("scheme {other:?} is not supported; use redis://host:port/db"),
-        )),
+        .map_err(|err| ConfigError::invalid(KEY, format!("is not a URL ({err})")))?;
+    if !matches!(url.scheme(), "redis" | "rediss") {
+        return Err(ConfigError::invalid(
+            KEY,
+            format!(
+                "scheme {:?} is not supported; use redis://host:port/db or rediss:// for TLS",
+                url.scheme()
+            ),
+        ));
     }
+    // What redis-rs will do with it later, done now: the error names the key, before binding.
+    redis::IntoConnectionInfo::into_connection_info(raw).map_err(|err| {
+        ConfigError::invalid(KEY, format!("{} cannot be used: {err}", redacted_url(raw)))
+    })?;
+    Ok(())
 }
 
 fn validate_upstream_url(template: &str) -> Result<(), ConfigError> {
@@ -78,12 +86,12 @@ fn validate_upstream_url(template: &str) -> Result<(), ConfigError> {
     if !template.contains("{sn}") {
         return Err(ConfigError::invalid(
             KEY,
-            format!("{template:?} has no {{sn}} placeholder"),
+            format!("{} has no {{sn}} placeholder", redacted_url(template)),
         ));
     }
     let sample = template.replace("{sn}", "C2024-0001");
     let url = url::Url::parse(&sample)
-        .map_err(|err| ConfigError::invalid(KEY, format!("{template:?} is not a URL: {err}")))?;
+        .map_err(|err| ConfigError::invalid(KEY, format!("is not a URL ({err})")))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
         return Err(ConfigError::invalid(
             KEY,
@@ -91,4 +99,42 @@ fn validate_upstream_url(template: &str) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_urls_that_redis_rs_rejects_are_config_errors() {
+        assert!(validate_redis_url("redis://127.0.0.1:6379/0").is_ok());
+        assert!(validate_redis_url("rediss://cache.internal:6380/1").is_ok());
+        for bad in ["redis://h/abc", "mysql://h", "nope", "redis://"] {
+            let err = validate_redis_url(bad).unwrap_err().to_string();
+            assert!(err.contains("redis.url"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn url_errors_never_echo_a_password() {
+        for bad in [
+            "redis://:s3cr3t@h/abc",
+            "redis://u:s3cr3t@h:notaport/0",
+            "redis://:s3cr3t#x@h",
+        ] {
+            let err = validate_redis_url(bad).unwrap_err().to_string();
+            assert!(!err.contains("s3cr3t"), "{err}");
+        }
+        let err = validate_upstream_url("http://u:s3cr3t@up/contract")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("upstream.url") && !err.contains("s3cr3t"),
+            "{err}"
+        );
+        let err = validate_upstream_url("http://u:s3cr3t@up:x/{sn}")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("s3cr3t"), "{err}");
+    }
 }

@@ -8,6 +8,14 @@ use hyper::Request;
 use hyper::body::Incoming;
 use hyper::header;
 use serde::Deserialize;
+use std::time::Duration;
+
+/// What a request body may be: its size, how long it may take, how many SNs it may hold.
+pub(super) struct BodyLimits {
+    pub max_bytes: usize,
+    pub read_timeout: Duration,
+    pub max_batch: usize,
+}
 
 #[derive(Deserialize)]
 struct SnsBody {
@@ -17,10 +25,9 @@ struct SnsBody {
 /// Reads a `{"sns": [...]}` body: media type, size (enforced while reading), JSON, shape, count.
 pub(super) async fn read_sns(
     request: Request<Incoming>,
-    max_body_bytes: usize,
-    max_batch: usize,
+    limits: &BodyLimits,
 ) -> Result<Vec<String>, Error> {
-    let body = read_json_body(request, max_body_bytes).await?;
+    let body = read_json_body(request, limits).await?;
     let parsed: SnsBody = serde_json::from_slice(&body).map_err(|err| match err.classify() {
         serde_json::error::Category::Data => {
             Error::InvalidRequest(format!("expected {{\"sns\": [\"<sn>\", ...]}}: {err}"))
@@ -32,16 +39,16 @@ pub(super) async fn read_sns(
             "`sns` must hold at least one SN".to_owned(),
         ));
     }
-    if parsed.sns.len() > max_batch {
+    if parsed.sns.len() > limits.max_batch {
         return Err(Error::BatchTooLarge {
             count: parsed.sns.len(),
-            max: max_batch,
+            max: limits.max_batch,
         });
     }
     Ok(parsed.sns)
 }
 
-async fn read_json_body(request: Request<Incoming>, max: usize) -> Result<Bytes, Error> {
+async fn read_json_body(request: Request<Incoming>, limits: &BodyLimits) -> Result<Bytes, Error> {
     let is_json = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -51,6 +58,7 @@ async fn read_json_body(request: Request<Incoming>, max: usize) -> Result<Bytes,
     if !is_json {
         return Err(Error::UnsupportedMediaType);
     }
+    let max = limits.max_bytes;
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -59,13 +67,16 @@ async fn read_json_body(request: Request<Incoming>, max: usize) -> Result<Bytes,
     if declared.is_some_and(|len| len > max as u64) {
         return Err(Error::PayloadTooLarge { max });
     }
-    // Limited stops reading at `max`, whatever Content-Length claimed (or chunked encoding).
-    match Limited::new(request.into_body(), max).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
+    // Limited stops reading at `max`, whatever Content-Length claimed (or chunked encoding);
+    // the timeout stops a body that trickles in or stalls.
+    let read = Limited::new(request.into_body(), max).collect();
+    match tokio::time::timeout(limits.read_timeout, read).await {
+        Err(_) => Err(Error::BodyTimeout(limits.read_timeout)),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(err)) if err.downcast_ref::<LengthLimitError>().is_some() => {
             Err(Error::PayloadTooLarge { max })
         }
-        Err(err) => Err(Error::InvalidRequest(format!(
+        Ok(Err(err)) => Err(Error::InvalidRequest(format!(
             "the request body could not be read: {err}"
         ))),
     }

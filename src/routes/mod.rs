@@ -2,7 +2,7 @@
 
 mod input;
 
-use self::input::{read_sns, refresh_requested};
+use self::input::{BodyLimits, read_sns, refresh_requested};
 use crate::app::AppState;
 use crate::error::Error;
 use crate::lookup::{Outcome, Source};
@@ -140,7 +140,7 @@ async fn lookup_batch(
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Error> {
     let refresh = refresh_requested(&request)?;
-    let sns = read_sns(request, state.max_body_bytes, state.max_batch).await?;
+    let sns = read_sns(request, &body_limits(state)).await?;
     let batch = state.lookup.resolve(sns, refresh).await;
     let stats = LookupStats {
         sns: batch.summary.requested,
@@ -198,7 +198,7 @@ async fn delete_one(state: &AppState, sn: &str) -> Result<Response<Body>, Error>
 }
 
 async fn invalidate(state: &AppState, request: Request<Incoming>) -> Result<Response<Body>, Error> {
-    let sns = read_sns(request, state.max_body_bytes, state.max_batch).await?;
+    let sns = read_sns(request, &body_limits(state)).await?;
     if let Some((index, err)) = sns
         .iter()
         .enumerate()
@@ -220,6 +220,14 @@ async fn invalidate(state: &AppState, request: Request<Incoming>) -> Result<Resp
             .to_string()
             .into_bytes(),
     ))
+}
+
+fn body_limits(state: &AppState) -> BodyLimits {
+    BodyLimits {
+        max_bytes: state.max_body_bytes,
+        read_timeout: state.body_read_timeout,
+        max_batch: state.max_batch,
+    }
 }
 
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
