@@ -30,13 +30,18 @@ impl MemoryCache {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Frees room for one more entry. Each pass frees a tenth of the capacity, so a full cache
+    /// pays for a sweep once per `max / 10` inserts, not on every insert.
     fn make_room(entries: &mut HashMap<String, (Bytes, Instant)>, max: usize, now: Instant) {
         if entries.len() < max {
             return;
         }
         entries.retain(|_, (_, expires)| *expires > now);
-        let excess = (entries.len() + 1).saturating_sub(max);
-        let victims: Vec<String> = entries.keys().take(excess).cloned().collect();
+        let target = max - max.div_ceil(10);
+        if entries.len() <= target {
+            return;
+        }
+        let victims: Vec<String> = entries.keys().take(entries.len() - target).cloned().collect();
         for key in victims {
             entries.remove(&key);
         }
@@ -128,7 +133,7 @@ mod tests {
             .map(|i| write(&i.to_string(), Duration::from_secs(60)))
             .collect();
         cache.set_many(&writes).await.unwrap();
-        assert_eq!(cache.lock().len(), 3);
+        assert!(cache.lock().len() <= 3);
         // The newest write is always kept.
         assert!(cache.get_many(&["9"]).await.unwrap()[0].is_some());
     }

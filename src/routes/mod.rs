@@ -122,9 +122,12 @@ async fn readyz(state: &AppState) -> Response<Body> {
         Phase::Ready if cache_state == "ok" => "ok",
         Phase::Ready => "degraded",
     };
+    // `redis` is always there, for dashboards; `unused` when the in-process cache serves.
+    let redis = if cache.kind() == "redis" { cache_state } else { "unused" };
     let body = json!({
         "status": status,
-        cache.kind(): cache_state,
+        "cache": cache.kind(),
+        "redis": redis,
         "upstream": state.health.upstream_state(),
     });
     let code = if phase == Phase::Ready {

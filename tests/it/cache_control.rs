@@ -85,7 +85,7 @@ async fn healthz_is_ok_and_readyz_names_each_dependency() {
     assert_eq!(ready.status(), 200);
     assert_eq!(
         ready.json::<Value>().await.unwrap(),
-        json!({"status": "ok", "redis": "ok", "upstream": "unknown"})
+        json!({"status": "ok", "cache": "redis", "redis": "ok", "upstream": "unknown"})
     );
     app.lookup(&["H1"]).await;
     let ready: Value = app.get("/readyz").await.json().await.unwrap();
@@ -100,6 +100,6 @@ async fn healthz_is_ok_and_readyz_names_each_dependency() {
     let ready: Value = app.get("/readyz").await.json().await.unwrap();
     assert_eq!(
         ready,
-        json!({"status": "degraded", "redis": "down", "upstream": "failing"})
+        json!({"status": "degraded", "cache": "redis", "redis": "down", "upstream": "failing"})
     );
 }

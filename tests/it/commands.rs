@@ -199,7 +199,9 @@ async fn demo_without_redis_serves_from_the_in_process_cache() {
     let second: Value = crate::support::post_json(&url, &body).await;
     assert_eq!(second["summary"]["cache_hits"], 2);
     let ready: Value = crate::support::get_json(&format!("http://{addr}/readyz")).await;
-    assert_eq!(ready["memory"], "ok");
+    assert_eq!(ready["status"], "ok");
+    assert_eq!(ready["cache"], "memory");
+    assert_eq!(ready["redis"], "unused");
 }
 
 #[tokio::test]
