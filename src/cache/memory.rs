@@ -41,7 +41,11 @@ impl MemoryCache {
         if entries.len() <= target {
             return;
         }
-        let victims: Vec<String> = entries.keys().take(entries.len() - target).cloned().collect();
+        let victims: Vec<String> = entries
+            .keys()
+            .take(entries.len() - target)
+            .cloned()
+            .collect();
         for key in victims {
             entries.remove(&key);
         }

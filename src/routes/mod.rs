@@ -123,7 +123,11 @@ async fn readyz(state: &AppState) -> Response<Body> {
         Phase::Ready => "degraded",
     };
     // `redis` is always there, for dashboards; `unused` when the in-process cache serves.
-    let redis = if cache.kind() == "redis" { cache_state } else { "unused" };
+    let redis = if cache.kind() == "redis" {
+        cache_state
+    } else {
+        "unused"
+    };
     let body = json!({
         "status": status,
         "cache": cache.kind(),

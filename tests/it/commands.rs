@@ -1,6 +1,6 @@
 //! The command line: bad config stops the start, `simulate-upstream`, `demo`.
 
-use crate::support::{Process, RedisServer, free_port};
+use crate::support::{Process, RedisServer, Reply, StubUpstream};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -64,6 +64,8 @@ async fn bad_config_stops_the_start_with_a_message_naming_the_key() {
 #[tokio::test]
 async fn tokens_never_appear_in_the_logs() {
     let redis = RedisServer::start();
+    let upstream = StubUpstream::start().await;
+    upstream.reply("C1", Reply::Status(500, "{}"));
     let mut proxy = Process::spawn(
         &[
             "serve",
@@ -76,10 +78,7 @@ async fn tokens_never_appear_in_the_logs() {
             ("RUST_LOG", "trace"),
             ("DISCOUNT_PROXY_UPSTREAM__TOKEN", "tok-upstream-123"),
             ("DISCOUNT_PROXY_SERVER__API_TOKENS", "tok-client-456"),
-            (
-                "DISCOUNT_PROXY_UPSTREAM__URL",
-                &format!("http://127.0.0.1:{}/?sn={{sn}}", free_port()),
-            ),
+            ("DISCOUNT_PROXY_UPSTREAM__URL", &upstream.url_template()),
         ],
     );
     let addr = proxy.listening_addr().await;
@@ -94,7 +93,12 @@ async fn tokens_never_appear_in_the_logs() {
     assert_eq!(
         response.status(),
         502,
-        "the upstream is down, yet the request was authorised"
+        "the upstream fails, yet the request was authorised"
+    );
+    assert_eq!(
+        upstream.authorizations(),
+        [Some("Token tok-upstream-123".to_owned())],
+        "the token was sent, so it was there to leak"
     );
     let response = client
         .get(&url)
@@ -131,20 +135,17 @@ async fn tokens_never_appear_in_the_logs() {
 
 #[tokio::test]
 async fn simulate_upstream_speaks_the_upstream_contract() {
-    let port = free_port().to_string();
-    let listen = format!("127.0.0.1:{port}");
     let sim = Process::spawn(
         &[
             "simulate-upstream",
             "--listen",
-            &listen,
+            "127.0.0.1:0",
             "--latency",
             "10ms",
         ],
         &[],
     );
-    sim.wait_for_line("listening", Duration::from_secs(20))
-        .await;
+    let listen = sim.listening_addr().await;
     let client = crate::support::http_client();
     let found = client
         .get(format!("http://{listen}/contract/?sn=C2024-0001"))
@@ -170,7 +171,9 @@ async fn simulate_upstream_speaks_the_upstream_contract() {
 
 #[tokio::test]
 async fn demo_without_redis_serves_from_the_in_process_cache() {
-    let dead_redis = format!("redis://127.0.0.1:{}/0", free_port());
+    // A port held by a listener that never answers: nothing else can take it meanwhile.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_redis = format!("redis://{}/0", silent.local_addr().unwrap());
     let demo = Process::spawn(
         &[
             "demo",

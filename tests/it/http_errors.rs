@@ -294,3 +294,42 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     assert!(!answer.contains("200 OK"), "{answer}");
     assert_eq!(app.get("/healthz").await.status(), 200);
 }
+
+#[tokio::test]
+async fn a_body_that_stalls_is_408_body_timeout() {
+    let app = TestApp::spawn_with(|config| {
+        config.server.body_read_timeout = std::time::Duration::from_millis(300);
+    })
+    .await;
+    let stalled = "POST /v1/discounts/lookup HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"sns\": [";
+    let answer = raw_exchange(&app, stalled.as_bytes(), false).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+}
+
+#[tokio::test]
+async fn an_endless_chunked_body_is_cut_off_at_the_limit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with(|config| config.server.max_body_bytes = 4096).await;
+    let stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let head = "POST /v1/discounts/lookup HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+    writer.write_all(head.as_bytes()).await.unwrap();
+    // Write until the server stops us: at most 64 MiB, far past the 4 KiB limit.
+    let feed = tokio::spawn(async move {
+        let chunk = format!("400\r\n{}\r\n", " ".repeat(1024));
+        let mut sent = 0usize;
+        while sent < 64 * 1024 * 1024 && writer.write_all(chunk.as_bytes()).await.is_ok() {
+            sent += 1024;
+        }
+        sent
+    });
+    let mut head = vec![0u8; 12];
+    reader.read_exact(&mut head).await.unwrap();
+    assert_eq!(
+        &head, b"HTTP/1.1 413",
+        "answered while the body was still coming"
+    );
+    let sent = feed.await.unwrap();
+    assert!(sent < 64 * 1024 * 1024, "the server stopped reading early");
+}

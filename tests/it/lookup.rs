@@ -44,12 +44,17 @@ async fn each_distinct_miss_is_fetched_once_and_written_back_with_a_jittered_ttl
     let body = app.lookup(&requested).await;
     assert_eq!(results(&body).len(), 100);
     assert_eq!(app.upstream.total_calls(), 50);
+    let mut pttls = Vec::new();
     for sn in &sns {
         assert_eq!(app.upstream.calls(sn), 1, "{sn}");
         let pttl = app.pttl(sn).await;
         // ±10% jitter around 100 s, less the time since the write.
         assert!((85_000..=110_000).contains(&pttl), "{sn}: PTTL {pttl}");
+        pttls.push(pttl);
     }
+    // 50 keys written together: with jitter their TTLs spread over most of 20 s.
+    let spread = pttls.iter().max().unwrap() - pttls.iter().min().unwrap();
+    assert!(spread > 5_000, "TTLs are jittered, spread {spread} ms");
 }
 
 #[tokio::test]
@@ -98,6 +103,26 @@ async fn a_cached_discount_is_returned_byte_for_byte() {
         "{text}"
     );
     assert!(text.contains(r#""source":"cache""#), "{text}");
+}
+
+#[tokio::test]
+async fn a_multi_line_discount_keeps_its_spelling_on_one_line() {
+    let app = TestApp::spawn().await;
+    let pretty =
+        "{\r\n  \"z\": 1.50,\n  \"big\": 12345678901234567890123,\n  \"s\": \"a\\nb\"\n}\n";
+    app.upstream
+        .reply("PRETTY", crate::support::Reply::Status(200, pretty));
+    let expected = r#""discount":{  "z": 1.50,  "big": 12345678901234567890123,  "s": "a\nb"}"#;
+    for source in ["upstream", "cache"] {
+        let text = app
+            .post_json("/v1/discounts/lookup", &json!({"sns": ["PRETTY"]}))
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert!(text.contains(expected), "{source}: {text}");
+        assert!(text.contains(&format!(r#""source":"{source}""#)), "{text}");
+    }
 }
 
 #[tokio::test]
@@ -240,6 +265,16 @@ async fn a_percent_encoded_path_sn_reaches_the_upstream_encoded() {
     );
 }
 
+/// Calls of one command since the last `CONFIG RESETSTAT`, from `INFO commandstats`.
+fn command_calls(stats: &str, command: &str) -> u64 {
+    let prefix = format!("cmdstat_{command}:calls=");
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().unwrap())
+}
+
 fn percent_encode(sn: &str) -> String {
     sn.bytes()
         .map(|b| match b {
@@ -348,8 +383,29 @@ async fn batches_larger_than_one_redis_chunk_are_read_and_written_whole() {
     let requested: Vec<&str> = sns.iter().map(String::as_str).collect();
     let first = app.lookup(&requested).await;
     assert_eq!(first["summary"]["upstream_fetches"], 1_050);
+    let mut redis = app.redis.client().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
     let second = app.lookup(&requested).await;
     assert_eq!(second["summary"]["cache_hits"], 1_050);
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let mget_calls = command_calls(&stats, "mget");
+    assert_eq!(
+        mget_calls, 11,
+        "1,050 keys in MGETs of at most 100: {stats}"
+    );
+    assert_eq!(
+        command_calls(&stats, "get"),
+        0,
+        "no single-key reads: {stats}"
+    );
     for (item, sn) in results(&second).iter().zip(&sns) {
         assert_eq!(item["sn"], sn.as_str());
         assert_eq!(

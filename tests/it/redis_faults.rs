@@ -115,3 +115,24 @@ async fn a_hung_redis_costs_its_timeout_not_the_request() {
         "read and write-back timed out"
     );
 }
+
+#[tokio::test]
+async fn a_tls_redis_is_used_through_rediss() {
+    let redis = crate::support::RedisServer::start_tls();
+    let upstream = StubUpstream::start().await;
+    let config = TestApp::config_for(&redis, &upstream);
+    assert!(config.redis.url.starts_with("rediss://"));
+    let app = TestApp::spawn_on(
+        config,
+        discount_proxy::app::CacheChoice::Redis,
+        redis,
+        upstream,
+    )
+    .await;
+    app.lookup(&["TLS1"]).await;
+    let again = app.lookup(&["TLS1"]).await;
+    assert_eq!(results(&again)[0]["source"], "cache");
+    assert_eq!(app.upstream.calls("TLS1"), 1);
+    assert!(app.redis_value("TLS1").await.is_some(), "written over TLS");
+    assert_eq!(app.state.health.redis_errors(), 0);
+}

@@ -2,31 +2,76 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub struct RedisServer {
     port: u16,
     child: Option<Child>,
+    /// With TLS: the folder holding a fresh self-signed certificate and its key.
+    tls: Option<PathBuf>,
 }
 
 impl RedisServer {
     /// Starts `redis-server` on a free port and waits until it answers `PING`.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Starts `redis-server` speaking only TLS, with a self-signed certificate made by the
+    /// `openssl` command. Clients connect with `rediss://…#insecure`.
+    pub fn start_tls() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "dp-redis-tls-{}-{}",
+            std::process::id(),
+            super::free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let status = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=127.0.0.1",
+            ])
+            .args(["-keyout", "key.pem", "-out", "cert.pem"])
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        assert!(
+            status.is_ok_and(|s| s.success()),
+            "openssl could not make a test certificate"
+        );
+        Self::start_with(Some(dir))
+    }
+
+    fn start_with(tls: Option<PathBuf>) -> Self {
         for _ in 0..5 {
             let mut server = Self {
                 port: super::free_port(),
                 child: None,
+                tls: tls.clone(),
             };
             if server.launch() {
                 return server;
             }
+            server.tls = None; // the folder stays for the next try
         }
         panic!("redis-server did not start; is it installed (apt-get install redis-server)?");
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        match self.tls {
+            Some(_) => format!("rediss://127.0.0.1:{}/0#insecure", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -35,6 +80,7 @@ impl RedisServer {
 
     /// A client connection for inspecting what the proxy wrote.
     pub async fn client(&self) -> redis::aio::MultiplexedConnection {
+        discount_proxy::tls::install_crypto_provider();
         redis::Client::open(self.url())
             .unwrap()
             .get_multiplexed_async_connection()
@@ -70,20 +116,34 @@ impl RedisServer {
     }
 
     fn launch(&mut self) -> bool {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                &std::env::temp_dir().to_string_lossy(),
-            ])
+        let port = self.port.to_string();
+        let mut command = Command::new("redis-server");
+        command
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--dir", &std::env::temp_dir().to_string_lossy()])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let Ok(child) = child else { return false };
+            .stderr(Stdio::null());
+        match &self.tls {
+            None => command.args(["--port", &port]),
+            Some(dir) => command
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-auth-clients",
+                    "no",
+                ])
+                .args(["--tls-cert-file", &dir.join("cert.pem").to_string_lossy()])
+                .args(["--tls-key-file", &dir.join("key.pem").to_string_lossy()])
+                .args([
+                    "--tls-ca-cert-file",
+                    &dir.join("cert.pem").to_string_lossy(),
+                ]),
+        };
+        let Ok(child) = command.spawn() else {
+            return false;
+        };
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
@@ -95,13 +155,24 @@ impl RedisServer {
                 self.child = None;
                 return false; // exited: most likely the port was taken meanwhile
             }
-            if ping(self.port) {
+            if self.answers_ping() {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
         self.stop();
         false
+    }
+
+    fn answers_ping(&self) -> bool {
+        if self.tls.is_none() {
+            return ping(self.port);
+        }
+        let output = Command::new("redis-cli")
+            .args(["--tls", "--insecure", "-p", &self.port.to_string(), "ping"])
+            .stderr(Stdio::null())
+            .output();
+        output.is_ok_and(|out| out.stdout.starts_with(b"PONG"))
     }
 }
 
@@ -119,5 +190,8 @@ fn ping(port: u16) -> bool {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+        if let Some(dir) = self.tls.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }

@@ -2,7 +2,8 @@
 //! are set per SN, and which counts every call, the calls in flight and their peak.
 
 use bytes::Bytes;
-use http_body_util::{Either, Full, StreamBody};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -22,8 +23,14 @@ use tokio::sync::watch;
 pub enum Reply {
     /// This status and body.
     Status(u16, &'static str),
-    /// `200` with a body of this many bytes, sent chunked with no `Content-Length`.
+    /// `200` with a JSON string body of this many bytes, sent chunked with no `Content-Length`.
     ChunkedBody(usize),
+    /// `200` with a JSON string body of this many bytes and a `Content-Length`.
+    SizedBody(usize),
+    /// `200` with a body that never ends (whitespace, forever).
+    EndlessBody,
+    /// `302` to this path on the stub.
+    Redirect(&'static str),
     /// Never answers (until the connection is dropped).
     Hang,
 }
@@ -160,10 +167,7 @@ async fn serve(listener: TcpListener, state: Arc<State>, held: watch::Receiver<b
     }
 }
 
-type StubBody = Either<
-    Full<Bytes>,
-    StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>,
->;
+type StubBody = BoxBody<Bytes, Infallible>;
 
 async fn answer(
     state: &State,
@@ -194,7 +198,16 @@ async fn answer(
     let response = match reply {
         None => full(200, StubUpstream::discount_for(&sn).to_string()),
         Some(Reply::Status(status, body)) => full(status, body.to_owned()),
-        Some(Reply::ChunkedBody(len)) => chunked(len),
+        Some(Reply::ChunkedBody(len)) => chunked(json_string_of(len)),
+        Some(Reply::SizedBody(len)) => full(200, String::from_utf8(json_string_of(len)).unwrap()),
+        Some(Reply::EndlessBody) => endless(),
+        Some(Reply::Redirect(location)) => {
+            let mut response = full(302, String::new());
+            response
+                .headers_mut()
+                .insert("location", location.parse().unwrap());
+            response
+        }
         Some(Reply::Hang) => std::future::pending().await,
     };
     state.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -202,21 +215,29 @@ async fn answer(
 }
 
 fn full(status: u16, body: String) -> Response<StubBody> {
-    let mut response = Response::new(Either::Left(Full::new(Bytes::from(body))));
+    let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
     *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
     response
 }
 
-fn chunked(len: usize) -> Response<StubBody> {
-    // A JSON string of `len` bytes, in 16 KiB frames.
+/// A JSON string of `len` bytes: `"aaa…a"`.
+fn json_string_of(len: usize) -> Vec<u8> {
     let mut body = vec![b'a'; len.max(2)];
     body[0] = b'"';
     *body.last_mut().unwrap() = b'"';
-    let frames: Vec<_> = body
+    body
+}
+
+fn chunked(body: Vec<u8>) -> Response<StubBody> {
+    let frames: Vec<Result<Frame<Bytes>, Infallible>> = body
         .chunks(16 * 1024)
         .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
         .collect();
-    Response::new(Either::Right(StreamBody::new(futures_util::stream::iter(
-        frames,
-    ))))
+    Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+}
+
+fn endless() -> Response<StubBody> {
+    let chunk = Bytes::from(vec![b' '; 16 * 1024]);
+    let frames = futures_util::stream::repeat_with(move || Ok(Frame::data(chunk.clone())));
+    Response::new(StreamBody::new(frames).boxed())
 }
