@@ -8,6 +8,7 @@ mod support;
 
 mod cache_control;
 mod commands;
+mod garbage_input;
 mod http_errors;
 mod lifecycle;
 mod lookup;
