@@ -74,6 +74,7 @@ impl AppState {
                 ttl: config.cache.ttl,
                 negative_ttl: config.cache.negative_ttl,
                 request_timeout: config.server.request_timeout,
+                write_batch: config.redis.chunk_size,
             },
         );
         Ok(Arc::new(Self {

@@ -29,7 +29,9 @@ pub enum Error {
     BodyTimeout(std::time::Duration),
     #[error(transparent)]
     Item(#[from] ItemError),
-    #[error("the cache is not reachable; nothing was removed, try again")]
+    #[error(
+        "the cache could not be reached; some or all of the SNs may still be cached, try again"
+    )]
     CacheUnavailable,
 }
 

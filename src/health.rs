@@ -27,6 +27,20 @@ pub enum Phase {
     Draining,
 }
 
+/// The `/readyz` verdict: whether to answer 200, and the `status` word.
+///
+/// Only the phase decides readiness: a proxy whose Redis is down, or whose upstream fails,
+/// still answers lookups (from the upstream, or with per-SN errors), so it is `degraded`, and
+/// taking it out of the load balancer would only move the same failures elsewhere.
+pub fn readiness(phase: Phase, cache_ok: bool, upstream_state: &str) -> (bool, &'static str) {
+    match phase {
+        Phase::Starting => (false, "starting"),
+        Phase::Draining => (false, "draining"),
+        Phase::Ready if cache_ok && upstream_state != "failing" => (true, "ok"),
+        Phase::Ready => (true, "degraded"),
+    }
+}
+
 impl Health {
     pub fn phase(&self) -> Phase {
         match self.phase.load(Ordering::Acquire) {
@@ -77,5 +91,44 @@ impl Health {
     /// Upstream requests that ended without a definite answer since start.
     pub fn upstream_errors(&self) -> u64 {
         self.upstream_errors.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_starting_and_draining_are_unready() {
+        assert_eq!(readiness(Phase::Starting, true, "ok"), (false, "starting"));
+        assert_eq!(readiness(Phase::Draining, true, "ok"), (false, "draining"));
+        assert_eq!(readiness(Phase::Ready, true, "unknown"), (true, "ok"));
+        assert_eq!(readiness(Phase::Ready, true, "ok"), (true, "ok"));
+        assert_eq!(readiness(Phase::Ready, false, "ok"), (true, "degraded"));
+        assert_eq!(readiness(Phase::Ready, true, "failing"), (true, "degraded"));
+    }
+
+    #[test]
+    fn draining_is_final() {
+        let health = Health::default();
+        assert_eq!(health.phase(), Phase::Starting);
+        health.mark_ready();
+        assert_eq!(health.phase(), Phase::Ready);
+        health.mark_draining();
+        health.mark_ready();
+        assert_eq!(health.phase(), Phase::Draining);
+    }
+
+    #[test]
+    fn upstream_state_follows_the_last_answer() {
+        let health = Health::default();
+        assert_eq!(health.upstream_state(), "unknown");
+        health.record_upstream(false);
+        assert_eq!(
+            (health.upstream_state(), health.upstream_errors()),
+            ("failing", 1)
+        );
+        health.record_upstream(true);
+        assert_eq!(health.upstream_state(), "ok");
     }
 }

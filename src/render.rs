@@ -1,7 +1,7 @@
 //! Response bodies written straight into one buffer. Cached discount JSON is spliced in as
 //! bytes, never parsed again; only SNs and messages go through a JSON string escaper.
 
-use crate::lookup::{Batch, Outcome};
+use crate::lookup::{Batch, Outcome, Source};
 
 /// The `{"results": [...], "summary": {...}}` body of a batch lookup.
 pub fn batch(batch: &Batch) -> Vec<u8> {
@@ -62,6 +62,16 @@ fn item_into(buf: &mut Vec<u8>, sn: &str, outcome: &Outcome) {
     buf.push(b'}');
 }
 
+/// A single GET's `404`: the item, plus the `error` object every error response carries.
+pub fn not_found_single(sn: &str, source: Source) -> Vec<u8> {
+    let mut buf = item(sn, &Outcome::NotFound { source });
+    buf.pop(); // the item's closing brace
+    buf.push(b',');
+    error_field_into(&mut buf, "not_found", "no discount exists for this SN");
+    buf.push(b'}');
+    buf
+}
+
 /// The body of every error response: `{"error": {"code": ..., "message": ...}}`.
 pub fn error(code: &str, message: &str) -> Vec<u8> {
     let mut buf = Vec::with_capacity(64 + message.len());
@@ -87,7 +97,7 @@ fn string_into(buf: &mut Vec<u8>, value: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lookup::{ItemError, Source, Summary};
+    use crate::lookup::{ItemError, Summary};
     use crate::sn::SnError;
     use bytes::Bytes;
     use serde_json::{Value, json};

@@ -5,6 +5,7 @@ use crate::secret::Secret;
 use bytes::{Bytes, BytesMut};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::StatusCode;
+use reqwest::header::HeaderValue;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -51,6 +52,8 @@ pub enum UpstreamError {
     Connection(String),
     #[error("could not build the upstream URL: {0}")]
     Url(String),
+    #[error("the upstream token holds characters a header cannot carry")]
+    BadToken,
 }
 
 impl UpstreamError {
@@ -106,7 +109,8 @@ impl UrlTemplate {
 pub struct UpstreamClient {
     http: reqwest::Client,
     template: UrlTemplate,
-    token: Option<Secret>,
+    /// `Token <token>`, built once and marked sensitive so no HTTP layer ever logs it.
+    authorization: Option<HeaderValue>,
     limit: Arc<Semaphore>,
     timeout: Duration,
     max_body_bytes: usize,
@@ -130,7 +134,7 @@ impl UpstreamClient {
         Ok(Self {
             http,
             template: UrlTemplate::parse(&settings.url_template),
-            token: settings.token.clone(),
+            authorization: settings.token.as_ref().map(authorization).transpose()?,
             limit: Arc::new(Semaphore::new(settings.concurrency)),
             timeout: settings.timeout,
             max_body_bytes: settings.max_body_bytes,
@@ -158,8 +162,8 @@ impl UpstreamClient {
         let url = self.template.url_for(sn)?;
         let url = reqwest::Url::parse(&url).map_err(|err| UpstreamError::Url(err.to_string()))?;
         let mut request = self.http.get(url);
-        if let Some(token) = &self.token {
-            request = request.header("Authorization", format!("Token {}", token.expose()));
+        if let Some(authorization) = &self.authorization {
+            request = request.header(reqwest::header::AUTHORIZATION, authorization.clone());
         }
         // `without_url`: the URL may carry credentials in a template's query string.
         let mut response = request
@@ -196,6 +200,13 @@ impl UpstreamClient {
         }
         Ok(body.freeze())
     }
+}
+
+fn authorization(token: &Secret) -> Result<HeaderValue, UpstreamError> {
+    let mut value = HeaderValue::from_str(&format!("Token {}", token.expose()))
+        .map_err(|_| UpstreamError::BadToken)?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 /// Checks the body is one JSON value and makes it a single line, so it can be spliced into

@@ -1,7 +1,7 @@
 //! A bounded in-process cache with the same TTL semantics as Redis: used by `demo` when no
 //! Redis answers, and the shape of the in-process tier that will sit in front of Redis.
 
-use super::{BoxFuture, Cache, CacheError, Write};
+use super::{BoxFuture, Cache, CacheError, Values, Write};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -53,10 +53,7 @@ impl MemoryCache {
 }
 
 impl Cache for MemoryCache {
-    fn get_many<'a>(
-        &'a self,
-        sns: &'a [&'a str],
-    ) -> BoxFuture<'a, Result<Vec<Option<Bytes>>, CacheError>> {
+    fn get_many<'a>(&'a self, sns: &'a [&'a str]) -> BoxFuture<'a, Values> {
         let now = Instant::now();
         let entries = self.lock();
         let values = sns
@@ -66,7 +63,10 @@ impl Cache for MemoryCache {
                 _ => None,
             })
             .collect();
-        Box::pin(std::future::ready(Ok(values)))
+        Box::pin(std::future::ready(Values {
+            values,
+            failures: Vec::new(),
+        }))
     }
 
     fn set_many<'a>(&'a self, writes: &'a [Write]) -> BoxFuture<'a, Result<(), CacheError>> {
@@ -122,11 +122,11 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(
-            cache.get_many(&["a", "b"]).await.unwrap(),
+            cache.get_many(&["a", "b"]).await.values,
             [Some(Bytes::from("v-a")), None]
         );
         tokio::time::advance(Duration::from_secs(3)).await;
-        assert_eq!(cache.get_many(&["a"]).await.unwrap(), [None]);
+        assert_eq!(cache.get_many(&["a"]).await.values, [None]);
         assert_eq!(cache.delete_many(&["a"]).await.unwrap(), 0);
     }
 
@@ -139,7 +139,7 @@ mod tests {
         cache.set_many(&writes).await.unwrap();
         assert!(cache.lock().len() <= 3);
         // The newest write is always kept.
-        assert!(cache.get_many(&["9"]).await.unwrap()[0].is_some());
+        assert!(cache.get_many(&["9"]).await.values[0].is_some());
     }
 
     #[tokio::test]
@@ -150,6 +150,6 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(cache.delete_many(&["a", "b"]).await.unwrap(), 1);
-        assert_eq!(cache.get_many(&["a"]).await.unwrap(), [None]);
+        assert_eq!(cache.get_many(&["a"]).await.values, [None]);
     }
 }

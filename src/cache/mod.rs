@@ -35,6 +35,15 @@ pub enum CacheError {
     },
 }
 
+/// What a multi-key read found: a value or `None` per key, in order, and the failures met on
+/// the way. The keys of a failed chunk are `None`; the caller logs and counts the failures, so
+/// a partial failure is never a silent miss.
+#[derive(Debug, Default)]
+pub struct Values {
+    pub values: Vec<Option<Bytes>>,
+    pub failures: Vec<CacheError>,
+}
+
 /// One value to write back: the SN, its encoded [`Entry`], and how long Redis keeps it.
 #[derive(Debug, Clone)]
 pub struct Write {
@@ -46,10 +55,7 @@ pub struct Write {
 /// A store of encoded entries keyed by SN. Implementations add their own key prefix.
 pub trait Cache: Send + Sync + 'static {
     /// The raw values for `sns`, in the same order; `None` where nothing is stored.
-    fn get_many<'a>(
-        &'a self,
-        sns: &'a [&'a str],
-    ) -> BoxFuture<'a, Result<Vec<Option<Bytes>>, CacheError>>;
+    fn get_many<'a>(&'a self, sns: &'a [&'a str]) -> BoxFuture<'a, Values>;
 
     /// Stores every write with its own TTL. Nothing is ever stored without one.
     fn set_many<'a>(&'a self, writes: &'a [Write]) -> BoxFuture<'a, Result<(), CacheError>>;

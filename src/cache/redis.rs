@@ -1,10 +1,10 @@
 //! The shared cache: Redis through a deadpool of multiplexed connections, every call bounded.
 
-use super::{BoxFuture, Cache, CacheError, Write};
+use super::{BoxFuture, Cache, CacheError, Values, Write};
 use bytes::Bytes;
 use deadpool_redis::redis::{self, AsyncConnectionConfig};
 use deadpool_redis::{Manager, Pool, Runtime};
-use futures_util::future::try_join_all;
+use futures_util::future::join_all;
 use std::future::Future;
 use std::time::Duration;
 
@@ -142,37 +142,43 @@ impl RedisCache {
 }
 
 impl Cache for RedisCache {
-    fn get_many<'a>(
-        &'a self,
-        sns: &'a [&'a str],
-    ) -> BoxFuture<'a, Result<Vec<Option<Bytes>>, CacheError>> {
+    fn get_many<'a>(&'a self, sns: &'a [&'a str]) -> BoxFuture<'a, Values> {
         Box::pin(async move {
-            let chunks = sns
-                .chunks(self.chunk_size)
-                .map(|chunk| self.get_chunk(chunk));
-            let values = try_join_all(chunks).await?;
-            Ok(values.into_iter().flatten().collect())
+            let chunks = sns.chunks(self.chunk_size);
+            let reads = join_all(chunks.clone().map(|chunk| self.get_chunk(chunk))).await;
+            let mut found = Values {
+                values: Vec::with_capacity(sns.len()),
+                failures: Vec::new(),
+            };
+            for (chunk, read) in chunks.zip(reads) {
+                match read {
+                    Ok(values) => found.values.extend(values),
+                    Err(err) => {
+                        found.values.extend(std::iter::repeat_n(None, chunk.len()));
+                        found.failures.push(err);
+                    }
+                }
+            }
+            found
         })
     }
 
     fn set_many<'a>(&'a self, writes: &'a [Write]) -> BoxFuture<'a, Result<(), CacheError>> {
         Box::pin(async move {
-            try_join_all(
-                writes
-                    .chunks(self.chunk_size)
-                    .map(|chunk| self.set_chunk(chunk)),
-            )
-            .await?;
-            Ok(())
+            let chunks = writes
+                .chunks(self.chunk_size)
+                .map(|chunk| self.set_chunk(chunk));
+            join_all(chunks).await.into_iter().collect()
         })
     }
 
     fn delete_many<'a>(&'a self, sns: &'a [&'a str]) -> BoxFuture<'a, Result<u64, CacheError>> {
         Box::pin(async move {
+            // Every chunk runs to its end, even after one fails: no DEL is cut off half-sent.
             let chunks = sns
                 .chunks(self.chunk_size)
                 .map(|chunk| self.delete_chunk(chunk));
-            Ok(try_join_all(chunks).await?.into_iter().sum())
+            join_all(chunks).await.into_iter().sum()
         })
     }
 

@@ -14,10 +14,14 @@ use std::time::Duration;
 /// The prefix of every environment variable that overrides a config key.
 pub const ENV_PREFIX: &str = "DISCOUNT_PROXY_";
 
-/// Keys whose environment values are taken verbatim, never parsed as numbers or booleans.
-const SECRET_KEYS: [(&str, &str); 2] = [
-    ("upstream.token", "UPSTREAM__TOKEN"),
-    ("server.api_tokens", "SERVER__API_TOKENS"),
+/// String keys whose environment values are taken verbatim. figment parses environment
+/// values, so a token `0123` would become the number 123 and a key prefix `2024` a type error.
+const VERBATIM_KEYS: [&str; 5] = [
+    "upstream.token",
+    "server.api_tokens",
+    "redis.key_prefix",
+    "redis.url",
+    "upstream.url",
 ];
 
 /// The file read when no `--config` is given; missing is fine (built-in defaults apply).
@@ -209,17 +213,35 @@ impl Config {
             None => {}
         }
         let env = Env::prefixed(env_prefix).split("__");
-        figment = figment.merge(env.ignore(&SECRET_KEYS.map(|(key, _)| key)));
-        for (key, variable) in SECRET_KEYS {
-            // Taken as the exact string: figment would read `0123` as the number 123.
-            if let Ok(value) = std::env::var(format!("{env_prefix}{variable}")) {
-                figment = figment.merge(Serialized::default(key, value));
-            }
+        figment = figment.merge(env.ignore(&VERBATIM_KEYS));
+        for (key, value) in verbatim_env_values(env_prefix) {
+            figment = figment.merge(Serialized::default(key, value));
         }
         figment
             .extract::<Config>()
             .map_err(|err| ConfigError::Load(Box::new(err)))
     }
+}
+
+/// The environment values of [`VERBATIM_KEYS`], matched like figment matches names (case
+/// aside), so no spelling of a variable is silently dropped.
+fn verbatim_env_values(prefix: &str) -> Vec<(&'static str, String)> {
+    let wanted: Vec<(String, &'static str)> = VERBATIM_KEYS
+        .iter()
+        .map(|key| {
+            (
+                format!("{prefix}{}", key.replace('.', "__")).to_ascii_uppercase(),
+                *key,
+            )
+        })
+        .collect();
+    std::env::vars_os()
+        .filter_map(|(name, value)| {
+            let name = name.to_str()?.trim().to_ascii_uppercase();
+            let (_, key) = wanted.iter().find(|(variable, _)| *variable == name)?;
+            Some((*key, value.to_string_lossy().into_owned()))
+        })
+        .collect()
 }
 
 /// A URL fit for logs and error messages: any password in it replaced.
@@ -299,6 +321,8 @@ mod tests {
             jail.set_env("DISCOUNT_PROXY_SERVER__API_TOKENS", "t1, t2");
             jail.set_env("DISCOUNT_PROXY_UPSTREAM__TOKEN", "012345");
             jail.set_env("DISCOUNT_PROXY_CACHE__TTL", "90s");
+            jail.set_env("DISCOUNT_PROXY_REDIS__KEY_PREFIX", "2024");
+            jail.set_env("discount_proxy_upstream__url", "http://up:1/?sn={sn}");
             let config = load_in_jail(jail, Some("[server]\nmax_batch = 20\n")).unwrap();
             assert_eq!(config.server.max_batch, 500);
             let tokens: Vec<_> = config
@@ -313,6 +337,8 @@ mod tests {
                 Some("012345")
             );
             assert_eq!(config.cache.ttl, Duration::from_secs(90));
+            assert_eq!(config.redis.key_prefix, "2024");
+            assert_eq!(config.upstream.url, "http://up:1/?sn={sn}");
             Ok(())
         });
     }

@@ -3,33 +3,27 @@
 use super::{Config, ConfigError, redacted_url};
 use std::time::Duration;
 
+/// The longest timeout or grace period accepted: longer is a typo, and would overflow clocks.
+const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The longest TTL accepted (Redis takes more, but no discount should be cached longer).
+const MAX_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
+
 impl Config {
-    /// Checks what types alone cannot: ranges, URL shapes, the `{sn}` placeholder.
+    /// Checks what types alone cannot: ranges, URL shapes, the `{sn}` placeholder, tokens
+    /// that fit in a header.
     ///
     /// # Errors
     /// The first invalid key, with what is wrong with it.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        at_least(self.server.max_batch, 1, "server.max_batch")?;
-        at_least(self.server.max_body_bytes, 64, "server.max_body_bytes")?;
-        positive(self.server.request_timeout, "server.request_timeout")?;
-        positive(
-            self.server.header_read_timeout,
-            "server.header_read_timeout",
-        )?;
-        validate_redis_url(&self.redis.url)?;
-        at_least(self.redis.pool_size, 1, "redis.pool_size")?;
-        at_least(self.redis.chunk_size, 1, "redis.chunk_size")?;
-        positive(self.redis.timeout, "redis.timeout")?;
-        positive(self.cache.ttl, "cache.ttl")?;
-        positive(self.cache.negative_ttl, "cache.negative_ttl")?;
-        at_least(self.cache.memory_max_entries, 1, "cache.memory_max_entries")?;
-        validate_upstream_url(&self.upstream.url)?;
-        at_least(self.upstream.concurrency, 1, "upstream.concurrency")?;
-        positive(self.upstream.timeout, "upstream.timeout")?;
-        positive(self.upstream.connect_timeout, "upstream.connect_timeout")?;
-        at_least(self.upstream.max_body_bytes, 2, "upstream.max_body_bytes")?;
-        if self
-            .server
+        let server = &self.server;
+        at_least(server.max_batch, 1, "server.max_batch")?;
+        at_least(server.max_body_bytes, 64, "server.max_body_bytes")?;
+        timeout(server.request_timeout, "server.request_timeout")?;
+        timeout(server.shutdown_grace, "server.shutdown_grace")?;
+        timeout(server.header_read_timeout, "server.header_read_timeout")?;
+        timeout(server.body_read_timeout, "server.body_read_timeout")?;
+        if server
             .api_tokens
             .iter()
             .any(|token| token.expose().is_empty())
@@ -39,6 +33,25 @@ impl Config {
                 "a token is empty",
             ));
         }
+        validate_redis_url(&self.redis.url)?;
+        at_least(self.redis.pool_size, 1, "redis.pool_size")?;
+        at_least(self.redis.chunk_size, 1, "redis.chunk_size")?;
+        timeout(self.redis.timeout, "redis.timeout")?;
+        ttl(self.cache.ttl, "cache.ttl")?;
+        ttl(self.cache.negative_ttl, "cache.negative_ttl")?;
+        within(
+            self.cache.stale_ttl,
+            Duration::ZERO,
+            MAX_TTL,
+            "cache.stale_ttl",
+        )?;
+        at_least(self.cache.memory_max_entries, 1, "cache.memory_max_entries")?;
+        validate_upstream_url(&self.upstream.url)?;
+        validate_upstream_token(self.upstream.token.as_ref())?;
+        at_least(self.upstream.concurrency, 1, "upstream.concurrency")?;
+        timeout(self.upstream.timeout, "upstream.timeout")?;
+        timeout(self.upstream.connect_timeout, "upstream.connect_timeout")?;
+        at_least(self.upstream.max_body_bytes, 2, "upstream.max_body_bytes")?;
         Ok(())
     }
 }
@@ -53,9 +66,49 @@ fn at_least(value: usize, min: usize, key: &'static str) -> Result<(), ConfigErr
     Ok(())
 }
 
-fn positive(value: Duration, key: &'static str) -> Result<(), ConfigError> {
-    if value.is_zero() {
-        return Err(ConfigError::invalid(key, "must be longer than 0s"));
+fn timeout(value: Duration, key: &'static str) -> Result<(), ConfigError> {
+    within(value, Duration::from_millis(1), MAX_TIMEOUT, key)
+}
+
+fn ttl(value: Duration, key: &'static str) -> Result<(), ConfigError> {
+    within(value, Duration::from_millis(1), MAX_TTL, key)
+}
+
+fn within(
+    value: Duration,
+    min: Duration,
+    max: Duration,
+    key: &'static str,
+) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        let (min, max, got) = (
+            humantime::format_duration(min),
+            humantime::format_duration(max),
+            humantime::format_duration(value),
+        );
+        return Err(ConfigError::invalid(
+            key,
+            format!("must be between {min} and {max}, got {got}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The token goes into `Authorization: Token <token>`: it must be a valid header value.
+fn validate_upstream_token(token: Option<&crate::secret::Secret>) -> Result<(), ConfigError> {
+    const KEY: &str = "upstream.token";
+    let Some(token) = token else { return Ok(()) };
+    if token.expose().is_empty() {
+        return Err(ConfigError::invalid(
+            KEY,
+            "is empty; leave it unset for no token",
+        ));
+    }
+    if hyper::header::HeaderValue::from_str(&format!("Token {}", token.expose())).is_err() {
+        return Err(ConfigError::invalid(
+            KEY,
+            "holds characters a header cannot carry",
+        ));
     }
     Ok(())
 }
@@ -83,11 +136,15 @@ fn validate_redis_url(raw: &str) -> Result<(), ConfigError> {
 
 fn validate_upstream_url(template: &str) -> Result<(), ConfigError> {
     const KEY: &str = "upstream.url";
-    if !template.contains("{sn}") {
-        return Err(ConfigError::invalid(
-            KEY,
-            format!("{} has no {{sn}} placeholder", redacted_url(template)),
-        ));
+    match template.matches("{sn}").count() {
+        1 => {}
+        0 => {
+            return Err(ConfigError::invalid(
+                KEY,
+                format!("{} has no {{sn}} placeholder", redacted_url(template)),
+            ));
+        }
+        _ => return Err(ConfigError::invalid(KEY, "must hold {sn} exactly once")),
     }
     let sample = template.replace("{sn}", "C2024-0001");
     let url = url::Url::parse(&sample)
@@ -113,6 +170,62 @@ mod tests {
             let err = validate_redis_url(bad).unwrap_err().to_string();
             assert!(err.contains("redis.url"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn durations_outside_sane_bounds_are_rejected_before_they_can_overflow() {
+        let mut config = Config::default();
+        config.server.request_timeout = Duration::from_secs(300_000_000_000);
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("server.request_timeout")
+        );
+        let mut config = Config::default();
+        config.cache.ttl = Duration::from_secs(100 * 365 * 24 * 3600);
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("cache.ttl")
+        );
+        let mut config = Config::default();
+        config.server.shutdown_grace = Duration::ZERO;
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("server.shutdown_grace")
+        );
+    }
+
+    #[test]
+    fn upstream_tokens_must_fit_in_a_header() {
+        use crate::secret::Secret;
+        for (token, ok) in [
+            ("abc123", true),
+            ("", false),
+            ("a\nb", false),
+            ("a\rb", false),
+        ] {
+            let mut config = Config::default();
+            config.upstream.token = Some(Secret::new(token));
+            let result = config.validate();
+            assert_eq!(result.is_ok(), ok, "{token:?}");
+            if let Err(err) = result {
+                assert!(err.to_string().contains("upstream.token"));
+            }
+        }
+    }
+
+    #[test]
+    fn the_template_holds_sn_exactly_once() {
+        assert!(validate_upstream_url("http://up/{sn}?again={sn}").is_err());
+        assert!(validate_upstream_url("http://up/?sn={sn}").is_ok());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The background half of a lookup: fetch the misses under the global limit, hand each
-//! answer to the waiting request, write the definite ones back in one go.
+//! answer to the waiting request, write the definite ones back in pipelines as they come.
 
+use super::invalidations::Invalidations;
 use crate::cache::{Cache, Entry, Write};
 use crate::health::Health;
 use crate::lookup::LookupSettings;
@@ -10,6 +11,7 @@ use futures_util::stream::FuturesUnordered;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 /// What a fetch task needs, owned, so it outlives the request that started it.
@@ -18,7 +20,13 @@ pub(super) struct Fetcher {
     pub(super) upstream: Arc<UpstreamClient>,
     pub(super) health: Arc<Health>,
     pub(super) settings: LookupSettings,
+    pub(super) invalidations: Arc<Invalidations>,
 }
+
+/// Answers wait at most this long for their write-back: a batch that resolves together is
+/// written in one pipeline, while early answers of a slow batch are not held back by the
+/// slowest SN (nor lost to the cache when the request's deadline passes).
+const WRITE_BACK_DELAY: Duration = Duration::from_millis(50);
 
 /// One answer for the waiting request: the SN's index in the batch, and the result.
 pub(super) type FetchResult = (usize, Result<Fetched, UpstreamError>);
@@ -29,6 +37,7 @@ impl Fetcher {
         jobs: Vec<(usize, String)>,
         tx: mpsc::UnboundedSender<FetchResult>,
     ) {
+        let started = Instant::now();
         let mut pending: FuturesUnordered<_> = jobs
             .into_iter()
             .map(|(index, sn)| {
@@ -40,38 +49,67 @@ impl Fetcher {
             })
             .collect();
         let mut writes = Vec::new();
-        while let Some((index, sn, result)) = pending.next().await {
+        let mut flush_at: Option<Instant> = None;
+        loop {
+            let next = match flush_at {
+                None => pending.next().await,
+                Some(at) => tokio::select! {
+                    next = pending.next() => next,
+                    () = tokio::time::sleep_until(at) => {
+                        self.write_back(std::mem::take(&mut writes)).await;
+                        flush_at = None;
+                        continue;
+                    }
+                },
+            };
+            let Some((index, sn, result)) = next else {
+                break;
+            };
             self.health.record_upstream(result.is_ok());
             match &result {
-                Ok(fetched) => writes.push(self.write_for(sn, fetched)),
+                Ok(fetched) => {
+                    if let Some(write) = self.write_for(sn, fetched, started) {
+                        writes.push(write);
+                        flush_at.get_or_insert_with(|| Instant::now() + WRITE_BACK_DELAY);
+                    }
+                }
                 Err(err) => warn!(sn = %sn, error = %err, "upstream fetch failed; not cached"),
+            }
+            if writes.len() >= self.settings.write_batch {
+                self.write_back(std::mem::take(&mut writes)).await;
+                flush_at = None;
             }
             // The receiver is gone when the client left or the deadline passed: keep going,
             // the write-back still makes the next lookup a hit.
             let _ = tx.send((index, result));
         }
         drop(pending);
-        self.write_back(&writes).await;
+        self.write_back(writes).await;
     }
 
-    fn write_for(&self, sn: String, fetched: &Fetched) -> Write {
+    /// The write for one answer, unless the SN was invalidated since the fetch began.
+    fn write_for(&self, sn: String, fetched: &Fetched, started: Instant) -> Option<Write> {
+        if self.invalidations.since(&sn, started) {
+            debug!(sn = %sn, "invalidated during its fetch; not cached");
+            return None;
+        }
         let now = SystemTime::now();
         let (entry, ttl) = match fetched {
             Fetched::Found(json) => (Entry::found(json, now), self.settings.ttl),
             Fetched::NotFound => (Entry::not_found(now), self.settings.negative_ttl),
         };
-        Write {
+        Some(Write {
             sn,
             value: entry.encoded().clone(),
             ttl: jittered(ttl),
-        }
+        })
     }
 
-    async fn write_back(&self, writes: &[Write]) {
+    async fn write_back(&self, writes: Vec<Write>) {
         if writes.is_empty() {
             return;
         }
-        match self.cache.set_many(writes).await {
+        match self.cache.set_many(&writes).await {
             Ok(()) => debug!(keys = writes.len(), "write-back done"),
             Err(err) => {
                 self.health.record_redis_error();

@@ -2,12 +2,14 @@
 //! one write-back. Every requested SN comes back exactly once with a value or a status.
 
 mod fetch;
+mod invalidations;
 mod outcome;
 
 pub use self::fetch::jittered;
 pub use self::outcome::{Batch, ItemError, Outcome, Source, Summary};
 
 use self::fetch::Fetcher;
+use self::invalidations::Invalidations;
 use self::outcome::summarize;
 use crate::cache::{Cache, Entry, EntryKind};
 use crate::health::Health;
@@ -21,12 +23,14 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-/// How long answers are kept and how long a lookup may take.
+/// How long answers are kept, how long a lookup may take, how writes are grouped.
 #[derive(Debug, Clone)]
 pub struct LookupSettings {
     pub ttl: Duration,
     pub negative_ttl: Duration,
     pub request_timeout: Duration,
+    /// Most answers in one write-back pipeline.
+    pub write_batch: usize,
 }
 
 /// The lookup service, shared by every request.
@@ -35,6 +39,7 @@ pub struct Lookup {
     upstream: Arc<UpstreamClient>,
     health: Arc<Health>,
     settings: LookupSettings,
+    invalidations: Arc<Invalidations>,
     /// Fetches and write-backs run here, so a client that goes away does not cancel them and
     /// shutdown can wait for them.
     tasks: TaskTracker,
@@ -52,6 +57,7 @@ impl Lookup {
             upstream,
             health,
             settings,
+            invalidations: Arc::default(),
             tasks: TaskTracker::new(),
         }
     }
@@ -60,10 +66,11 @@ impl Lookup {
         &self.cache
     }
 
-    /// Resolves a batch. With `refresh`, the cache is not read, every SN is fetched.
-    pub async fn resolve(&self, requested: Vec<String>, refresh: bool) -> Batch {
-        let started = Instant::now();
-        let deadline = started + self.settings.request_timeout;
+    /// Resolves a batch for a request that arrived at `arrived` (its deadline counts from
+    /// then). With `refresh`, the cache is not read, every SN is fetched.
+    pub async fn resolve(&self, requested: Vec<String>, refresh: bool, arrived: Instant) -> Batch {
+        let started = arrived;
+        let deadline = arrived + self.settings.request_timeout;
         let (distinct, order) = dedup(requested);
         let mut outcomes: Vec<Option<Outcome>> = vec![None; distinct.len()];
         let mut valid = Vec::with_capacity(distinct.len());
@@ -111,19 +118,20 @@ impl Lookup {
         }
         let sns: Vec<&str> = candidates.iter().map(|&i| distinct[i].as_str()).collect();
         let read = tokio::time::timeout_at(deadline, self.cache.get_many(&sns)).await;
-        let values = match read {
-            Ok(Ok(values)) => values,
-            Ok(Err(err)) => {
-                self.health.record_redis_error();
-                warn!(error = %err, sns = sns.len(), "cache read failed; fetching from the upstream");
-                return candidates;
-            }
-            Err(_) => {
-                self.health.record_redis_error();
-                warn!(sns = sns.len(), "cache read outlived the request deadline");
-                return candidates;
-            }
+        let Ok(read) = read else {
+            self.health.record_redis_error();
+            warn!(
+                sns = sns.len(),
+                "cache read outlived the request deadline; fetching from the upstream"
+            );
+            return candidates;
         };
+        // A failed chunk leaves only its own keys as misses; the rest are still hits.
+        for err in &read.failures {
+            self.health.record_redis_error();
+            warn!(error = %err, "cache read failed for part of the batch; fetching it from the upstream");
+        }
+        let values = read.values;
         let mut misses = Vec::new();
         for (index, value) in candidates.into_iter().zip(values) {
             match value.map(Entry::decode) {
@@ -153,6 +161,7 @@ impl Lookup {
             upstream: Arc::clone(&self.upstream),
             health: Arc::clone(&self.health),
             settings: self.settings.clone(),
+            invalidations: Arc::clone(&self.invalidations),
         };
         self.tasks.spawn(fetcher.fetch_and_write_back(jobs, tx));
         // The channel closes only after the write-back, so a response never races its own
@@ -176,6 +185,8 @@ impl Lookup {
     /// # Errors
     /// The cache could not be reached: the caller must not claim they were removed.
     pub async fn invalidate(&self, sns: &[&str]) -> Result<u64, crate::cache::CacheError> {
+        // Before the delete: a fetch under way must not write its older answer back after it.
+        self.invalidations.record(sns);
         self.cache
             .delete_many(sns)
             .await

@@ -6,13 +6,14 @@ use self::input::{BodyLimits, read_sns, refresh_requested};
 use crate::app::AppState;
 use crate::error::Error;
 use crate::lookup::{Outcome, Source};
-use crate::{render, sn};
+use crate::{health, render, sn};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
+use tokio::time::Instant;
 
 /// The response body type of every route.
 pub type Body = Full<Bytes>;
@@ -29,10 +30,18 @@ const SN_PATH_PREFIX: &str = "/v1/discounts/";
 
 /// Routes one request. Errors become their JSON error response here.
 pub async fn handle(state: &AppState, request: Request<Incoming>) -> Response<Body> {
-    route(state, request).await.unwrap_or_else(error_response)
+    // A lookup's deadline counts from here, reading its body included.
+    let arrived = Instant::now();
+    route(state, request, arrived)
+        .await
+        .unwrap_or_else(error_response)
 }
 
-async fn route(state: &AppState, request: Request<Incoming>) -> Result<Response<Body>, Error> {
+async fn route(
+    state: &AppState,
+    request: Request<Incoming>,
+    arrived: Instant,
+) -> Result<Response<Body>, Error> {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     match path.as_str() {
@@ -50,7 +59,7 @@ async fn route(state: &AppState, request: Request<Incoming>) -> Result<Response<
         "/v1/discounts/lookup" => {
             allow(&method, &[Method::POST], "POST")?;
             authorize(state, &request)?;
-            lookup_batch(state, request).await
+            lookup_batch(state, request, arrived).await
         }
         "/v1/discounts/invalidate" => {
             allow(&method, &[Method::POST], "POST")?;
@@ -68,7 +77,7 @@ async fn route(state: &AppState, request: Request<Incoming>) -> Result<Response<
                 if method == Method::DELETE {
                     delete_one(state, &sn).await
                 } else {
-                    lookup_one(state, sn, refresh_requested(&request)?).await
+                    lookup_one(state, sn, refresh_requested(&request)?, arrived).await
                 }
             }
             None => Err(Error::RouteNotFound(format!("{method} {path}"))),
@@ -109,32 +118,19 @@ fn authorize(state: &AppState, request: &Request<Incoming>) -> Result<(), Error>
 }
 
 async fn readyz(state: &AppState) -> Response<Body> {
-    use crate::health::Phase;
-    let phase = state.health.phase();
     let cache = state.lookup.cache();
-    let cache_state = match cache.ping().await {
-        Ok(()) => "ok",
-        Err(_) => "down",
-    };
-    let status = match phase {
-        Phase::Starting => "starting",
-        Phase::Draining => "draining",
-        Phase::Ready if cache_state == "ok" => "ok",
-        Phase::Ready => "degraded",
-    };
+    let cache_ok = cache.ping().await.is_ok();
+    let upstream = state.health.upstream_state();
+    let (ready, status) = health::readiness(state.health.phase(), cache_ok, upstream);
     // `redis` is always there, for dashboards; `unused` when the in-process cache serves.
-    let redis = if cache.kind() == "redis" {
-        cache_state
-    } else {
-        "unused"
+    let redis = match (cache.kind(), cache_ok) {
+        ("redis", true) => "ok",
+        ("redis", false) => "down",
+        _ => "unused",
     };
-    let body = json!({
-        "status": status,
-        "cache": cache.kind(),
-        "redis": redis,
-        "upstream": state.health.upstream_state(),
-    });
-    let code = if phase == Phase::Ready {
+    let body =
+        json!({ "status": status, "cache": cache.kind(), "redis": redis, "upstream": upstream });
+    let code = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -145,10 +141,11 @@ async fn readyz(state: &AppState) -> Response<Body> {
 async fn lookup_batch(
     state: &AppState,
     request: Request<Incoming>,
+    arrived: Instant,
 ) -> Result<Response<Body>, Error> {
     let refresh = refresh_requested(&request)?;
     let sns = read_sns(request, &body_limits(state)).await?;
-    let batch = state.lookup.resolve(sns, refresh).await;
+    let batch = state.lookup.resolve(sns, refresh, arrived).await;
     let stats = LookupStats {
         sns: batch.summary.requested,
         hits: batch.summary.cache_hits + batch.summary.stale,
@@ -159,8 +156,13 @@ async fn lookup_batch(
     Ok(response)
 }
 
-async fn lookup_one(state: &AppState, sn: String, refresh: bool) -> Result<Response<Body>, Error> {
-    let mut batch = state.lookup.resolve(vec![sn], refresh).await;
+async fn lookup_one(
+    state: &AppState,
+    sn: String,
+    refresh: bool,
+    arrived: Instant,
+) -> Result<Response<Body>, Error> {
+    let mut batch = state.lookup.resolve(vec![sn], refresh, arrived).await;
     let stats = LookupStats {
         sns: 1,
         hits: batch.summary.cache_hits + batch.summary.stale,
@@ -170,8 +172,14 @@ async fn lookup_one(state: &AppState, sn: String, refresh: bool) -> Result<Respo
         return Err(Error::InvalidRequest("no SN in the path".to_owned()));
     };
     let mut response = match &outcome {
-        Outcome::Found { source, .. } => sn_response(StatusCode::OK, &sn, &outcome, *source),
-        Outcome::NotFound { source } => sn_response(StatusCode::NOT_FOUND, &sn, &outcome, *source),
+        Outcome::Found { source, .. } => with_x_cache(
+            json_response(StatusCode::OK, render::item(&sn, &outcome)),
+            *source,
+        ),
+        Outcome::NotFound { source } => {
+            let body = render::not_found_single(&sn, *source);
+            with_x_cache(json_response(StatusCode::NOT_FOUND, body), *source)
+        }
         Outcome::Invalid(err) => error_response(Error::InvalidSn(*err)),
         Outcome::Failed(err) => error_response(Error::Item(err.clone())),
     };
@@ -180,8 +188,7 @@ async fn lookup_one(state: &AppState, sn: String, refresh: bool) -> Result<Respo
     Ok(response)
 }
 
-fn sn_response(status: StatusCode, sn: &str, outcome: &Outcome, source: Source) -> Response<Body> {
-    let mut response = json_response(status, render::item(sn, outcome));
+fn with_x_cache(mut response: Response<Body>, source: Source) -> Response<Body> {
     let x_cache = match source {
         Source::Cache => "HIT",
         Source::Upstream => "MISS",

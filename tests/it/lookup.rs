@@ -313,13 +313,20 @@ async fn a_single_get_of_an_unknown_sn_is_404_with_x_cache() {
     let first = app.get("/v1/discounts/NF-1").await;
     assert_eq!(first.status(), 404);
     assert_eq!(first.headers()["x-cache"], "MISS");
+    assert_eq!(first.headers()["content-type"], "application/json");
     assert_eq!(
         first.json::<Value>().await.unwrap(),
-        json!({"sn": "NF-1", "status": "not_found", "source": "upstream"})
+        json!({"sn": "NF-1", "status": "not_found", "source": "upstream",
+               "error": {"code": "not_found", "message": "no discount exists for this SN"}})
     );
     let second = app.get("/v1/discounts/NF-1").await;
     assert_eq!(second.status(), 404);
     assert_eq!(second.headers()["x-cache"], "HIT");
+    let body: Value = second.json().await.unwrap();
+    assert_eq!(
+        (body["source"].as_str(), body["error"]["code"].as_str()),
+        (Some("cache"), Some("not_found"))
+    );
 }
 
 #[tokio::test]
