@@ -314,6 +314,46 @@ mod tests {
         );
     }
 
+    fn key_paths(value: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, value) in map {
+                    let path = if prefix.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{prefix}.{key}")
+                    };
+                    key_paths(value, &path, out);
+                }
+            }
+            serde_json::Value::Null => {}
+            _ => out.push(prefix.to_owned()),
+        }
+    }
+
+    #[test]
+    fn the_production_example_documents_every_key() {
+        let mut known = Vec::new();
+        key_paths(
+            &serde_json::to_value(Config::default()).unwrap(),
+            "",
+            &mut known,
+        );
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/production.example.toml");
+        let file: serde_json::Value = Figment::from(Toml::file_exact(path)).extract().unwrap();
+        let mut documented = Vec::new();
+        key_paths(&file, "", &mut documented);
+        let missing: Vec<_> = known
+            .iter()
+            .filter(|key| !documented.contains(key))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "not in production.example.toml: {missing:?}"
+        );
+        assert!(known.len() > 20, "{known:?}");
+    }
+
     #[test]
     fn env_overrides_file_and_lists_are_comma_separated() {
         Jail::expect_with(|jail| {

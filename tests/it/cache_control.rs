@@ -103,3 +103,38 @@ async fn healthz_is_ok_and_readyz_names_each_dependency() {
         json!({"status": "degraded", "cache": "redis", "redis": "down", "upstream": "failing"})
     );
 }
+
+#[tokio::test]
+async fn an_invalidation_during_a_fetch_keeps_the_older_answer_out_of_the_cache() {
+    let app = TestApp::spawn().await;
+    app.upstream.hold();
+    let lookup = app.lookup(&["V1"]);
+    let invalidate_mid_fetch = async {
+        crate::support::wait_until(
+            "the fetch is at the upstream",
+            std::time::Duration::from_secs(5),
+            || async { app.upstream.in_flight() == 1 },
+        )
+        .await;
+        assert_eq!(app.delete("/v1/discounts/V1").await.status(), 204);
+        app.upstream.release();
+    };
+    let (body, ()) = tokio::join!(lookup, invalidate_mid_fetch);
+    assert_eq!(
+        crate::support::results(&body)[0]["status"],
+        "ok",
+        "the request still gets its answer"
+    );
+    assert_eq!(
+        app.redis_value("V1").await,
+        None,
+        "but it is not cached over the invalidation"
+    );
+    let next = app.get("/v1/discounts/V1").await;
+    assert_eq!(
+        next.headers()["x-cache"],
+        "MISS",
+        "the next lookup goes upstream"
+    );
+    assert_eq!(app.upstream.calls("V1"), 2);
+}

@@ -141,11 +141,12 @@ async fn simulate_upstream_speaks_the_upstream_contract() {
             "--listen",
             "127.0.0.1:0",
             "--latency",
-            "10ms",
+            "300ms",
         ],
         &[],
     );
     let listen = sim.listening_addr().await;
+    let started = std::time::Instant::now();
     let client = crate::support::http_client();
     let found = client
         .get(format!("http://{listen}/contract/?sn=C2024-0001"))
@@ -153,6 +154,10 @@ async fn simulate_upstream_speaks_the_upstream_contract() {
         .await
         .unwrap();
     assert_eq!(found.status(), 200);
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(300),
+        "--latency is applied"
+    );
     let body: Value = found.json().await.unwrap();
     assert_eq!(body["sn"], "C2024-0001");
     assert!(body["ratio"].is_string());
@@ -269,5 +274,20 @@ async fn json_logs_are_one_json_object_per_line() {
             serde_json::from_str::<Value>(line).is_ok(),
             "not JSON: {line}"
         );
+    }
+}
+
+#[tokio::test]
+async fn help_and_version_answer_and_exit_zero() {
+    let mut version = Process::spawn(&["--version"], &[]);
+    assert!(version.wait(Duration::from_secs(10)).await.success());
+    assert_eq!(
+        version.output().trim(),
+        format!("discount-proxy {}", env!("CARGO_PKG_VERSION"))
+    );
+    let mut help = Process::spawn(&["--help"], &[]);
+    assert!(help.wait(Duration::from_secs(10)).await.success());
+    for command in ["serve", "simulate-upstream", "demo", "--config"] {
+        assert!(help.output().contains(command), "--help mentions {command}");
     }
 }

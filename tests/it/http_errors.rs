@@ -129,6 +129,11 @@ async fn more_sns_than_max_batch_is_413_batch_too_large() {
         .post_json("/v1/discounts/lookup", &json!({ "sns": sns }))
         .await;
     expect_error(response, 413, "batch_too_large").await;
+    assert_eq!(
+        app.upstream.total_calls(),
+        0,
+        "no work for a rejected batch"
+    );
     let response = app
         .post_json("/v1/discounts/lookup", &json!({ "sns": sns[..10] }))
         .await;

@@ -66,7 +66,7 @@ async fn sigterm_during_a_slow_batch_finishes_the_response_and_the_write_back() 
 }
 
 #[tokio::test]
-async fn after_sigterm_new_connections_are_refused() {
+async fn after_sigterm_new_connections_are_refused_while_in_flight_ones_finish() {
     let redis = RedisServer::start();
     let upstream = StubUpstream::start().await;
     let mut proxy = Process::spawn(
@@ -92,15 +92,35 @@ async fn after_sigterm_new_connections_are_refused() {
         200,
         "plain `discount-proxy` serves, flags override"
     );
-    proxy.signal("TERM");
-    assert!(proxy.wait(Duration::from_secs(10)).await.success());
-    assert!(
-        client
-            .get(format!("http://{addr}/healthz"))
-            .send()
-            .await
-            .is_err()
+    upstream.hold();
+    let in_flight = client.get(format!("http://{addr}/v1/discounts/C2")).send();
+    let terminate = async {
+        wait_until("C2 is at the upstream", Duration::from_secs(5), || async {
+            upstream.in_flight() == 1
+        })
+        .await;
+        proxy.signal("TERM");
+        proxy
+            .wait_for_line("shutting down", Duration::from_secs(5))
+            .await;
+        let refused = tokio::net::TcpStream::connect(addr).await;
+        assert!(
+            refused.is_err(),
+            "a new connection while draining was accepted"
+        );
+        assert!(
+            proxy.is_running(),
+            "the held request keeps the process draining"
+        );
+        upstream.release();
+    };
+    let (response, ()) = tokio::join!(in_flight, terminate);
+    assert_eq!(
+        response.unwrap().status(),
+        200,
+        "the in-flight request finishes"
     );
+    assert!(proxy.wait(Duration::from_secs(10)).await.success());
 }
 
 #[tokio::test]

@@ -41,6 +41,7 @@ async fn each_distinct_miss_is_fetched_once_and_written_back_with_a_jittered_ttl
     let sns: Vec<String> = (0..50).map(|i| format!("C-{i}")).collect();
     let mut requested: Vec<&str> = sns.iter().map(String::as_str).collect();
     requested.extend(sns.iter().map(String::as_str)); // every SN twice
+    let sent = std::time::Instant::now();
     let body = app.lookup(&requested).await;
     assert_eq!(results(&body).len(), 100);
     assert_eq!(app.upstream.total_calls(), 50);
@@ -48,8 +49,9 @@ async fn each_distinct_miss_is_fetched_once_and_written_back_with_a_jittered_ttl
     for sn in &sns {
         assert_eq!(app.upstream.calls(sn), 1, "{sn}");
         let pttl = app.pttl(sn).await;
-        // ±10% jitter around 100 s, less the time since the write.
-        assert!((85_000..=110_000).contains(&pttl), "{sn}: PTTL {pttl}");
+        // ±10% jitter around 100 s, less the time since the request was sent.
+        let lowest = 90_000 - i64::try_from(sent.elapsed().as_millis()).unwrap();
+        assert!((lowest..=110_000).contains(&pttl), "{sn}: PTTL {pttl}");
         pttls.push(pttl);
     }
     // 50 keys written together: with jitter their TTLs spread over most of 20 s.
@@ -67,6 +69,11 @@ async fn a_second_lookup_is_served_from_the_cache_without_upstream_calls() {
         app.upstream.total_calls(),
         3,
         "no upstream call for cached SNs"
+    );
+    assert_eq!(
+        app.upstream.authorizations(),
+        [None, None, None],
+        "no token configured, none sent"
     );
     assert_eq!(second["summary"]["cache_hits"], 3);
     assert_eq!(second["summary"]["upstream_fetches"], 0);
@@ -133,9 +140,11 @@ async fn not_found_is_cached_as_a_negative_entry_with_its_own_ttl() {
         "GONE",
         crate::support::Reply::Status(404, r#"{"detail":"not found"}"#),
     );
+    let sent = std::time::Instant::now();
     app.lookup(&["GONE"]).await;
     let pttl = app.pttl("GONE").await;
-    assert!((16_000..=22_000).contains(&pttl), "negative TTL {pttl}");
+    let lowest = 18_000 - i64::try_from(sent.elapsed().as_millis()).unwrap();
+    assert!((lowest..=22_000).contains(&pttl), "negative TTL {pttl}");
     let again = app.lookup(&["GONE"]).await;
     assert_eq!(
         results(&again)[0],

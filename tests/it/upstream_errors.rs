@@ -143,6 +143,12 @@ async fn past_the_deadline_unresolved_sns_are_deadline_exceeded_and_still_writte
     assert_eq!(items[0]["status"], "ok");
     assert_eq!(items[1]["status"], "error");
     assert_eq!(items[1]["error"]["code"], "deadline_exceeded");
+    // What resolved is already cached, without waiting for the slow SN of its batch.
+    assert_eq!(app.upstream.in_flight(), 1, "LATE is still being fetched");
+    assert!(
+        app.redis_value("FAST").await.is_some(),
+        "FAST was written back before LATE ended"
+    );
     // The fetch goes on in the background and is written back.
     wait_until("LATE is written back", Duration::from_secs(5), || async {
         app.redis_value("LATE").await.is_some()
@@ -151,4 +157,30 @@ async fn past_the_deadline_unresolved_sns_are_deadline_exceeded_and_still_writte
     let again = app.lookup(&["FAST", "LATE"]).await;
     assert_eq!(again["summary"]["cache_hits"], 2);
     assert_eq!(app.upstream.calls("LATE"), 1);
+}
+
+#[tokio::test]
+async fn the_deadline_counts_from_arrival_so_a_slow_body_uses_it_up() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn_with(|config| {
+        config.server.request_timeout = Duration::from_millis(1500);
+        config.upstream.timeout = Duration::from_secs(5);
+    })
+    .await;
+    app.upstream.set_latency(Duration::from_millis(1000));
+    let body = r#"{"sns": ["SLOWBODY"]}"#;
+    let head = format!(
+        "POST /v1/discounts/lookup HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // The slow client is the scenario: its body comes 1 s after its headers. Counted from
+    // arrival, 0.5 s are left for a 1 s fetch; counted from the body, 1.5 s would be.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stream.write_all(body.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("deadline_exceeded"), "{answer}");
 }

@@ -97,6 +97,10 @@ impl Process {
             .unwrap_or_else(|| panic!("no address in {line:?}"))
     }
 
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
             .arg(format!("-{signal}"))
