@@ -6,8 +6,8 @@ use crate::cache::{Cache, Entry, Write};
 use crate::health::Health;
 use crate::lookup::LookupSettings;
 use crate::upstream::{Fetched, UpstreamClient, UpstreamError};
-use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{Stream, StreamExt};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
@@ -50,21 +50,10 @@ impl Fetcher {
             .collect();
         let mut writes = Vec::new();
         let mut flush_at: Option<Instant> = None;
-        loop {
-            let next = match flush_at {
-                None => pending.next().await,
-                Some(at) => tokio::select! {
-                    next = pending.next() => next,
-                    () = tokio::time::sleep_until(at) => {
-                        self.write_back(std::mem::take(&mut writes)).await;
-                        flush_at = None;
-                        continue;
-                    }
-                },
-            };
-            let Some((index, sn, result)) = next else {
-                break;
-            };
+        while let Some((index, sn, result)) = self
+            .next_answer(&mut pending, &mut writes, &mut flush_at)
+            .await
+        {
             self.health.record_upstream(result.is_ok());
             match &result {
                 Ok(fetched) => {
@@ -85,6 +74,27 @@ impl Fetcher {
         }
         drop(pending);
         self.write_back(writes).await;
+    }
+
+    /// The next answer; while waiting for it, writes back what has waited long enough.
+    async fn next_answer<S: Stream + Unpin>(
+        &self,
+        pending: &mut S,
+        writes: &mut Vec<Write>,
+        flush_at: &mut Option<Instant>,
+    ) -> Option<S::Item> {
+        loop {
+            let Some(at) = *flush_at else {
+                return pending.next().await;
+            };
+            tokio::select! {
+                next = pending.next() => return next,
+                () = tokio::time::sleep_until(at) => {
+                    self.write_back(std::mem::take(writes)).await;
+                    *flush_at = None;
+                }
+            }
+        }
     }
 
     /// The write for one answer, unless the SN was invalidated since the fetch began.
