@@ -1,6 +1,6 @@
 //! Wires the configuration into the running parts and serves them until shutdown.
 
-use crate::cache::{Cache, MemoryCache, RedisCache, redis_settings};
+use crate::cache::{Cache, MemoryCache, RedisCache, RedisSettings};
 use crate::config::{Config, redacted_url};
 use crate::health::Health;
 use crate::lookup::{Lookup, LookupSettings};
@@ -54,17 +54,12 @@ impl AppState {
     /// A Redis URL redis-rs rejects, or a TLS stack that cannot be set up.
     pub fn build(config: &Config, choice: CacheChoice) -> Result<Arc<Self>, StartError> {
         let cache: Arc<dyn Cache> = match choice {
-            CacheChoice::Redis => Arc::new(RedisCache::new(&redis_settings(&config.redis))?),
+            CacheChoice::Redis => Arc::new(RedisCache::new(&RedisSettings::from(&config.redis))?),
             CacheChoice::Memory => Arc::new(MemoryCache::new(config.cache.memory_max_entries)),
         };
-        let upstream = Arc::new(UpstreamClient::new(&UpstreamSettings {
-            url_template: config.upstream.url.clone(),
-            token: config.upstream.token.clone(),
-            concurrency: config.upstream.concurrency,
-            timeout: config.upstream.timeout,
-            connect_timeout: config.upstream.connect_timeout,
-            max_body_bytes: config.upstream.max_body_bytes,
-        })?);
+        let upstream = Arc::new(UpstreamClient::new(&UpstreamSettings::from(
+            &config.upstream,
+        ))?);
         let health = Arc::new(Health::default());
         let lookup = Lookup::new(
             cache,

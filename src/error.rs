@@ -2,6 +2,7 @@
 
 use crate::lookup::ItemError;
 use crate::sn::SnError;
+use crate::upstream::UpstreamError;
 use hyper::StatusCode;
 
 /// Everything that can end a request early. Messages go to the client: no internal detail.
@@ -50,11 +51,10 @@ impl Error {
             }
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Self::Item(item) => match item.code() {
-                "upstream_timeout" | "deadline_exceeded" => StatusCode::GATEWAY_TIMEOUT,
-                "upstream_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::BAD_GATEWAY,
-            },
+            Self::Item(
+                ItemError::Upstream(UpstreamError::Timeout(_)) | ItemError::DeadlineExceeded,
+            ) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Item(ItemError::Upstream(_)) => StatusCode::BAD_GATEWAY,
             Self::CacheUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -81,7 +81,6 @@ impl Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::upstream::UpstreamError;
     use std::time::Duration;
 
     #[test]

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use discount_proxy::app::{self, CacheChoice};
-use discount_proxy::cache::{Cache, RedisCache, redis_settings};
+use discount_proxy::cache::{Cache, RedisCache, RedisSettings};
 use discount_proxy::cli::{Cli, Command, ServeArgs, SimulateArgs};
 use discount_proxy::config::{self, Config, LogFormat};
 use discount_proxy::secret::Secret;
@@ -67,7 +67,7 @@ async fn demo(args: &ServeArgs) -> anyhow::Result<()> {
     tokio::spawn(simulator.run(listener, std::future::pending()));
     config.upstream.url = format!("http://{upstream_addr}/contract/?sn={{sn}}");
     info!(addr = %upstream_addr, latency = "500ms", "demo: simulated upstream started");
-    let choice = match RedisCache::new(&redis_settings(&config.redis)) {
+    let choice = match RedisCache::new(&RedisSettings::from(&config.redis)) {
         Ok(redis) => match redis.ping().await {
             Ok(()) => CacheChoice::Redis,
             Err(err) => {

@@ -57,6 +57,9 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
     drain(listener, graceful, &state).await;
 }
 
+/// The least time background write-backs get after the in-flight requests are done.
+const MIN_FLUSH: Duration = Duration::from_secs(2);
+
 async fn drain(listener: TcpListener, graceful: GracefulShutdown, state: &AppState) {
     state.health.mark_draining();
     drop(listener);
@@ -68,7 +71,10 @@ async fn drain(listener: TcpListener, graceful: GracefulShutdown, state: &AppSta
     {
         warn!("grace period over with requests still in flight");
     }
-    let remaining = deadline.saturating_duration_since(Instant::now());
+    // Requests that used up the grace still get a moment for their write-backs.
+    let remaining = deadline
+        .saturating_duration_since(Instant::now())
+        .max(MIN_FLUSH);
     if state.lookup.drain(remaining).await {
         info!("shutdown complete: all write-backs finished");
     } else {

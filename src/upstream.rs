@@ -6,7 +6,6 @@ use bytes::{Bytes, BytesMut};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::StatusCode;
 use reqwest::header::HeaderValue;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
@@ -26,6 +25,19 @@ pub struct UpstreamSettings {
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub max_body_bytes: usize,
+}
+
+impl From<&crate::config::UpstreamConfig> for UpstreamSettings {
+    fn from(config: &crate::config::UpstreamConfig) -> Self {
+        Self {
+            url_template: config.url.clone(),
+            token: config.token.clone(),
+            concurrency: config.concurrency,
+            timeout: config.timeout,
+            connect_timeout: config.connect_timeout,
+            max_body_bytes: config.max_body_bytes,
+        }
+    }
 }
 
 /// A definite answer from the upstream: the only kind that is ever cached.
@@ -111,7 +123,7 @@ pub struct UpstreamClient {
     template: UrlTemplate,
     /// `Token <token>`, built once and marked sensitive so no HTTP layer ever logs it.
     authorization: Option<HeaderValue>,
-    limit: Arc<Semaphore>,
+    limit: Semaphore,
     timeout: Duration,
     max_body_bytes: usize,
 }
@@ -135,7 +147,7 @@ impl UpstreamClient {
             http,
             template: UrlTemplate::parse(&settings.url_template),
             authorization: settings.token.as_ref().map(authorization).transpose()?,
-            limit: Arc::new(Semaphore::new(settings.concurrency)),
+            limit: Semaphore::new(settings.concurrency),
             timeout: settings.timeout,
             max_body_bytes: settings.max_body_bytes,
         })
@@ -143,16 +155,20 @@ impl UpstreamClient {
 
     /// Fetches one SN, waiting for a slot under the global limit first.
     ///
-    /// The timeout covers the request and its body, not the wait for a slot: that wait is
-    /// bounded by the caller's own deadline.
+    /// The timeout covers the request and its body, not the wait for a slot. The caller's
+    /// deadline does not cut that wait either: a fetch whose requester gave up still runs and
+    /// is written back, so a retry finds it cached.
     ///
     /// # Errors
     /// Anything but a `200` with a JSON body or a `404`.
     pub async fn fetch(&self, sn: &str) -> Result<Fetched, UpstreamError> {
-        let _permit =
-            self.limit.acquire().await.map_err(|_| {
-                UpstreamError::Connection("the upstream client is closed".to_owned())
-            })?;
+        // The semaphore is never closed, so acquiring cannot fail; the error arm is unreachable
+        // but kept total rather than panicking.
+        let Ok(_permit) = self.limit.acquire().await else {
+            return Err(UpstreamError::Connection(
+                "the upstream limit is closed".to_owned(),
+            ));
+        };
         tokio::time::timeout(self.timeout, self.fetch_now(sn))
             .await
             .map_err(|_| UpstreamError::Timeout(self.timeout))?

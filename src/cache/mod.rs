@@ -26,7 +26,11 @@ pub enum CacheError {
     #[error("redis {op} timed out after {timeout:?}")]
     Timeout { op: &'static str, timeout: Duration },
     #[error("no redis connection: {0}")]
-    Pool(String),
+    Pool(#[source] deadpool_redis::PoolError),
+    #[error("the redis connection pool could not be built: {0}")]
+    PoolBuild(#[source] deadpool_redis::BuildError),
+    #[error("redis URL cannot be used: {0}")]
+    InvalidUrl(#[source] ::redis::RedisError),
     #[error("redis {op} failed: {source}")]
     Command {
         op: &'static str,
@@ -70,13 +74,14 @@ pub trait Cache: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
 }
 
-/// The Redis backend's settings from the `[redis]` config section.
-pub fn redis_settings(config: &crate::config::RedisConfig) -> self::redis::RedisSettings {
-    self::redis::RedisSettings {
-        url: config.url.clone(),
-        pool_size: config.pool_size,
-        key_prefix: config.key_prefix.clone(),
-        timeout: config.timeout,
-        chunk_size: config.chunk_size,
+impl From<&crate::config::RedisConfig> for RedisSettings {
+    fn from(config: &crate::config::RedisConfig) -> Self {
+        Self {
+            url: config.url.clone(),
+            pool_size: config.pool_size,
+            key_prefix: config.key_prefix.clone(),
+            timeout: config.timeout,
+            chunk_size: config.chunk_size,
+        }
     }
 }

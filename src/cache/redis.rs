@@ -37,13 +37,8 @@ impl RedisCache {
         let connection = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(settings.timeout))
             .set_response_timeout(Some(settings.timeout));
-        let manager =
-            Manager::new_with_config(settings.url.as_str(), connection).map_err(|source| {
-                CacheError::Command {
-                    op: "connect",
-                    source,
-                }
-            })?;
+        let manager = Manager::new_with_config(settings.url.as_str(), connection)
+            .map_err(CacheError::InvalidUrl)?;
         let pool = Pool::builder(manager)
             .max_size(settings.pool_size)
             .wait_timeout(Some(settings.timeout))
@@ -51,7 +46,7 @@ impl RedisCache {
             .recycle_timeout(Some(settings.timeout))
             .runtime(Runtime::Tokio1)
             .build()
-            .map_err(|err| CacheError::Pool(err.to_string()))?;
+            .map_err(CacheError::PoolBuild)?;
         Ok(Self {
             pool,
             key_prefix: settings.key_prefix.clone(),
@@ -73,7 +68,7 @@ impl RedisCache {
                 op: "connection checkout",
                 timeout,
             })?
-            .map_err(|err| CacheError::Pool(err.to_string()))?;
+            .map_err(CacheError::Pool)?;
         tokio::time::timeout(timeout, command(conn))
             .await
             .map_err(|_| CacheError::Timeout { op, timeout })?
@@ -86,13 +81,19 @@ impl RedisCache {
         buf.extend_from_slice(sn.as_bytes());
     }
 
-    async fn get_chunk(&self, sns: &[&str]) -> Result<Vec<Option<Bytes>>, CacheError> {
-        let mut cmd = redis::cmd("MGET");
+    /// `name` with the key of every SN as its arguments.
+    fn keyed(&self, name: &str, sns: &[&str]) -> redis::Cmd {
+        let mut cmd = redis::cmd(name);
         let mut key = Vec::new();
         for sn in sns {
             self.key_into(&mut key, sn);
             cmd.arg(&key[..]);
         }
+        cmd
+    }
+
+    async fn get_chunk(&self, sns: &[&str]) -> Result<Vec<Option<Bytes>>, CacheError> {
+        let cmd = self.keyed("MGET", sns);
         let values: Vec<Option<Vec<u8>>> = self
             .run("MGET", |mut conn| async move {
                 cmd.query_async(&mut conn).await
@@ -127,12 +128,7 @@ impl RedisCache {
     }
 
     async fn delete_chunk(&self, sns: &[&str]) -> Result<u64, CacheError> {
-        let mut cmd = redis::cmd("DEL");
-        let mut key = Vec::new();
-        for sn in sns {
-            self.key_into(&mut key, sn);
-            cmd.arg(&key[..]);
-        }
+        let cmd = self.keyed("DEL", sns);
         self.run(
             "DEL",
             |mut conn| async move { cmd.query_async(&mut conn).await },

@@ -11,7 +11,9 @@ use futures_util::{Stream, StreamExt};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 /// What a fetch task needs, owned, so it outlives the request that started it.
@@ -21,6 +23,8 @@ pub(super) struct Fetcher {
     pub(super) health: Arc<Health>,
     pub(super) settings: LookupSettings,
     pub(super) invalidations: Arc<Invalidations>,
+    /// Write-backs run as tasks of their own here, so shutdown waits for them too.
+    pub(super) tasks: TaskTracker,
 }
 
 /// Answers wait at most this long for their write-back: a batch that resolves together is
@@ -32,6 +36,8 @@ const WRITE_BACK_DELAY: Duration = Duration::from_millis(50);
 pub(super) type FetchResult = (usize, Result<Fetched, UpstreamError>);
 
 impl Fetcher {
+    /// Fetches every job, sends each answer to `tx` as it comes, and writes the definite ones
+    /// back. `tx` is dropped only after the last write-back, so the request can wait for it.
     pub(super) async fn fetch_and_write_back(
         self,
         jobs: Vec<(usize, String)>,
@@ -48,52 +54,37 @@ impl Fetcher {
                 }
             })
             .collect();
-        let mut writes = Vec::new();
-        let mut flush_at: Option<Instant> = None;
-        while let Some((index, sn, result)) = self
-            .next_answer(&mut pending, &mut writes, &mut flush_at)
-            .await
-        {
+        let mut writes = PendingWrites::new(
+            self.writer(started),
+            self.tasks.clone(),
+            self.settings.write_batch,
+        );
+        while let Some((index, sn, result)) = next_answer(&mut pending, &mut writes).await {
             self.health.record_upstream(result.is_ok());
-            match &result {
-                Ok(fetched) => {
-                    if let Some(write) = self.write_for(sn, fetched, started) {
-                        writes.push(write);
-                        flush_at.get_or_insert_with(|| Instant::now() + WRITE_BACK_DELAY);
-                    }
+            let write = match &result {
+                Ok(fetched) => self.write_for(sn, fetched, started),
+                Err(err) => {
+                    warn!(sn = %sn, error = %err, "upstream fetch failed; not cached");
+                    None
                 }
-                Err(err) => warn!(sn = %sn, error = %err, "upstream fetch failed; not cached"),
-            }
-            if writes.len() >= self.settings.write_batch {
-                self.write_back(std::mem::take(&mut writes)).await;
-                flush_at = None;
-            }
-            // The receiver is gone when the client left or the deadline passed: keep going,
-            // the write-back still makes the next lookup a hit.
+            };
+            // The answer goes out first, never behind Redis. The receiver is gone when the
+            // client left or the deadline passed: keep going, the write-back still counts.
             let _ = tx.send((index, result));
+            if let Some(write) = write {
+                writes.push(write);
+            }
         }
         drop(pending);
-        self.write_back(writes).await;
+        writes.finish().await;
     }
 
-    /// The next answer; while waiting for it, writes back what has waited long enough.
-    async fn next_answer<S: Stream + Unpin>(
-        &self,
-        pending: &mut S,
-        writes: &mut Vec<Write>,
-        flush_at: &mut Option<Instant>,
-    ) -> Option<S::Item> {
-        loop {
-            let Some(at) = *flush_at else {
-                return pending.next().await;
-            };
-            tokio::select! {
-                next = pending.next() => return next,
-                () = tokio::time::sleep_until(at) => {
-                    self.write_back(std::mem::take(writes)).await;
-                    *flush_at = None;
-                }
-            }
+    fn writer(&self, started: Instant) -> Writer {
+        Writer {
+            cache: Arc::clone(&self.cache),
+            health: Arc::clone(&self.health),
+            invalidations: Arc::clone(&self.invalidations),
+            started,
         }
     }
 
@@ -114,8 +105,88 @@ impl Fetcher {
             ttl: jittered(ttl),
         })
     }
+}
 
-    async fn write_back(&self, writes: Vec<Write>) {
+/// The next answer; while waiting for it, sends off the writes that have waited long enough.
+async fn next_answer<S: Stream + Unpin>(
+    pending: &mut S,
+    writes: &mut PendingWrites,
+) -> Option<S::Item> {
+    loop {
+        let Some(at) = writes.flush_at else {
+            return pending.next().await;
+        };
+        tokio::select! {
+            next = pending.next() => return next,
+            () = tokio::time::sleep_until(at) => writes.flush(),
+        }
+    }
+}
+
+/// Writes gathered into pipelines. Each pipeline runs as its own task, so a slow Redis
+/// never stops the fetch loop from collecting answers (and releasing upstream slots).
+struct PendingWrites {
+    writes: Vec<Write>,
+    flush_at: Option<Instant>,
+    flushes: Vec<JoinHandle<()>>,
+    writer: Writer,
+    tasks: TaskTracker,
+    max: usize,
+}
+
+impl PendingWrites {
+    fn new(writer: Writer, tasks: TaskTracker, max: usize) -> Self {
+        Self {
+            writes: Vec::new(),
+            flush_at: None,
+            flushes: Vec::new(),
+            writer,
+            tasks,
+            max: max.max(1),
+        }
+    }
+
+    fn push(&mut self, write: Write) {
+        self.writes.push(write);
+        self.flush_at
+            .get_or_insert_with(|| Instant::now() + WRITE_BACK_DELAY);
+        if self.writes.len() >= self.max {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        self.flush_at = None;
+        if self.writes.is_empty() {
+            return;
+        }
+        let writes = std::mem::take(&mut self.writes);
+        self.flushes
+            .push(self.tasks.spawn(self.writer.clone().write(writes)));
+    }
+
+    /// Sends what is left and waits for every pipeline of this batch.
+    async fn finish(mut self) {
+        self.flush();
+        for flush in self.flushes {
+            let _ = flush.await;
+        }
+    }
+}
+
+/// Writes one pipeline, counting and logging a failure: it is never the request's failure.
+#[derive(Clone)]
+struct Writer {
+    cache: Arc<dyn Cache>,
+    health: Arc<Health>,
+    invalidations: Arc<Invalidations>,
+    started: Instant,
+}
+
+impl Writer {
+    async fn write(self, mut writes: Vec<Write>) {
+        // Checked again right before the SET: an invalidation may have come in meanwhile.
+        writes.retain(|write| !self.invalidations.since(&write.sn, self.started));
         if writes.is_empty() {
             return;
         }
@@ -130,7 +201,7 @@ impl Fetcher {
 }
 
 /// ±10% on every TTL, so keys written together do not all expire together.
-pub fn jittered(ttl: Duration) -> Duration {
+fn jittered(ttl: Duration) -> Duration {
     ttl.mul_f64(0.9 + 0.2 * fastrand::f64())
 }
 

@@ -15,7 +15,15 @@ const PRUNE_ABOVE: usize = 10_000;
 
 #[derive(Debug, Default)]
 pub(super) struct Invalidations {
-    recent: Mutex<HashMap<String, Instant>>,
+    recent: Mutex<Recent>,
+}
+
+#[derive(Debug, Default)]
+struct Recent {
+    at: HashMap<String, Instant>,
+    /// The size past which the next prune runs: twice what the last one left, so pruning
+    /// costs O(1) per invalidation on average however many are remembered.
+    prune_above: usize,
 }
 
 impl Invalidations {
@@ -23,20 +31,23 @@ impl Invalidations {
     pub(super) fn record(&self, sns: &[&str]) {
         let now = Instant::now();
         let mut recent = self.lock();
-        if recent.len() > PRUNE_ABOVE {
-            recent.retain(|_, at| now.saturating_duration_since(*at) < HORIZON);
+        if recent.at.len() > recent.prune_above.max(PRUNE_ABOVE) {
+            recent
+                .at
+                .retain(|_, at| now.saturating_duration_since(*at) < HORIZON);
+            recent.prune_above = recent.at.len() * 2;
         }
         for sn in sns {
-            recent.insert((*sn).to_owned(), now);
+            recent.at.insert((*sn).to_owned(), now);
         }
     }
 
     /// Whether `sn` was invalidated at or after `started` (so its answer must not be cached).
     pub(super) fn since(&self, sn: &str, started: Instant) -> bool {
-        self.lock().get(sn).is_some_and(|at| *at >= started)
+        self.lock().at.get(sn).is_some_and(|at| *at >= started)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recent> {
         // Plain inserts and reads: a poisoned map is still a consistent map.
         self.recent
             .lock()

@@ -5,7 +5,7 @@ mod input;
 use self::input::{BodyLimits, read_sns, refresh_requested};
 use crate::app::AppState;
 use crate::error::Error;
-use crate::lookup::{Outcome, Source};
+use crate::lookup::{Outcome, Source, Summary};
 use crate::{health, render, sn};
 use bytes::Bytes;
 use http_body_util::Full;
@@ -21,9 +21,22 @@ pub type Body = Full<Bytes>;
 /// What a lookup did, attached to its response for the request log line.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LookupStats {
+    /// SNs requested, duplicates included.
     pub sns: usize,
+    /// Distinct SNs answered from a cache tier (stale included).
     pub hits: usize,
+    /// Distinct SNs sent to the upstream.
     pub misses: usize,
+}
+
+impl From<&Summary> for LookupStats {
+    fn from(summary: &Summary) -> Self {
+        Self {
+            sns: summary.requested,
+            hits: summary.cache_hits + summary.stale,
+            misses: summary.upstream_fetches,
+        }
+    }
 }
 
 const SN_PATH_PREFIX: &str = "/v1/discounts/";
@@ -146,11 +159,7 @@ async fn lookup_batch(
     let refresh = refresh_requested(&request)?;
     let sns = read_sns(request, &body_limits(state)).await?;
     let batch = state.lookup.resolve(sns, refresh, arrived).await;
-    let stats = LookupStats {
-        sns: batch.summary.requested,
-        hits: batch.summary.cache_hits + batch.summary.stale,
-        misses: batch.summary.upstream_fetches,
-    };
+    let stats = LookupStats::from(&batch.summary);
     let mut response = json_response(StatusCode::OK, render::batch(&batch));
     response.extensions_mut().insert(stats);
     Ok(response)
@@ -163,11 +172,7 @@ async fn lookup_one(
     arrived: Instant,
 ) -> Result<Response<Body>, Error> {
     let mut batch = state.lookup.resolve(vec![sn], refresh, arrived).await;
-    let stats = LookupStats {
-        sns: 1,
-        hits: batch.summary.cache_hits + batch.summary.stale,
-        misses: batch.summary.upstream_fetches,
-    };
+    let stats = LookupStats::from(&batch.summary);
     let (Some(sn), Some(outcome)) = (batch.distinct.pop(), batch.outcomes.pop()) else {
         return Err(Error::InvalidRequest("no SN in the path".to_owned()));
     };
