@@ -14,26 +14,39 @@ use tracing::{info, warn};
 
 /// Everything a request handler needs, shared by all connections.
 pub struct AppState {
+    /// The lookup core that answers every batch, single GET and invalidation.
     pub lookup: Lookup,
+    /// The phase and dependency states that `/readyz` reports.
     pub health: Arc<Health>,
+    /// Most SNs in one request (`server.max_batch`); more is `413 batch_too_large`.
     pub max_batch: usize,
+    /// Largest request body (`server.max_body_bytes`); more is `413 payload_too_large`.
     pub max_body_bytes: usize,
+    /// Time a request body has to arrive (`server.body_read_timeout`); else `408`.
     pub body_read_timeout: Duration,
+    /// Bearer tokens accepted on `/v1/*` (`server.api_tokens`); empty means no auth.
     pub api_tokens: Vec<Secret>,
+    /// Time after SIGTERM for in-flight requests and write-backs (`server.shutdown_grace`).
     pub shutdown_grace: Duration,
+    /// Time a client has to send its headers before it is cut off (slowloris defence).
     pub header_read_timeout: Duration,
 }
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// The Redis cache could not be set up, for example from a URL redis-rs rejects.
     #[error(transparent)]
     Cache(#[from] crate::cache::CacheError),
+    /// The upstream client could not be built: a TLS stack failure or an unusable token.
     #[error(transparent)]
     Upstream(#[from] crate::upstream::UpstreamError),
+    /// `server.listen` could not be bound: the address is taken or not this machine's.
     #[error("could not listen on {addr}: {source}")]
     Bind {
+        /// The address that was asked for.
         addr: std::net::SocketAddr,
+        /// Why the operating system refused it.
         #[source]
         source: std::io::Error,
     },

@@ -14,12 +14,15 @@ use std::time::Duration;
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
+    /// The subcommand given, if any; none means `serve`.
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// The `serve` flags given without a subcommand.
     #[command(flatten)]
     pub serve: ServeArgs,
 }
 
+/// What to run.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy (the default).
@@ -62,6 +65,7 @@ impl ServeArgs {
     }
 }
 
+/// How the simulated upstream listens and behaves.
 #[derive(Debug, Clone, Args)]
 pub struct SimulateArgs {
     /// Address to bind.

@@ -8,28 +8,53 @@ use hyper::StatusCode;
 /// Everything that can end a request early. Messages go to the client: no internal detail.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The body is not parseable JSON (`400 invalid_json`).
     #[error("the request body is not valid JSON: {0}")]
     InvalidJson(String),
+    /// The request is well-formed but wrong: bad shape, empty `sns`, bad `refresh`, and so on.
     #[error("{0}")]
     InvalidRequest(String),
+    /// The SN in a single GET or DELETE path is not a valid SN (`400 invalid_sn`).
     #[error(transparent)]
     InvalidSn(#[from] SnError),
+    /// API tokens are configured and the request has no valid bearer token (`401`).
     #[error("this endpoint needs an `Authorization: Bearer <token>` header with a valid token")]
     Unauthorized,
+    /// No route matches the path (`404 not_found`); holds the method and path.
     #[error("there is no route {0}")]
     RouteNotFound(String),
+    /// The path exists but not for this method (`405`, with an `Allow` header).
     #[error("{method} is not allowed here; allowed: {allow}")]
-    MethodNotAllowed { method: String, allow: &'static str },
+    MethodNotAllowed {
+        /// The method the client used.
+        method: String,
+        /// The methods the path accepts, as the `Allow` header value.
+        allow: &'static str,
+    },
+    /// The body holds more SNs than `server.max_batch` (`413 batch_too_large`).
     #[error("the batch has {count} SNs; at most {max} are allowed")]
-    BatchTooLarge { count: usize, max: usize },
+    BatchTooLarge {
+        /// How many SNs the request held.
+        count: usize,
+        /// The configured `server.max_batch`.
+        max: usize,
+    },
+    /// The body is bigger than `server.max_body_bytes`, declared or read (`413`).
     #[error("the request body is larger than {max} bytes")]
-    PayloadTooLarge { max: usize },
+    PayloadTooLarge {
+        /// The configured `server.max_body_bytes`.
+        max: usize,
+    },
+    /// The body was not sent as `Content-Type: application/json` (`415`).
     #[error("the request body must be JSON, sent with `Content-Type: application/json`")]
     UnsupportedMediaType,
+    /// The body did not arrive within `server.body_read_timeout` (`408 body_timeout`).
     #[error("the request body did not arrive within {0:?}")]
     BodyTimeout(std::time::Duration),
+    /// A single GET's SN has no answer: the upstream failed or the deadline passed (`502`/`504`).
     #[error(transparent)]
     Item(#[from] ItemError),
+    /// Redis could not be reached for a DELETE or invalidate, so nothing is claimed removed.
     #[error(
         "the cache could not be reached; some or all of the SNs may still be cached, try again"
     )]

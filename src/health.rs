@@ -22,8 +22,11 @@ pub struct Health {
 /// Where the server is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
+    /// Not yet accepting requests; `/readyz` answers `503 starting`.
     Starting,
+    /// Serving; `/readyz` answers 200 (`ok` or `degraded`).
     Ready,
+    /// Shutting down after a signal; `/readyz` answers `503 draining` so traffic moves away.
     Draining,
 }
 
@@ -42,6 +45,7 @@ pub fn readiness(phase: Phase, cache_ok: bool, upstream_state: &str) -> (bool, &
 }
 
 impl Health {
+    /// Where the server is in its life right now.
     pub fn phase(&self) -> Phase {
         match self.phase.load(Ordering::Acquire) {
             STARTING => Phase::Starting,
@@ -50,6 +54,7 @@ impl Health {
         }
     }
 
+    /// Moves from starting to ready; does nothing once draining has begun.
     pub fn mark_ready(&self) {
         // Never go back from draining to ready.
         let _ = self
@@ -57,6 +62,7 @@ impl Health {
             .compare_exchange(STARTING, READY, Ordering::AcqRel, Ordering::Acquire);
     }
 
+    /// Marks the server as shutting down, so `/readyz` turns it away from new traffic.
     pub fn mark_draining(&self) {
         self.phase.store(DRAINING, Ordering::Release);
     }
@@ -79,6 +85,7 @@ impl Health {
         }
     }
 
+    /// Counts one failed Redis operation (a read, write-back or delete).
     pub fn record_redis_error(&self) {
         self.redis_errors.fetch_add(1, Ordering::Relaxed);
     }

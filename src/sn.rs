@@ -8,10 +8,15 @@ pub const MAX_SN_BYTES: usize = 128;
 /// Why an SN was rejected; the message goes back to the client as-is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SnError {
+    /// The SN is the empty string.
     Empty,
+    /// The SN is longer than `MAX_SN_BYTES`; holds its length in bytes.
     TooLong(usize),
+    /// The SN contains a control character, such as `\r` or `\n`, that could inject commands.
     ControlCharacter,
+    /// The SN contains whitespace, Unicode spaces included.
     Whitespace,
+    /// A percent-decoded path segment is not valid UTF-8.
     NotUtf8,
 }
 

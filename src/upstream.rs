@@ -19,11 +19,17 @@ const SN_ENCODE_SET: &AsciiSet = &NON_ALPHANUMERIC
 /// How [`UpstreamClient`] talks to the discount service.
 #[derive(Debug, Clone)]
 pub struct UpstreamSettings {
+    /// The URL with `{sn}` where the percent-encoded SN goes (`upstream.url`).
     pub url_template: String,
+    /// Sent as `Authorization: Token <token>` when set (`upstream.token`).
     pub token: Option<Secret>,
+    /// Most requests in flight across all lookups (`upstream.concurrency`).
     pub concurrency: usize,
+    /// Time allowed for one request, body included (`upstream.timeout`).
     pub timeout: Duration,
+    /// Time allowed for the TCP connect (`upstream.connect_timeout`).
     pub connect_timeout: Duration,
+    /// Largest body accepted; a larger one is an `upstream_error` (`upstream.max_body_bytes`).
     pub max_body_bytes: usize,
 }
 
@@ -52,18 +58,25 @@ pub enum Fetched {
 /// Why the upstream gave no definite answer. Never cached.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
+    /// The request and its body took longer than `upstream.timeout` (`upstream_timeout`).
     #[error("the upstream did not answer within {0:?}")]
     Timeout(Duration),
+    /// The upstream answered neither `200` nor `404` (a `5xx`, a `429`, a redirect).
     #[error("the upstream answered HTTP {0}")]
     Status(u16),
+    /// The upstream answered `200` but the body is not one JSON value.
     #[error("the upstream answered 200 with a body that is not JSON")]
     NotJson,
+    /// The body is bigger than `upstream.max_body_bytes`, declared or streamed.
     #[error("the upstream answered with a body larger than {0} bytes")]
     TooLarge(usize),
+    /// The connection was refused or broke, or the HTTP client could not be built.
     #[error("could not reach the upstream: {0}")]
     Connection(String),
+    /// No valid URL could be made for the SN, such as `.` or `..` where `{sn}` is in the path.
     #[error("could not build the upstream URL: {0}")]
     Url(String),
+    /// `upstream.token` has characters an HTTP header cannot carry; found at start.
     #[error("the upstream token holds characters a header cannot carry")]
     BadToken,
 }

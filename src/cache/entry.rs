@@ -14,7 +14,9 @@ const HEADER_LEN: usize = MAGIC.len() + 1 + TIME_DIGITS + 1;
 /// Whether the upstream knew the SN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryKind {
+    /// The upstream returned a discount; the entry holds its JSON.
     Found,
+    /// The upstream answered `404`; the entry remembers that the SN does not exist.
     NotFound,
 }
 
@@ -86,6 +88,7 @@ impl Entry {
         })
     }
 
+    /// Whether this entry is a discount or a remembered `not_found`.
     pub fn kind(&self) -> EntryKind {
         self.kind
     }

@@ -15,6 +15,7 @@ pub struct MemoryCache {
 }
 
 impl MemoryCache {
+    /// An empty cache holding at most `max_entries` entries (at least one).
     pub fn new(max_entries: usize) -> Self {
         Self {
             entries: Mutex::new(HashMap::new()),

@@ -23,17 +23,29 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// goes on without the cache.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
+    /// A connection checkout or a command took longer than `redis.timeout` (a hung Redis).
     #[error("redis {op} timed out after {timeout:?}")]
-    Timeout { op: &'static str, timeout: Duration },
+    Timeout {
+        /// What timed out: `connection checkout` or the command's name.
+        op: &'static str,
+        /// The bound it ran past.
+        timeout: Duration,
+    },
+    /// No pooled connection could be had, typically because Redis is down or refusing.
     #[error("no redis connection: {0}")]
     Pool(#[source] deadpool_redis::PoolError),
+    /// The connection pool could not be created at start.
     #[error("the redis connection pool could not be built: {0}")]
     PoolBuild(#[source] deadpool_redis::BuildError),
+    /// `redis.url` is not a URL redis-rs can connect with.
     #[error("redis URL cannot be used: {0}")]
     InvalidUrl(#[source] ::redis::RedisError),
+    /// Redis answered a command with an error, or the connection broke during it.
     #[error("redis {op} failed: {source}")]
     Command {
+        /// The command that failed, like `MGET`.
         op: &'static str,
+        /// What redis-rs reported.
         #[source]
         source: ::redis::RedisError,
     },
@@ -44,15 +56,20 @@ pub enum CacheError {
 /// a partial failure is never a silent miss.
 #[derive(Debug, Default)]
 pub struct Values {
+    /// One slot per requested SN, in request order; `None` is a miss or a failed chunk.
     pub values: Vec<Option<Bytes>>,
+    /// The errors of the chunks that failed, for the caller to log and count.
     pub failures: Vec<CacheError>,
 }
 
 /// One value to write back: the SN, its encoded [`Entry`], and how long Redis keeps it.
 #[derive(Debug, Clone)]
 pub struct Write {
+    /// The SN the value belongs to; the backend adds its key prefix.
     pub sn: String,
+    /// The encoded entry, stored as-is.
     pub value: Bytes,
+    /// How long the backend keeps the value before it expires.
     pub ttl: Duration,
 }
 

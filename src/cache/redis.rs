@@ -11,10 +11,15 @@ use std::time::Duration;
 /// How [`RedisCache`] reaches Redis.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
+    /// Where Redis is (`redis.url`); `rediss://` connects over TLS.
     pub url: String,
+    /// Most pooled connections (`redis.pool_size`).
     pub pool_size: usize,
+    /// Prepended to every SN to make its key (`redis.key_prefix`).
     pub key_prefix: String,
+    /// Bound on one checkout and, separately, one command (`redis.timeout`).
     pub timeout: Duration,
+    /// Most keys in one `MGET` or write-back pipeline (`redis.chunk_size`).
     pub chunk_size: usize,
 }
 

@@ -30,13 +30,21 @@ pub const DEFAULT_PATH: &str = "config/default.toml";
 /// Why the configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file given with `--config` does not exist.
     #[error("config file {0} does not exist")]
     MissingFile(PathBuf),
+    /// The file or an environment variable has an unknown key, a wrong type or bad syntax.
     // figment's message already names the key and where it came from (file or variable).
     #[error("invalid config: {0}")]
     Load(Box<figment::Error>),
+    /// A value loaded but failed validation: out of range, a bad URL, an empty token.
     #[error("invalid config: {key}: {message}")]
-    Invalid { key: &'static str, message: String },
+    Invalid {
+        /// The offending key's path, like `upstream.url`.
+        key: &'static str,
+        /// What is wrong with the value, for the operator.
+        message: String,
+    },
 }
 
 impl ConfigError {
@@ -52,10 +60,15 @@ impl ConfigError {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// `[server]`: how export jobs reach the proxy and what a request may be.
     pub server: ServerConfig,
+    /// `[redis]`: where the shared cache lives and how hard the proxy may lean on it.
     pub redis: RedisConfig,
+    /// `[cache]`: how long answers are kept before the upstream is asked again.
     pub cache: CacheConfig,
+    /// `[upstream]`: the discount service being fronted and how it is called.
     pub upstream: UpstreamConfig,
+    /// `[log]`: the shape of the log output.
     pub log: LogConfig,
 }
 
@@ -63,9 +76,13 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
+    /// Address to bind; behind a load balancer, bind all interfaces.
     pub listen: SocketAddr,
+    /// Most SNs in one lookup or invalidate request; more is `413 batch_too_large`.
     pub max_batch: usize,
+    /// Largest request body in bytes, enforced while reading; more is `413 payload_too_large`.
     pub max_body_bytes: usize,
+    /// Deadline of one lookup; SNs not resolved by then come back as `deadline_exceeded`.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
     /// How long in-flight requests and write-backs may take to finish after SIGTERM.
@@ -77,6 +94,7 @@ pub struct ServerConfig {
     /// A request body must arrive completely within this (slow or stalled bodies).
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
+    /// Bearer tokens accepted on `/v1/*`; empty means no auth (health checks stay open).
     #[serde(deserialize_with = "list_or_csv")]
     pub api_tokens: Vec<Secret>,
 }
@@ -100,8 +118,11 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
+    /// Where the shared cache is: `redis://[user:password@]host:port/db`, `rediss://` for TLS.
     pub url: String,
+    /// How many pooled (multiplexed) connections the proxy keeps to Redis.
     pub pool_size: usize,
+    /// Prefix of every key; bump its version to start from an empty cache.
     pub key_prefix: String,
     /// Bounds one pool checkout and, separately, one command: a slow Redis costs at most this.
     #[serde(with = "humantime_serde")]
@@ -126,10 +147,13 @@ impl Default for RedisConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
+    /// How long a fetched discount is fresh before it is fetched again (±10% jitter per key).
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
+    /// How long a `not_found` answer is remembered, so unknown SNs do not hammer the upstream.
     #[serde(with = "humantime_serde")]
     pub negative_ttl: Duration,
+    /// How long past `ttl` a value may be served stale; accepted, but not built yet.
     #[serde(with = "humantime_serde")]
     pub stale_ttl: Duration,
     /// Entries kept by the in-memory cache used when Redis is not available (`demo`).
@@ -151,14 +175,21 @@ impl Default for CacheConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
+    /// The discount service's URL template; `{sn}` is replaced by the percent-encoded SN.
     pub url: String,
+    /// Sent as `Authorization: Token <token>` when set; never logged.
     pub token: Option<Secret>,
+    /// Most upstream requests in flight, across all lookups, to protect the upstream.
     pub concurrency: usize,
+    /// Time allowed for one upstream request, body included; past it, `upstream_timeout`.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Time allowed for the TCP connect to the upstream.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// Retries of a failed upstream request; accepted, but retries are not built yet.
     pub retries: u32,
+    /// Largest upstream body accepted; a larger one is an `upstream_error`.
     pub max_body_bytes: usize,
 }
 
@@ -180,6 +211,7 @@ impl Default for UpstreamConfig {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
+    /// `text` for people, `json` for log pipelines; `RUST_LOG` sets the level.
     pub format: LogFormat,
 }
 
@@ -187,8 +219,10 @@ pub struct LogConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// Human-readable lines, for a terminal (the default).
     #[default]
     Text,
+    /// One JSON object per line, for log pipelines.
     Json,
 }
 

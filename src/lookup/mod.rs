@@ -26,8 +26,11 @@ use tracing::{debug, warn};
 /// How long answers are kept, how long a lookup may take, how writes are grouped.
 #[derive(Debug, Clone)]
 pub struct LookupSettings {
+    /// How long a written-back discount stays fresh (`cache.ttl`, jittered per key).
     pub ttl: Duration,
+    /// How long a written-back `not_found` is remembered (`cache.negative_ttl`).
     pub negative_ttl: Duration,
+    /// Deadline of one lookup, from the request's arrival (`server.request_timeout`).
     pub request_timeout: Duration,
     /// Most answers in one write-back pipeline.
     pub write_batch: usize,
@@ -46,6 +49,7 @@ pub struct Lookup {
 }
 
 impl Lookup {
+    /// The lookup core over a cache and an upstream client, reporting into `health`.
     pub fn new(
         cache: Arc<dyn Cache>,
         upstream: Arc<UpstreamClient>,
@@ -62,6 +66,7 @@ impl Lookup {
         }
     }
 
+    /// The cache lookups read and write, for `/readyz` and start-up logs.
     pub fn cache(&self) -> &Arc<dyn Cache> {
         &self.cache
     }

@@ -9,12 +9,16 @@ use std::time::Duration;
 /// Where an answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
+    /// A fresh cache hit (`X-Cache: HIT`).
     Cache,
+    /// Fetched from the upstream for this lookup (`X-Cache: MISS`).
     Upstream,
+    /// A cached value past its TTL (`X-Cache: STALE`); reserved, as stale serving is not built.
     Stale,
 }
 
 impl Source {
+    /// The `source` word in a response item.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Cache => "cache",
@@ -27,8 +31,10 @@ impl Source {
 /// Why one SN of a batch has no answer; the others are unaffected.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ItemError {
+    /// The upstream gave no definite answer: an error status, bad body, timeout or no connection.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// `server.request_timeout` ran out before this SN was resolved.
     #[error("the request's deadline passed before the upstream answered")]
     DeadlineExceeded,
 }
@@ -46,33 +52,57 @@ impl ItemError {
 /// What happened to one distinct SN.
 #[derive(Debug, Clone)]
 pub enum Outcome {
-    Found { discount: Bytes, source: Source },
-    NotFound { source: Source },
+    /// The SN has a discount (`status: ok`).
+    Found {
+        /// The upstream's JSON, single-line, spliced into the response as-is.
+        discount: Bytes,
+        /// Where the answer came from.
+        source: Source,
+    },
+    /// The upstream does not know the SN (`status: not_found`).
+    NotFound {
+        /// Where the answer came from.
+        source: Source,
+    },
+    /// The SN failed validation; nothing was sent to Redis or the upstream for it.
     Invalid(SnError),
+    /// No answer could be had for this SN (`status: error`); the others are unaffected.
     Failed(ItemError),
 }
 
 /// The `summary` of a batch response; counts are over distinct SNs.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct Summary {
+    /// SNs in the request, duplicates included.
     pub requested: usize,
+    /// Distinct SNs, each looked up once.
     pub unique: usize,
+    /// Answers (found or not found) served from the cache.
     pub cache_hits: usize,
+    /// SNs sent to the upstream, whether or not they were answered in time.
     pub upstream_fetches: usize,
+    /// Answers served stale, past their TTL (always 0 until stale serving is built).
     pub stale: usize,
+    /// SNs the upstream does not know, cached or fetched.
     pub not_found: usize,
+    /// SNs that got no answer (upstream failure or deadline).
     pub errors: usize,
+    /// SNs rejected by validation.
     pub invalid: usize,
+    /// Time from the request's arrival to the end of the lookup, in milliseconds.
     pub elapsed_ms: u64,
 }
 
 /// A resolved batch: each distinct SN once, and for each requested position which one it is.
 #[derive(Debug)]
 pub struct Batch {
+    /// Each requested SN once, in first-seen order.
     pub distinct: Vec<String>,
+    /// The outcome of each SN in `distinct`, at the same index.
     pub outcomes: Vec<Outcome>,
     /// `order[i]` is the index in `distinct` of the `i`-th requested SN.
     pub order: Vec<usize>,
+    /// The counts and timing reported in the response's `summary`.
     pub summary: Summary,
 }
 
