@@ -124,7 +124,8 @@ pub struct RedisConfig {
     pub pool_size: usize,
     /// Prefix of every key; bump its version to start from an empty cache.
     pub key_prefix: String,
-    /// Bounds one pool checkout and, separately, one command: a slow Redis costs at most this.
+    /// Bounds one pool checkout and, separately, one command; a lookup makes up to two Redis
+    /// calls (read, write-back), so a hung Redis costs it a few times this, never more.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Most keys in one `MGET` or one write-back pipeline; bigger batches are split.
