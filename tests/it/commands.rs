@@ -66,14 +66,8 @@ async fn tokens_never_appear_in_the_logs() {
     let redis = RedisServer::start();
     let upstream = StubUpstream::start().await;
     upstream.reply("C1", Reply::Status(500, "{}"));
-    let mut proxy = Process::spawn(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--redis-url",
-            &redis.url(),
-        ],
+    let mut proxy = Process::serve(
+        &redis.url(),
         &[
             ("RUST_LOG", "trace"),
             ("DISCOUNT_PROXY_UPSTREAM__TOKEN", "tok-upstream-123"),
@@ -246,16 +240,7 @@ async fn demo_with_redis_uses_it() {
 #[tokio::test]
 async fn json_logs_are_one_json_object_per_line() {
     let redis = RedisServer::start();
-    let mut proxy = Process::spawn(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--redis-url",
-            &redis.url(),
-        ],
-        &[("DISCOUNT_PROXY_LOG__FORMAT", "json")],
-    );
+    let mut proxy = Process::serve(&redis.url(), &[("DISCOUNT_PROXY_LOG__FORMAT", "json")]);
     let line = proxy
         .wait_for_line("listening", Duration::from_secs(20))
         .await;

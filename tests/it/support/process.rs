@@ -53,6 +53,14 @@ impl Process {
         }
     }
 
+    /// `discount-proxy serve` on a free port, with this Redis and these variables.
+    pub fn serve(redis_url: &str, envs: &[(&str, &str)]) -> Self {
+        Self::spawn(
+            &["serve", "--listen", "127.0.0.1:0", "--redis-url", redis_url],
+            envs,
+        )
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
