@@ -5,6 +5,7 @@
 //! the JSON out of the stored bytes; it is never parsed again.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const MAGIC: &[u8; 3] = b"dp1";
@@ -52,7 +53,8 @@ impl Entry {
             EntryKind::Found => b'+',
             EntryKind::NotFound => b'-',
         });
-        buf.put_slice(format!("{fetched_at_ms:0TIME_DIGITS$}").as_bytes());
+        // Into the buffer directly: no temporary string per write-back.
+        let _ = write!(buf, "{fetched_at_ms:0TIME_DIGITS$}");
         buf.put_u8(b' ');
         buf.put_slice(payload);
         Self {

@@ -216,17 +216,23 @@ fn hit(entry: &Entry) -> Outcome {
 }
 
 /// Each distinct SN once, in first-seen order, and the index of each requested SN in it.
+///
+/// The strings are moved, not copied: a 10,000-SN batch costs no allocation per SN here.
 fn dedup(requested: Vec<String>) -> (Vec<String>, Vec<usize>) {
-    let mut seen: HashMap<String, usize> = HashMap::with_capacity(requested.len());
-    let mut distinct = Vec::with_capacity(requested.len());
-    let order = requested
+    let mut order = Vec::with_capacity(requested.len());
+    let mut first_seen = Vec::with_capacity(requested.len());
+    let mut seen: HashMap<&str, usize> = HashMap::with_capacity(requested.len());
+    for sn in &requested {
+        let next = seen.len();
+        let index = *seen.entry(sn.as_str()).or_insert(next);
+        first_seen.push(index == next);
+        order.push(index);
+    }
+    drop(seen);
+    let distinct = requested
         .into_iter()
-        .map(|sn| {
-            *seen.entry(sn).or_insert_with_key(|sn| {
-                distinct.push(sn.clone());
-                distinct.len() - 1
-            })
-        })
+        .zip(first_seen)
+        .filter_map(|(sn, first)| first.then_some(sn))
         .collect();
     (distinct, order)
 }
