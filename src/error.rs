@@ -29,7 +29,7 @@ pub enum Error {
         /// The method the client used.
         method: String,
         /// The methods the path accepts, as the `Allow` header value.
-        allow: &'static str,
+        allow: String,
     },
     /// The body holds more SNs than `server.max_batch` (`413 batch_too_large`).
     #[error("the batch has {count} SNs; at most {max} are allowed")]
