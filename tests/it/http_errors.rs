@@ -223,6 +223,31 @@ async fn with_api_tokens_v1_routes_need_a_valid_bearer_token() {
         let body = expect_error(request.send().await.unwrap(), 401, "unauthorized").await;
         assert!(!body.to_string().contains("tok-"), "no token in the error");
     }
+    // Every /v1 route, not only the single GET; and nothing is touched without a token.
+    let mut redis = app.redis.client().await;
+    let _: () = redis::cmd("SET")
+        .arg(app.key("KEEP"))
+        .arg("x")
+        .arg("EX")
+        .arg(60)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let sns = serde_json::json!({"sns": ["C1", "KEEP"]}).to_string();
+    let unauthorised = [
+        app.post_raw("/v1/discounts/lookup", "application/json", sns.clone())
+            .await,
+        app.post_raw("/v1/discounts/invalidate", "application/json", sns)
+            .await,
+        app.delete("/v1/discounts/KEEP").await,
+    ];
+    for response in unauthorised {
+        expect_error(response, 401, "unauthorized").await;
+    }
+    assert!(
+        app.redis_value("KEEP").await.is_some(),
+        "no invalidation without a token"
+    );
     assert_eq!(app.upstream.total_calls(), 0, "nothing is done before auth");
     let ok = app
         .client
