@@ -58,6 +58,8 @@ pub enum CacheChoice {
     Redis,
     /// The bounded in-process cache (`demo` without Redis).
     Memory,
+    /// A cache already built (and checked) by the caller, such as `demo`'s Redis.
+    Built(Arc<dyn Cache>),
 }
 
 impl AppState {
@@ -69,6 +71,7 @@ impl AppState {
         let cache: Arc<dyn Cache> = match choice {
             CacheChoice::Redis => Arc::new(RedisCache::new(&RedisSettings::from(&config.redis))?),
             CacheChoice::Memory => Arc::new(MemoryCache::new(config.cache.memory_max_entries)),
+            CacheChoice::Built(cache) => cache,
         };
         let upstream = Arc::new(UpstreamClient::new(&UpstreamSettings::from(
             &config.upstream,

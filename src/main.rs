@@ -9,6 +9,7 @@ use discount_proxy::secret::Secret;
 use discount_proxy::simulator::Simulator;
 use discount_proxy::telemetry;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
@@ -68,8 +69,9 @@ async fn demo(args: &ServeArgs) -> anyhow::Result<()> {
     config.upstream.url = format!("http://{upstream_addr}/contract/?sn={{sn}}");
     info!(addr = %upstream_addr, latency = "500ms", "demo: simulated upstream started");
     let choice = match RedisCache::new(&RedisSettings::from(&config.redis)) {
+        // The pool that answered is the one the proxy uses: no second pool, no second connect.
         Ok(redis) => match redis.ping().await {
-            Ok(()) => CacheChoice::Redis,
+            Ok(()) => CacheChoice::Built(Arc::new(redis)),
             Err(err) => {
                 warn!(url = %config::redacted_url(&config.redis.url), error = %err, "demo: redis does not answer; using the in-process cache");
                 CacheChoice::Memory
