@@ -88,7 +88,8 @@ async fn handle_logged(
 ) -> hyper::Response<routes::Body> {
     let started = Instant::now();
     let method = request.method().clone();
-    let path = request.uri().path().to_owned();
+    // A Uri clone shares its bytes: no copy of the path per request.
+    let uri = request.uri().clone();
     let response = routes::handle(state, request).await;
     let stats = response
         .extensions()
@@ -97,7 +98,7 @@ async fn handle_logged(
         .unwrap_or_default();
     info!(
         %method,
-        path,
+        path = uri.path(),
         status = response.status().as_u16(),
         sns = stats.sns,
         hits = stats.hits,

@@ -56,8 +56,10 @@ async fn route(
     arrived: Instant,
 ) -> Result<Response<Body>, Error> {
     let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    match path.as_str() {
+    // A Uri clone shares its bytes: the request is moved into the handler, the path stays.
+    let uri = request.uri().clone();
+    let path = uri.path();
+    match path {
         "/healthz" => {
             allow(&method, READ_ONLY)?;
             Ok(json_response(
