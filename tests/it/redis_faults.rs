@@ -1,6 +1,8 @@
-//! Redis is optional at run time: down, dying mid-lookup, hung. Lookups stay correct.
+//! Redis is optional at run time: down, dying mid-lookup, hung, silent, slow, resetting.
+//! Lookups stay correct and on time, and caching resumes by itself once Redis is back.
 
-use crate::support::{StubUpstream, TestApp, results, wait_until};
+use crate::support::{Fault, StubUpstream, TestApp, results, wait_until};
+use serde_json::Value;
 use std::time::Duration;
 
 #[tokio::test]
@@ -135,4 +137,117 @@ async fn a_tls_redis_is_used_through_rediss() {
     assert_eq!(app.upstream.calls("TLS1"), 1);
     assert!(app.redis_value("TLS1").await.is_some(), "written over TLS");
     assert_eq!(app.state.health.redis_errors(), 0);
+}
+
+/// Asserts the answer has one item per requested SN, in order, each `ok` with its own SN's
+/// discount: a Redis reply handed to the wrong caller would show up as another SN's value.
+fn assert_each_ok_with_its_own_discount(sns: &[&str], body: &Value) {
+    let items = results(body);
+    assert_eq!(items.len(), sns.len(), "{body}");
+    for (item, sn) in items.iter().zip(sns) {
+        assert_eq!(item["sn"], *sn, "{body}");
+        assert_eq!(item["status"], "ok", "{body}");
+        assert_eq!(item["discount"], StubUpstream::discount_for(sn), "{body}");
+    }
+}
+
+/// Waits until a lookup of the fresh SN `sn` is written back to Redis (read there directly,
+/// never through a fault proxy), then checks the next lookup is a hit.
+async fn wait_until_cached_again(app: &TestApp, sn: &str) {
+    wait_until(
+        &format!("{sn} is written back to Redis"),
+        Duration::from_secs(10),
+        || async {
+            app.lookup(&[sn]).await;
+            app.redis_value(sn).await.is_some()
+        },
+    )
+    .await;
+    let body = app.lookup(&[sn]).await;
+    assert_eq!(results(&body)[0]["source"], "cache", "{body}");
+}
+
+/// A lookup that must answer within `limit`; past it, the test fails rather than hangs.
+async fn lookup_within(app: &TestApp, limit: Duration, sns: &[&str]) -> Value {
+    tokio::time::timeout(limit, app.lookup(sns))
+        .await
+        .unwrap_or_else(|_| panic!("no answer for {sns:?} within {limit:?}"))
+}
+
+#[tokio::test]
+async fn a_silent_redis_network_delays_no_lookup_past_its_deadline_and_caching_resumes() {
+    let app = TestApp::spawn_with_faulty_redis(|config| {
+        config.server.request_timeout = Duration::from_secs(2);
+        config.redis.timeout = Duration::from_millis(200);
+    })
+    .await;
+    let limit = app.config.server.request_timeout + Duration::from_secs(1);
+    app.lookup(&["S1", "S2"]).await;
+    assert!(
+        app.redis_value("S1").await.is_some(),
+        "cached before the fault"
+    );
+    assert!(
+        app.redis_proxy().accepted() >= 1,
+        "Redis is reached through the fault proxy"
+    );
+    app.redis_proxy().set_mode(Fault::Blackhole);
+    let errors_before = app.state.health.redis_errors();
+    let (mixed, cold, single) = tokio::join!(
+        lookup_within(&app, limit, &["S1", "S3", "S2"]),
+        lookup_within(&app, limit, &["S4"]),
+        tokio::time::timeout(limit, app.get("/v1/discounts/S2")),
+    );
+    assert_each_ok_with_its_own_discount(&["S1", "S3", "S2"], &mixed);
+    assert_each_ok_with_its_own_discount(&["S4"], &cold);
+    assert_eq!(
+        single.expect("the single GET answers in time").status(),
+        200
+    );
+    assert!(
+        results(&mixed)
+            .iter()
+            .all(|item| item["source"] == "upstream"),
+        "the cached SNs could not be read, so the upstream answered: {mixed}"
+    );
+    assert!(
+        app.state.health.redis_errors() > errors_before,
+        "the silence is counted"
+    );
+    app.redis_proxy().set_mode(Fault::Pass);
+    wait_until_cached_again(&app, "S5").await;
+}
+
+#[tokio::test]
+async fn a_slow_or_resetting_redis_network_changes_where_answers_come_from_never_whether() {
+    let app = TestApp::spawn_with_faulty_redis(|config| {
+        config.redis.timeout = Duration::from_millis(200);
+    })
+    .await;
+    app.lookup(&["N1"]).await;
+    // Well within redis.timeout: still a hit.
+    app.redis_proxy()
+        .set_mode(Fault::Delay(Duration::from_millis(20)));
+    let body = app.lookup(&["N1"]).await;
+    assert_eq!(results(&body)[0]["source"], "cache", "{body}");
+    // Past redis.timeout: the upstream answers. The late replies still arrive afterwards and
+    // must not be taken for the answers of later commands.
+    app.redis_proxy()
+        .set_mode(Fault::Delay(Duration::from_millis(500)));
+    let body = app.lookup(&["N1", "N2"]).await;
+    assert_each_ok_with_its_own_discount(&["N1", "N2"], &body);
+    assert_eq!(results(&body)[0]["source"], "upstream", "{body}");
+    app.redis_proxy().set_mode(Fault::Reset);
+    let accepted = app.redis_proxy().accepted();
+    let body = app.lookup(&["N1", "N3"]).await;
+    assert_each_ok_with_its_own_discount(&["N1", "N3"], &body);
+    assert_eq!(results(&body)[0]["source"], "upstream", "{body}");
+    assert!(
+        app.redis_proxy().accepted() > accepted,
+        "the proxy reconnected and was reset"
+    );
+    app.redis_proxy().set_mode(Fault::Pass);
+    wait_until_cached_again(&app, "N4").await;
+    let body = app.lookup(&["N1", "N4"]).await;
+    assert_each_ok_with_its_own_discount(&["N1", "N4"], &body);
 }

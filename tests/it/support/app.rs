@@ -1,6 +1,6 @@
 //! The proxy on a free port, with its own Redis and stub upstream, all stopped on `Drop`.
 
-use super::{RedisServer, StubUpstream};
+use super::{FaultProxy, RedisServer, StubUpstream};
 use discount_proxy::app::{AppState, CacheChoice};
 use discount_proxy::config::Config;
 use serde_json::Value;
@@ -17,6 +17,8 @@ pub struct TestApp {
     pub upstream: StubUpstream,
     pub config: Config,
     pub state: Arc<AppState>,
+    /// Between the proxy and `redis` when spawned by [`TestApp::spawn_with_faulty_redis`].
+    redis_proxy: Option<FaultProxy>,
     shutdown: std::sync::Mutex<Option<oneshot::Sender<()>>>,
     server: Option<JoinHandle<()>>,
 }
@@ -35,6 +37,30 @@ impl TestApp {
         customize(&mut config);
         config.validate().expect("test config is valid");
         Self::spawn_on(config, CacheChoice::Redis, redis, upstream).await
+    }
+
+    /// Spawns with a [`FaultProxy`] between the proxy and its Redis, so a test can make that
+    /// network slow, silent or resetting. `redis` and the key helpers still reach Redis
+    /// directly, so what was written can be checked whatever the fault.
+    pub async fn spawn_with_faulty_redis(customize: impl FnOnce(&mut Config)) -> Self {
+        super::init_logging();
+        let redis = RedisServer::start();
+        let upstream = StubUpstream::start().await;
+        let redis_proxy = FaultProxy::start(redis.addr()).await;
+        let mut config = Self::config_for(&redis, &upstream);
+        config.redis.url = redis_proxy.redis_url();
+        customize(&mut config);
+        config.validate().expect("test config is valid");
+        let mut app = Self::spawn_on(config, CacheChoice::Redis, redis, upstream).await;
+        app.redis_proxy = Some(redis_proxy);
+        app
+    }
+
+    /// The fault proxy in front of Redis.
+    pub fn redis_proxy(&self) -> &FaultProxy {
+        self.redis_proxy
+            .as_ref()
+            .expect("spawned with TestApp::spawn_with_faulty_redis")
     }
 
     /// The defaults tests start from: short timeouts, everything on 127.0.0.1.
@@ -82,6 +108,7 @@ impl TestApp {
             upstream,
             config,
             state,
+            redis_proxy: None,
             shutdown: std::sync::Mutex::new(Some(shutdown)),
             server: Some(server),
         }

@@ -1,11 +1,14 @@
-//! Test support: a real Redis, a stub upstream, the proxy, and waiting on conditions.
+//! Test support: a real Redis, a stub upstream, a fault-injecting TCP proxy, the proxy under
+//! test, and waiting on conditions.
 
 mod app;
+mod faulty;
 mod process;
 mod redis;
 mod upstream;
 
 pub use self::app::{TestApp, results};
+pub use self::faulty::{Fault, FaultProxy};
 pub use self::process::Process;
 pub use self::redis::RedisServer;
 pub use self::upstream::{Reply, StubUpstream};

@@ -74,6 +74,11 @@ impl RedisServer {
         }
     }
 
+    /// Where the server listens, for a [`super::FaultProxy`] to forward to.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("redis-server is running").id()
     }
