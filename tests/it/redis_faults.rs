@@ -251,3 +251,98 @@ async fn a_slow_or_resetting_redis_network_changes_where_answers_come_from_never
     let body = app.lookup(&["N1", "N4"]).await;
     assert_each_ok_with_its_own_discount(&["N1", "N4"], &body);
 }
+
+#[tokio::test]
+async fn redis_out_of_memory_still_serves_hits_caches_nothing_new_and_recovers() {
+    let app = TestApp::spawn().await;
+    app.lookup(&["O1", "O2"]).await;
+    app.redis.config_set("maxmemory-policy", "noeviction").await;
+    app.redis.config_set("maxmemory", "1").await;
+    let errors_before = app.state.health.redis_errors();
+    let body = app.lookup(&["O1", "O3", "O2", "O4"]).await;
+    assert_each_ok_with_its_own_discount(&["O1", "O3", "O2", "O4"], &body);
+    let sources: Vec<_> = results(&body).iter().map(|item| &item["source"]).collect();
+    assert_eq!(
+        sources,
+        ["cache", "upstream", "cache", "upstream"],
+        "{body}"
+    );
+    let single = app.get("/v1/discounts/O5").await;
+    assert_eq!(single.status(), 200);
+    for sn in ["O3", "O4", "O5"] {
+        assert_eq!(
+            app.redis_value(sn).await,
+            None,
+            "{sn} was written despite OOM"
+        );
+    }
+    assert!(
+        app.state.health.redis_errors() > errors_before,
+        "the refused write-backs are counted"
+    );
+    app.redis.config_set("maxmemory", "0").await;
+    wait_until_cached_again(&app, "O6").await;
+}
+
+#[tokio::test]
+async fn a_read_only_replica_still_serves_hits_caches_nothing_new_and_recovers() {
+    let app = TestApp::spawn().await;
+    app.lookup(&["RO1"]).await;
+    // A master on a port nobody listens on: the sync never succeeds, so Redis keeps its data
+    // and serves reads, and refuses every write with READONLY.
+    app.redis
+        .replica_of(Some(crate::support::free_port()))
+        .await;
+    let errors_before = app.state.health.redis_errors();
+    let body = app.lookup(&["RO1", "RO2"]).await;
+    assert_each_ok_with_its_own_discount(&["RO1", "RO2"], &body);
+    assert_eq!(results(&body)[0]["source"], "cache", "{body}");
+    assert_eq!(app.get("/v1/discounts/RO3").await.status(), 200);
+    for sn in ["RO2", "RO3"] {
+        assert_eq!(
+            app.redis_value(sn).await,
+            None,
+            "{sn} was written to a replica"
+        );
+    }
+    assert!(
+        app.state.health.redis_errors() > errors_before,
+        "the refused write-backs are counted"
+    );
+    app.redis.replica_of(None).await;
+    wait_until_cached_again(&app, "RO4").await;
+}
+
+#[tokio::test]
+async fn connections_killed_mid_use_never_fail_a_lookup() {
+    let app = TestApp::spawn().await;
+    let warm = ["K0", "K1", "K2", "K3", "K4"];
+    app.lookup(&warm).await;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let lookups = async {
+        for round in 0..40 {
+            let cold = format!("KC{round}");
+            let sns = [
+                warm[round % warm.len()],
+                cold.as_str(),
+                warm[(round + 2) % warm.len()],
+            ];
+            let body = app.lookup(&sns).await;
+            assert_each_ok_with_its_own_discount(&sns, &body);
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+    };
+    let killer = async {
+        let mut killed = 0;
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            killed += app.redis.kill_clients().await;
+        }
+        killed
+    };
+    let ((), killed) = tokio::join!(lookups, killer);
+    assert!(
+        killed > 0,
+        "no connection was ever killed: the test proved nothing"
+    );
+    wait_until_cached_again(&app, "KAFTER").await;
+}

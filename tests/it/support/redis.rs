@@ -93,6 +93,48 @@ impl RedisServer {
             .unwrap()
     }
 
+    /// Runs one admin command on a connection of its own (so `CLIENT KILL … SKIPME yes` spares
+    /// only it) and returns the reply; an error reply fails the test.
+    pub async fn command(&self, args: &[&str]) -> redis::Value {
+        let mut admin = self.client().await;
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query_async(&mut admin)
+            .await
+            .unwrap_or_else(|err| panic!("redis {args:?} failed: {err}"))
+    }
+
+    /// `CONFIG SET parameter value`, e.g. `maxmemory 1` to make every write fail with `OOM`.
+    pub async fn config_set(&self, parameter: &str, value: &str) {
+        self.command(&["CONFIG", "SET", parameter, value]).await;
+    }
+
+    /// Closes every client connection but the one asking (`CLIENT KILL TYPE normal`), as an
+    /// admin or a proxy in between might; returns how many were closed.
+    pub async fn kill_clients(&self) -> i64 {
+        match self
+            .command(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"])
+            .await
+        {
+            redis::Value::Int(killed) => killed,
+            other => panic!("CLIENT KILL answered {other:?}"),
+        }
+    }
+
+    /// `REPLICAOF 127.0.0.1 port`, or `REPLICAOF NO ONE` with `None`. A replica of a master
+    /// that never answers keeps its data and serves reads, but refuses writes with `READONLY`,
+    /// like a demoted primary after a failover.
+    pub async fn replica_of(&self, master_port: Option<u16>) {
+        let port = master_port.map(|port| port.to_string());
+        let args = match &port {
+            Some(port) => vec!["REPLICAOF", "127.0.0.1", port],
+            None => vec!["REPLICAOF", "NO", "ONE"],
+        };
+        self.command(&args).await;
+    }
+
     /// Kills the server (like a crash) and waits for it to be gone.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
