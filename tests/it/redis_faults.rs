@@ -2,7 +2,10 @@
 //! Lookups stay correct and on time, and caching resumes by itself once Redis is back.
 
 use crate::support::{Fault, StubUpstream, TestApp, results, wait_until};
+use futures_util::StreamExt;
 use serde_json::Value;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 #[tokio::test]
@@ -318,7 +321,7 @@ async fn connections_killed_mid_use_never_fail_a_lookup() {
     let app = TestApp::spawn().await;
     let warm = ["K0", "K1", "K2", "K3", "K4"];
     app.lookup(&warm).await;
-    let done = std::sync::atomic::AtomicBool::new(false);
+    let done = AtomicBool::new(false);
     let lookups = async {
         for round in 0..40 {
             let cold = format!("KC{round}");
@@ -330,11 +333,11 @@ async fn connections_killed_mid_use_never_fail_a_lookup() {
             let body = app.lookup(&sns).await;
             assert_each_ok_with_its_own_discount(&sns, &body);
         }
-        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        done.store(true, Ordering::SeqCst);
     };
     let killer = async {
         let mut killed = 0;
-        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+        while !done.load(Ordering::SeqCst) {
             killed += app.redis.kill_clients().await;
         }
         killed
@@ -345,4 +348,68 @@ async fn connections_killed_mid_use_never_fail_a_lookup() {
         "no connection was ever killed: the test proved nothing"
     );
     wait_until_cached_again(&app, "KAFTER").await;
+}
+
+/// Lookups sent by the restart test; Redis is restarted after a third and after two thirds.
+const LOAD_REQUESTS: usize = 200;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_under_load_never_fails_a_lookup_nor_mixes_up_values() {
+    let mut app = TestApp::spawn().await;
+    let warm: Vec<String> = (0..20).map(|i| format!("L{i}")).collect();
+    app.lookup(&warm.iter().map(String::as_str).collect::<Vec<_>>())
+        .await;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let load = tokio::spawn(load(
+        app.client.clone(),
+        app.url("/v1/discounts/lookup"),
+        warm,
+        Arc::clone(&answered),
+    ));
+    for restart in 1..=2 {
+        wait_until("the load is under way", Duration::from_secs(10), || async {
+            answered.load(Ordering::SeqCst) >= restart * LOAD_REQUESTS / 3
+        })
+        .await;
+        // Blocking, but off the runtime's back: the load goes on during the restart.
+        tokio::task::block_in_place(|| app.redis.restart());
+    }
+    load.await.expect("every lookup under load was correct");
+    assert!(
+        app.state.health.redis_errors() > 0,
+        "no lookup met the restarts: the test proved nothing"
+    );
+    assert_eq!(answered.load(Ordering::SeqCst), LOAD_REQUESTS);
+    wait_until_cached_again(&app, "LAFTER").await;
+}
+
+/// Sends [`LOAD_REQUESTS`] lookups, four at a time, each of two warm SNs and two cold ones
+/// (one of them shared with a neighbouring request), checking every answer.
+async fn load(client: reqwest::Client, url: String, warm: Vec<String>, answered: Arc<AtomicUsize>) {
+    let one = |round: usize| {
+        let (client, url) = (client.clone(), url.clone());
+        let sns = [
+            warm[round % warm.len()].clone(),
+            format!("LC{round}"),
+            warm[(round * 7) % warm.len()].clone(),
+            format!("LC{}", round / 2),
+        ];
+        let answered = Arc::clone(&answered);
+        async move {
+            let response = client
+                .post(&url)
+                .json(&serde_json::json!({ "sns": sns }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let body: Value = response.json().await.unwrap();
+            let sns: Vec<&str> = sns.iter().map(String::as_str).collect();
+            assert_each_ok_with_its_own_discount(&sns, &body);
+            answered.fetch_add(1, Ordering::SeqCst);
+        }
+    };
+    futures_util::stream::iter(0..LOAD_REQUESTS)
+        .for_each_concurrent(4, one)
+        .await;
 }
