@@ -1,7 +1,8 @@
 //! Redis is optional at run time: down, dying mid-lookup, hung, silent, slow, resetting.
 //! Lookups stay correct and on time, and caching resumes by itself once Redis is back.
 
-use crate::support::{Fault, StubUpstream, TestApp, results, wait_until};
+use crate::support::{Fault, Reply, StubUpstream, TestApp, results, wait_until};
+use discount_proxy::cache::{Entry, EntryKind};
 use futures_util::StreamExt;
 use serde_json::Value;
 use std::sync::Arc;
@@ -412,4 +413,101 @@ async fn load(client: reqwest::Client, url: String, warm: Vec<String>, answered:
     futures_util::stream::iter(0..LOAD_REQUESTS)
         .for_each_concurrent(4, one)
         .await;
+}
+
+#[tokio::test]
+async fn a_chaos_run_with_a_flaky_upstream_and_killed_connections_caches_no_error() {
+    let app = TestApp::spawn().await;
+    app.upstream.set_failure_ratio(0.3, 7);
+    // Rate-limited, then overloaded: neither answer may stick.
+    app.upstream.queue_replies(
+        "Q",
+        vec![Reply::RetryAfter(429, "1"), Reply::RetryAfter(503, "2")],
+    );
+    let pool: Vec<String> = (0..12).map(|i| format!("X{i}")).collect();
+    let done = AtomicBool::new(false);
+    let lookups = async {
+        let mut q_statuses = Vec::new();
+        for round in 0..30 {
+            let sns = [
+                pool[round % 12].as_str(),
+                "Q",
+                pool[(round * 5 + 3) % 12].as_str(),
+                pool[round % 12].as_str(),
+            ];
+            let body = app.lookup(&sns).await;
+            assert_each_answered_with_its_own_discount_or_an_upstream_error(&sns, &body);
+            q_statuses.push(results(&body)[1]["status"].clone());
+        }
+        done.store(true, Ordering::SeqCst);
+        q_statuses
+    };
+    let killer = async {
+        while !done.load(Ordering::SeqCst) {
+            app.redis.kill_clients().await;
+        }
+    };
+    let (q_statuses, ()) = tokio::join!(lookups, killer);
+    assert_eq!(
+        q_statuses[..2],
+        ["error", "error"],
+        "the queued 429 and 503"
+    );
+    assert!(
+        app.state.health.upstream_errors() > 2,
+        "the dice failed some calls besides Q's queued ones"
+    );
+    let q_calls = app.upstream.call_times("Q");
+    assert_eq!(q_calls.len(), app.upstream.calls("Q"));
+    assert!(
+        q_calls.len() >= 3,
+        "an error is never served from the cache"
+    );
+    for sn in pool.iter().map(String::as_str).chain(["Q"]) {
+        assert_cached_only_as_its_own_discount(&app, sn).await;
+    }
+    // The upstream goes down entirely: what is cached is still served, the rest is an error.
+    app.upstream
+        .set_default_reply(Some(Reply::Status(503, "down")));
+    let sns: Vec<&str> = pool.iter().map(String::as_str).collect();
+    let body = app.lookup(&sns).await;
+    assert_each_answered_with_its_own_discount_or_an_upstream_error(&sns, &body);
+    for item in results(&body) {
+        let cached = app
+            .redis_value(item["sn"].as_str().unwrap())
+            .await
+            .is_some();
+        assert_eq!(item["status"] == "ok", cached, "{body}");
+    }
+}
+
+/// Asserts one item per requested SN, in order, each `ok` with its own SN's discount or an
+/// `upstream_error` without one.
+fn assert_each_answered_with_its_own_discount_or_an_upstream_error(sns: &[&str], body: &Value) {
+    let items = results(body);
+    assert_eq!(items.len(), sns.len(), "{body}");
+    for (item, sn) in items.iter().zip(sns) {
+        assert_eq!(item["sn"], *sn, "{body}");
+        match item["status"].as_str() {
+            Some("ok") => assert_eq!(item["discount"], StubUpstream::discount_for(sn), "{body}"),
+            Some("error") => {
+                assert_eq!(item["error"]["code"], "upstream_error", "{body}");
+                assert!(item.get("discount").is_none(), "{body}");
+            }
+            _ => panic!("neither ok nor an upstream error: {body}"),
+        }
+    }
+}
+
+/// Asserts `sn` is either not in Redis or stored as its own discount with a TTL: never an
+/// error, never another SN's value, never kept forever.
+async fn assert_cached_only_as_its_own_discount(app: &TestApp, sn: &str) {
+    let Some(raw) = app.redis_value(sn).await else {
+        return;
+    };
+    let entry = Entry::decode(raw.into()).expect("a well-formed entry");
+    assert_eq!(entry.kind(), EntryKind::Found, "{sn}");
+    let discount: Value = serde_json::from_slice(&entry.discount().unwrap()).unwrap();
+    assert_eq!(discount, StubUpstream::discount_for(sn));
+    assert!(app.pttl(sn).await > 0, "{sn} has no TTL");
 }

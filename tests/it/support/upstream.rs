@@ -1,5 +1,6 @@
 //! A stub of the upstream discount service: a real HTTP server whose latency and answers
-//! are set per SN, and which counts every call, the calls in flight and their peak.
+//! are set per SN (or queued, or left to a seeded dice roll), and which counts every call,
+//! when it came, the calls in flight and their peak.
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -9,7 +10,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// What the stub answers for one SN.
 #[derive(Debug, Clone)]
@@ -31,6 +33,9 @@ pub enum Reply {
     EndlessBody,
     /// `302` to this path on the stub.
     Redirect(&'static str),
+    /// This status (`429`, `503`) with a `Retry-After` header of this value, as rate limiters
+    /// and overloaded services answer.
+    RetryAfter(u16, &'static str),
     /// Never answers (until the connection is dropped).
     Hang,
 }
@@ -38,6 +43,11 @@ pub enum Reply {
 #[derive(Default)]
 struct State {
     replies: Mutex<HashMap<String, Reply>>,
+    queued: Mutex<HashMap<String, VecDeque<Reply>>>,
+    default_reply: Mutex<Option<Reply>>,
+    /// The probability of a `500` for a call nothing else was set for, and the dice.
+    failures: Mutex<Option<(f64, fastrand::Rng)>>,
+    call_times: Mutex<HashMap<String, Vec<Instant>>>,
     latencies: Mutex<HashMap<String, Duration>>,
     default_latency: Mutex<Duration>,
     calls: Mutex<HashMap<String, usize>>,
@@ -88,6 +98,30 @@ impl StubUpstream {
             .insert(sn.to_owned(), reply);
     }
 
+    /// The next calls for `sn` get these replies, one each, in order; after them, the calls
+    /// get what [`StubUpstream::reply`] or the default says. For flapping and "fails once,
+    /// then recovers" cases.
+    pub fn queue_replies(&self, sn: &str, replies: Vec<Reply>) {
+        self.state
+            .queued
+            .lock()
+            .unwrap()
+            .entry(sn.to_owned())
+            .or_default()
+            .extend(replies);
+    }
+
+    /// What SNs without a reply of their own get; `None` is the normal `200` discount.
+    pub fn set_default_reply(&self, reply: Option<Reply>) {
+        *self.state.default_reply.lock().unwrap() = reply;
+    }
+
+    /// Makes each call that nothing else was set for answer `500` with probability `ratio`,
+    /// drawn from a generator seeded with `seed`, so a failing chaos run can be replayed.
+    pub fn set_failure_ratio(&self, ratio: f64, seed: u64) {
+        *self.state.failures.lock().unwrap() = Some((ratio, fastrand::Rng::with_seed(seed)));
+    }
+
     pub fn set_latency(&self, latency: Duration) {
         *self.state.default_latency.lock().unwrap() = latency;
     }
@@ -109,6 +143,17 @@ impl StubUpstream {
             .get(sn)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// When each call for `sn` arrived, in order: to check backoff and `Retry-After` spacing.
+    pub fn call_times(&self, sn: &str) -> Vec<Instant> {
+        self.state
+            .call_times
+            .lock()
+            .unwrap()
+            .get(sn)
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub fn total_calls(&self) -> usize {
@@ -186,7 +231,7 @@ async fn answer(
         .map(str::to_owned);
     state.raw_queries.lock().unwrap().push(query);
     state.authorizations.lock().unwrap().push(authorization);
-    *state.calls.lock().unwrap().entry(sn.clone()).or_default() += 1;
+    let queued = record_call(state, &sn);
     state.total.fetch_add(1, Ordering::SeqCst);
     let now = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     state.peak.fetch_max(now, Ordering::SeqCst);
@@ -194,7 +239,7 @@ async fn answer(
     let latency = state.latencies.lock().unwrap().get(&sn).copied();
     let latency = latency.unwrap_or_else(|| *state.default_latency.lock().unwrap());
     tokio::time::sleep(latency).await;
-    let reply = state.replies.lock().unwrap().get(&sn).cloned();
+    let reply = queued.or_else(|| configured_reply(state, &sn));
     let response = match reply {
         None => full(200, StubUpstream::discount_for(&sn).to_string()),
         Some(Reply::Status(status, body)) => full(status, body.to_owned()),
@@ -202,21 +247,58 @@ async fn answer(
         Some(Reply::SizedBody(len)) => full(200, String::from_utf8(json_string_of(len)).unwrap()),
         Some(Reply::EndlessBody) => endless(),
         Some(Reply::Redirect(location)) => {
-            let mut response = full(302, String::new());
-            response
-                .headers_mut()
-                .insert("location", location.parse().unwrap());
-            response
+            with_header(full(302, String::new()), "location", location)
         }
+        Some(Reply::RetryAfter(status, retry_after)) => with_header(
+            full(status, r#"{"error":"try again later"}"#.to_owned()),
+            "retry-after",
+            retry_after,
+        ),
         Some(Reply::Hang) => std::future::pending().await,
     };
     state.in_flight.fetch_sub(1, Ordering::SeqCst);
     response
 }
 
+/// Counts a call for `sn` and when it came; returns its queued reply, taken on arrival so
+/// concurrent calls consume the queue in the order they came.
+fn record_call(state: &State, sn: &str) -> Option<Reply> {
+    *state
+        .calls
+        .lock()
+        .unwrap()
+        .entry(sn.to_owned())
+        .or_default() += 1;
+    let mut times = state.call_times.lock().unwrap();
+    times.entry(sn.to_owned()).or_default().push(Instant::now());
+    let mut queued = state.queued.lock().unwrap();
+    queued.get_mut(sn).and_then(VecDeque::pop_front)
+}
+
+/// The reply set for `sn`, else the default, else a `500` if the dice say so; `None` is the
+/// normal `200` discount. Read after the latency, so a test may change it meanwhile.
+fn configured_reply(state: &State, sn: &str) -> Option<Reply> {
+    let own = state.replies.lock().unwrap().get(sn).cloned();
+    own.or_else(|| state.default_reply.lock().unwrap().clone())
+        .or_else(|| {
+            let mut failures = state.failures.lock().unwrap();
+            let (ratio, rng) = failures.as_mut()?;
+            (rng.f64() < *ratio).then_some(Reply::Status(500, "chaos"))
+        })
+}
+
 fn full(status: u16, body: String) -> Response<StubBody> {
     let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
     *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+    response
+}
+
+fn with_header(
+    mut response: Response<StubBody>,
+    name: &'static str,
+    value: &str,
+) -> Response<StubBody> {
+    response.headers_mut().insert(name, value.parse().unwrap());
     response
 }
 
