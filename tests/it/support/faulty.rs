@@ -66,7 +66,8 @@ impl FaultProxy {
         format!("redis://{}/0", self.addr())
     }
 
-    /// Switches the fault; open connections follow at their next chunk.
+    /// Switches the fault. Open connections follow too: at once for [`Fault::Reset`], at
+    /// their next chunk for the others.
     pub fn set_mode(&self, fault: Fault) {
         self.mode.send_replace(fault);
     }
