@@ -3,13 +3,14 @@
 use crate::cache::{Cache, MemoryCache, RedisCache, RedisSettings};
 use crate::config::{Config, redacted_url};
 use crate::health::Health;
-use crate::lookup::{Lookup, LookupSettings};
+use crate::lookup::{Lifetimes, Lookup, LookupSettings};
 use crate::secret::Secret;
 use crate::upstream::{UpstreamClient, UpstreamSettings};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 /// Everything a request handler needs, shared by all connections.
@@ -30,6 +31,11 @@ pub struct AppState {
     pub shutdown_grace: Duration,
     /// Time a client has to send its headers before it is cut off (slowloris defence).
     pub header_read_timeout: Duration,
+    /// After SIGTERM, how long to keep serving while `/readyz` says 503 (`server.drain_delay`).
+    pub drain_delay: Duration,
+    /// One permit per `/v1/*` request being answered (`server.max_in_flight`); none left
+    /// means `503 overloaded`.
+    pub admission: Arc<Semaphore>,
 }
 
 /// Why the proxy could not start.
@@ -82,9 +88,14 @@ impl AppState {
             upstream,
             Arc::clone(&health),
             LookupSettings {
-                ttl: config.cache.ttl,
-                negative_ttl: config.cache.negative_ttl,
+                lifetimes: Lifetimes {
+                    ttl: config.cache.ttl,
+                    stale_ttl: config.cache.stale_ttl,
+                    negative_ttl: config.cache.negative_ttl,
+                    early_refresh: config.cache.early_refresh,
+                },
                 request_timeout: config.server.request_timeout,
+                max_pending: config.upstream.max_pending,
                 write_batch: config.redis.chunk_size,
             },
         );
@@ -97,6 +108,8 @@ impl AppState {
             api_tokens: config.server.api_tokens.clone(),
             shutdown_grace: config.server.shutdown_grace,
             header_read_timeout: config.server.header_read_timeout,
+            drain_delay: config.server.drain_delay,
+            admission: Arc::new(Semaphore::new(config.server.max_in_flight)),
         }))
     }
 }

@@ -54,6 +54,10 @@ pub enum Error {
     /// A single GET's SN has no answer: the upstream failed or the deadline passed (`502`/`504`).
     #[error(transparent)]
     Item(#[from] ItemError),
+    /// Too much work in flight: the request was turned away before any was done for it
+    /// (`503 overloaded`, with `Retry-After`).
+    #[error("the proxy is overloaded; retry in {0} s")]
+    Overloaded(u64),
     /// Redis could not be reached for a DELETE or invalidate, so nothing is claimed removed.
     #[error(
         "the cache could not be reached; some or all of the SNs may still be cached, try again"
@@ -79,8 +83,10 @@ impl Error {
             Self::Item(
                 ItemError::Upstream(UpstreamError::Timeout(_)) | ItemError::DeadlineExceeded,
             ) => StatusCode::GATEWAY_TIMEOUT,
+            Self::Item(ItemError::Upstream(UpstreamError::CircuitOpen))
+            | Self::Overloaded(_)
+            | Self::CacheUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Item(ItemError::Upstream(_)) => StatusCode::BAD_GATEWAY,
-            Self::CacheUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -98,6 +104,7 @@ impl Error {
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::BodyTimeout(_) => "body_timeout",
             Self::Item(item) => item.code(),
+            Self::Overloaded(_) => "overloaded",
             Self::CacheUnavailable => "cache_unavailable",
         }
     }
@@ -121,6 +128,11 @@ mod tests {
         assert_eq!(
             (status.status(), status.code()),
             (StatusCode::BAD_GATEWAY, "upstream_error")
+        );
+        let open = Error::Item(ItemError::Upstream(UpstreamError::CircuitOpen));
+        assert_eq!(
+            (open.status(), open.code()),
+            (StatusCode::SERVICE_UNAVAILABLE, "upstream_unavailable")
         );
         let deadline = Error::Item(ItemError::DeadlineExceeded);
         assert_eq!(

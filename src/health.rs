@@ -39,7 +39,7 @@ pub fn readiness(phase: Phase, cache_ok: bool, upstream_state: &str) -> (bool, &
     match phase {
         Phase::Starting => (false, "starting"),
         Phase::Draining => (false, "draining"),
-        Phase::Ready if cache_ok && upstream_state != "failing" => (true, "ok"),
+        Phase::Ready if cache_ok && matches!(upstream_state, "ok" | "unknown") => (true, "ok"),
         Phase::Ready => (true, "degraded"),
     }
 }
@@ -113,6 +113,10 @@ mod tests {
         assert_eq!(readiness(Phase::Ready, true, "ok"), (true, "ok"));
         assert_eq!(readiness(Phase::Ready, false, "ok"), (true, "degraded"));
         assert_eq!(readiness(Phase::Ready, true, "failing"), (true, "degraded"));
+        assert_eq!(
+            readiness(Phase::Ready, true, "unavailable"),
+            (true, "degraded")
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@
 
 pub mod app;
 pub mod cache;
+pub mod circuit;
 pub mod cli;
 pub mod config;
 pub mod error;

@@ -17,8 +17,10 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-/// Serves `listener` until `shutdown` resolves, then drains: `/readyz` turns 503, no new
-/// connections, in-flight requests and write-backs get `server.shutdown_grace` to finish.
+/// Serves `listener` until `shutdown` resolves, then drains: `/readyz` turns 503 at once, the
+/// proxy serves on for `server.drain_delay` (so a load balancer sees it leave), then takes no
+/// new connections and gives in-flight requests, refreshes and write-backs
+/// `server.shutdown_grace` to finish.
 pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
     let mut builder = Builder::new(TokioExecutor::new());
     builder
@@ -28,7 +30,15 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
     let graceful = GracefulShutdown::new();
     state.health.mark_ready();
     tokio::pin!(shutdown);
+    // Set at the signal: until then, keep serving while `/readyz` answers 503.
+    let mut stop_accepting_at: Option<Instant> = None;
     loop {
+        let drain_delay_over = async {
+            match stop_accepting_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
@@ -51,7 +61,17 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            () = &mut shutdown => break,
+            () = &mut shutdown, if stop_accepting_at.is_none() => {
+                state.health.mark_draining();
+                if !state.drain_delay.is_zero() {
+                    info!(
+                        drain_delay = ?state.drain_delay,
+                        "shutting down: /readyz answers 503; serving on until the load balancer moves away"
+                    );
+                }
+                stop_accepting_at = Some(Instant::now() + state.drain_delay);
+            }
+            () = drain_delay_over => break,
         }
     }
     drain(listener, graceful, &state).await;

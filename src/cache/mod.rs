@@ -40,6 +40,10 @@ pub enum CacheError {
     /// `redis.url` is not a URL redis-rs can connect with.
     #[error("redis URL cannot be used: {0}")]
     InvalidUrl(#[source] ::redis::RedisError),
+    /// Redis failed repeatedly and its circuit is open: it was not asked, so a dead Redis
+    /// costs nothing per request until a probe finds it back.
+    #[error("redis is skipped after repeated failures; a probe will try it again soon")]
+    Skipped,
     /// Redis answered a command with an error, or the connection broke during it.
     #[error("redis {op} failed: {source}")]
     Command {
@@ -89,6 +93,11 @@ pub trait Cache: Send + Sync + 'static {
 
     /// What this cache is, for logs and `/readyz` (`"redis"`, `"memory"`).
     fn kind(&self) -> &'static str;
+
+    /// Whether the backend is being skipped after repeated failures, for `/readyz`.
+    fn circuit(&self) -> crate::circuit::CircuitState {
+        crate::circuit::CircuitState::Closed
+    }
 }
 
 impl From<&crate::config::RedisConfig> for RedisSettings {
@@ -99,6 +108,16 @@ impl From<&crate::config::RedisConfig> for RedisSettings {
             key_prefix: config.key_prefix.clone(),
             timeout: config.timeout,
             chunk_size: config.chunk_size,
+            breaker: crate::circuit::CircuitSettings {
+                enabled: config.breaker_failures > 0,
+                consecutive_failures: config.breaker_failures,
+                // Only a streak of failures trips it: no ratio, so no window to keep.
+                failure_ratio: 1.0,
+                min_requests: u32::MAX,
+                window: Duration::from_secs(3600),
+                cooldown: config.breaker_cooldown,
+                probes: 1,
+            },
         }
     }
 }

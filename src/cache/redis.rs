@@ -1,11 +1,13 @@
-//! The shared cache: Redis through a deadpool of multiplexed connections, every call bounded.
+//! The shared cache: Redis through a deadpool of multiplexed connections, every call bounded,
+//! broken connections dropped instead of pooled, and a circuit breaker that skips a dead
+//! Redis instead of paying its timeout on every request.
 
 use super::{BoxFuture, Cache, CacheError, Values, Write};
+use crate::circuit::{Circuit, CircuitSettings, CircuitState};
 use bytes::Bytes;
-use deadpool_redis::redis::{self, AsyncConnectionConfig};
-use deadpool_redis::{Manager, Pool, Runtime};
+use deadpool_redis::redis::{self, AsyncConnectionConfig, FromRedisValue};
+use deadpool_redis::{Connection, Manager, Pool, Runtime};
 use futures_util::future::join_all;
-use std::future::Future;
 use std::time::Duration;
 
 /// How [`RedisCache`] reaches Redis.
@@ -21,6 +23,8 @@ pub struct RedisSettings {
     pub timeout: Duration,
     /// Most keys in one `MGET` or write-back pipeline (`redis.chunk_size`).
     pub chunk_size: usize,
+    /// When to skip Redis after repeated failures (`redis.breaker_*`).
+    pub breaker: CircuitSettings,
 }
 
 /// Redis as a [`Cache`]. Keys are `<key_prefix><sn>`; big batches are split into chunks so one
@@ -30,6 +34,45 @@ pub struct RedisCache {
     key_prefix: String,
     timeout: Duration,
     chunk_size: usize,
+    circuit: Circuit,
+}
+
+/// A command to send: one, or a pipeline.
+#[derive(Clone, Copy)]
+enum Command<'a> {
+    Single(&'a redis::Cmd),
+    Pipeline(&'a redis::Pipeline),
+}
+
+impl Command<'_> {
+    async fn query<T: FromRedisValue>(self, conn: &mut Connection) -> redis::RedisResult<T> {
+        match self {
+            Self::Single(cmd) => cmd.query_async(conn).await,
+            Self::Pipeline(pipe) => pipe.query_async(conn).await,
+        }
+    }
+}
+
+/// Whether a connection that failed this way must not go back to the pool: it is broken,
+/// or (`READONLY`) it points at a node that is no longer the primary, so the next connection
+/// should be made afresh.
+fn poisons_connection(err: &redis::RedisError) -> bool {
+    err.is_io_error()
+        || err.is_connection_dropped()
+        || err.is_unrecoverable_error()
+        || err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+}
+
+impl CacheError {
+    /// Whether Redis could not be reached at all (as opposed to answering with an error such
+    /// as `OOM`): only these count towards skipping it.
+    fn is_unreachable(&self) -> bool {
+        match self {
+            Self::Timeout { .. } | Self::Pool(_) => true,
+            Self::Command { source, .. } => source.is_io_error() || source.is_connection_dropped(),
+            Self::PoolBuild(_) | Self::InvalidUrl(_) | Self::Skipped => false,
+        }
+    }
 }
 
 impl RedisCache {
@@ -57,27 +100,54 @@ impl RedisCache {
             key_prefix: settings.key_prefix.clone(),
             timeout: settings.timeout,
             chunk_size: settings.chunk_size.max(1),
+            circuit: Circuit::new("redis", settings.breaker.clone()),
         })
     }
 
+    /// Runs one command, unless Redis's circuit is open, and tells the circuit how it went.
+    async fn run<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        command: Command<'_>,
+    ) -> Result<T, CacheError> {
+        let ticket = self.circuit.try_acquire().ok_or(CacheError::Skipped)?;
+        let result = self.run_pooled(op, command).await;
+        match &result {
+            Err(err) if err.is_unreachable() => ticket.failure(),
+            // Redis answered, even if with an error (`OOM`, `READONLY`): it is reachable.
+            _ => ticket.success(),
+        }
+        result
+    }
+
     /// Runs one command on a pooled connection, bounding the checkout and the command apart.
-    async fn run<T, F, Fut>(&self, op: &'static str, command: F) -> Result<T, CacheError>
-    where
-        F: FnOnce(deadpool_redis::Connection) -> Fut,
-        Fut: Future<Output = redis::RedisResult<T>>,
-    {
+    /// A connection that timed out or broke is dropped, not returned: the pool makes a new one.
+    async fn run_pooled<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        command: Command<'_>,
+    ) -> Result<T, CacheError> {
         let timeout = self.timeout;
-        let conn = tokio::time::timeout(timeout, self.pool.get())
+        let mut conn = tokio::time::timeout(timeout, self.pool.get())
             .await
             .map_err(|_| CacheError::Timeout {
                 op: "connection checkout",
                 timeout,
             })?
             .map_err(CacheError::Pool)?;
-        tokio::time::timeout(timeout, command(conn))
-            .await
-            .map_err(|_| CacheError::Timeout { op, timeout })?
-            .map_err(|source| CacheError::Command { op, source })
+        match tokio::time::timeout(timeout, command.query(&mut conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(source)) => {
+                if poisons_connection(&source) {
+                    drop(Connection::take(conn));
+                }
+                Err(CacheError::Command { op, source })
+            }
+            Err(_) => {
+                drop(Connection::take(conn));
+                Err(CacheError::Timeout { op, timeout })
+            }
+        }
     }
 
     fn key_into(&self, buf: &mut Vec<u8>, sn: &str) {
@@ -99,11 +169,7 @@ impl RedisCache {
 
     async fn get_chunk(&self, sns: &[&str]) -> Result<Vec<Option<Bytes>>, CacheError> {
         let cmd = self.keyed("MGET", sns);
-        let values: Vec<Option<Vec<u8>>> = self
-            .run("MGET", |mut conn| async move {
-                cmd.query_async(&mut conn).await
-            })
-            .await?;
+        let values: Vec<Option<Vec<u8>>> = self.run("MGET", Command::Single(&cmd)).await?;
         Ok(values
             .into_iter()
             .map(|value| value.map(Bytes::from))
@@ -126,19 +192,12 @@ impl RedisCache {
                 .arg(millis)
                 .ignore();
         }
-        self.run("SET pipeline", |mut conn| async move {
-            pipe.query_async::<()>(&mut conn).await
-        })
-        .await
+        self.run("SET pipeline", Command::Pipeline(&pipe)).await
     }
 
     async fn delete_chunk(&self, sns: &[&str]) -> Result<u64, CacheError> {
         let cmd = self.keyed("DEL", sns);
-        self.run(
-            "DEL",
-            |mut conn| async move { cmd.query_async(&mut conn).await },
-        )
-        .await
+        self.run("DEL", Command::Single(&cmd)).await
     }
 }
 
@@ -185,15 +244,17 @@ impl Cache for RedisCache {
 
     fn ping(&self) -> BoxFuture<'_, Result<(), CacheError>> {
         Box::pin(async move {
-            self.run("PING", |mut conn| async move {
-                redis::cmd("PING").query_async::<String>(&mut conn).await
-            })
-            .await
-            .map(drop)
+            self.run::<String>("PING", Command::Single(&redis::cmd("PING")))
+                .await
+                .map(drop)
         })
     }
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    fn circuit(&self) -> CircuitState {
+        self.circuit.state()
     }
 }

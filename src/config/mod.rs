@@ -97,6 +97,13 @@ pub struct ServerConfig {
     /// Bearer tokens accepted on `/v1/*`; empty means no auth (health checks stay open).
     #[serde(deserialize_with = "list_or_csv")]
     pub api_tokens: Vec<Secret>,
+    /// Most `/v1/*` requests being answered at once; past it, `503 overloaded` at once, so
+    /// the admitted ones keep their latency.
+    pub max_in_flight: usize,
+    /// After SIGTERM, how long the proxy keeps serving while `/readyz` answers 503, so a load
+    /// balancer sees it leave before its connections are refused.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
 }
 
 impl Default for ServerConfig {
@@ -110,6 +117,8 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             api_tokens: Vec::new(),
+            max_in_flight: 1024,
+            drain_delay: Duration::ZERO,
         }
     }
 }
@@ -130,6 +139,13 @@ pub struct RedisConfig {
     pub timeout: Duration,
     /// Most keys in one `MGET` or one write-back pipeline; bigger batches are split.
     pub chunk_size: usize,
+    /// This many Redis failures in a row (timeouts, refused or broken connections) make the
+    /// proxy skip Redis for `breaker_cooldown`, so a dead Redis does not add its timeout to
+    /// every request. 0 turns the breaker off.
+    pub breaker_failures: u32,
+    /// How long Redis is skipped before one probe command tries it again.
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
 }
 
 impl Default for RedisConfig {
@@ -140,6 +156,8 @@ impl Default for RedisConfig {
             key_prefix: "discount:v1:".to_owned(),
             timeout: Duration::from_millis(250),
             chunk_size: 500,
+            breaker_failures: 3,
+            breaker_cooldown: Duration::from_secs(1),
         }
     }
 }
@@ -154,9 +172,13 @@ pub struct CacheConfig {
     /// How long a `not_found` answer is remembered, so unknown SNs do not hammer the upstream.
     #[serde(with = "humantime_serde")]
     pub negative_ttl: Duration,
-    /// How long past `ttl` a value may be served stale; accepted, but not built yet.
+    /// How long past `ttl` a value may still be served, marked `stale`, while it is refreshed
+    /// in the background, or while the upstream fails. Redis keeps keys for `ttl + stale_ttl`.
     #[serde(with = "humantime_serde")]
     pub stale_ttl: Duration,
+    /// The last share of `ttl` (0 to 1) in which a hit may refresh its entry early, with a
+    /// chance rising from 0 to 1 towards expiry, so hot keys never expire under load. 0 = off.
+    pub early_refresh: f64,
     /// Entries kept by the in-memory cache used when Redis is not available (`demo`).
     pub memory_max_entries: usize,
 }
@@ -167,6 +189,7 @@ impl Default for CacheConfig {
             ttl: Duration::from_secs(3600),
             negative_ttl: Duration::from_secs(300),
             stale_ttl: Duration::from_secs(3600),
+            early_refresh: 0.1,
             memory_max_entries: 100_000,
         }
     }
@@ -188,8 +211,20 @@ pub struct UpstreamConfig {
     /// Time allowed for the TCP connect to the upstream.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Retries of a failed upstream request; accepted, but retries are not built yet.
+    /// Retries of a request that timed out, could not connect or got a `5xx` or `429`; never
+    /// of a `404` or a bad body, and never past the lookup's deadline.
     pub retries: u32,
+    /// The first retry waits up to this long (full jitter), doubling per retry.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// No retry waits longer than this, unless the upstream's `Retry-After` asks for more.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff_max: Duration,
+    /// Most upstream fetches queued or in flight; a lookup that would need more new ones gets
+    /// `503 overloaded`, while lookups the cache can answer still get through.
+    pub max_pending: usize,
+    /// `[upstream.circuit]`: when to stop calling a failing upstream.
+    pub circuit: CircuitConfig,
     /// Largest upstream body accepted; a larger one is an `upstream_error`.
     pub max_body_bytes: usize,
 }
@@ -202,8 +237,63 @@ impl Default for UpstreamConfig {
             concurrency: 128,
             timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(1),
-            retries: 0,
+            retries: 2,
+            retry_backoff: Duration::from_millis(50),
+            retry_backoff_max: Duration::from_secs(2),
+            max_pending: 100_000,
+            circuit: CircuitConfig::default(),
             max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// The upstream's circuit breaker: when it keeps failing, SNs with a stale entry are served
+/// stale and the rest get `upstream_unavailable` at once, without touching the upstream.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitConfig {
+    /// Off: the upstream is always called.
+    pub enabled: bool,
+    /// This many failed requests in a row open the circuit.
+    pub consecutive_failures: u32,
+    /// This share of failed requests in one `window` opens the circuit…
+    pub failure_ratio: f64,
+    /// …once the window has seen at least this many requests.
+    pub min_requests: u32,
+    /// The window the failure ratio is counted over.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// How long the circuit stays open before probe requests test the upstream.
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+    /// Probe requests let through after the cool-down; this many successes close it.
+    pub probes: u32,
+}
+
+impl Default for CircuitConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            consecutive_failures: 20,
+            failure_ratio: 0.5,
+            min_requests: 50,
+            window: Duration::from_secs(10),
+            cooldown: Duration::from_secs(5),
+            probes: 3,
+        }
+    }
+}
+
+impl From<&CircuitConfig> for crate::circuit::CircuitSettings {
+    fn from(config: &CircuitConfig) -> Self {
+        Self {
+            enabled: config.enabled,
+            consecutive_failures: config.consecutive_failures,
+            failure_ratio: config.failure_ratio,
+            min_requests: config.min_requests,
+            window: config.window,
+            cooldown: config.cooldown,
+            probes: config.probes,
         }
     }
 }

@@ -33,10 +33,18 @@ impl Config {
                 "a token is empty",
             ));
         }
+        at_least(server.max_in_flight, 1, "server.max_in_flight")?;
+        within(
+            server.drain_delay,
+            Duration::ZERO,
+            MAX_TIMEOUT,
+            "server.drain_delay",
+        )?;
         validate_redis_url(&self.redis.url)?;
         at_least(self.redis.pool_size, 1, "redis.pool_size")?;
         at_least(self.redis.chunk_size, 1, "redis.chunk_size")?;
         timeout(self.redis.timeout, "redis.timeout")?;
+        timeout(self.redis.breaker_cooldown, "redis.breaker_cooldown")?;
         ttl(self.cache.ttl, "cache.ttl")?;
         ttl(self.cache.negative_ttl, "cache.negative_ttl")?;
         within(
@@ -45,6 +53,7 @@ impl Config {
             MAX_TTL,
             "cache.stale_ttl",
         )?;
+        fraction(self.cache.early_refresh, "cache.early_refresh")?;
         at_least(self.cache.memory_max_entries, 1, "cache.memory_max_entries")?;
         validate_upstream_url(&self.upstream.url)?;
         validate_upstream_token(self.upstream.token.as_ref())?;
@@ -52,8 +61,68 @@ impl Config {
         timeout(self.upstream.timeout, "upstream.timeout")?;
         timeout(self.upstream.connect_timeout, "upstream.connect_timeout")?;
         at_least(self.upstream.max_body_bytes, 2, "upstream.max_body_bytes")?;
+        self.validate_resilience()
+    }
+
+    fn validate_resilience(&self) -> Result<(), ConfigError> {
+        let upstream = &self.upstream;
+        if upstream.retries > MAX_RETRIES {
+            return Err(ConfigError::invalid(
+                "upstream.retries",
+                format!("must be at most {MAX_RETRIES}, got {}", upstream.retries),
+            ));
+        }
+        timeout(upstream.retry_backoff, "upstream.retry_backoff")?;
+        within(
+            upstream.retry_backoff_max,
+            upstream.retry_backoff,
+            MAX_TIMEOUT,
+            "upstream.retry_backoff_max",
+        )?;
+        // A batch the proxy accepts must be able to start its fetches on an idle proxy.
+        at_least(
+            upstream.max_pending,
+            self.server.max_batch,
+            "upstream.max_pending",
+        )?;
+        let circuit = &upstream.circuit;
+        at_least(
+            circuit.consecutive_failures as usize,
+            1,
+            "upstream.circuit.consecutive_failures",
+        )?;
+        if !(circuit.failure_ratio > 0.0 && circuit.failure_ratio <= 1.0) {
+            return Err(ConfigError::invalid(
+                "upstream.circuit.failure_ratio",
+                format!(
+                    "must be above 0 and at most 1, got {}",
+                    circuit.failure_ratio
+                ),
+            ));
+        }
+        at_least(
+            circuit.min_requests as usize,
+            1,
+            "upstream.circuit.min_requests",
+        )?;
+        timeout(circuit.window, "upstream.circuit.window")?;
+        timeout(circuit.cooldown, "upstream.circuit.cooldown")?;
+        at_least(circuit.probes as usize, 1, "upstream.circuit.probes")?;
         Ok(())
     }
+}
+
+/// More retries than this only stretch an outage: the deadline ends them anyway.
+const MAX_RETRIES: u32 = 20;
+
+fn fraction(value: f64, key: &'static str) -> Result<(), ConfigError> {
+    if !(0.0..=1.0).contains(&value) {
+        return Err(ConfigError::invalid(
+            key,
+            format!("must be between 0 and 1, got {value}"),
+        ));
+    }
+    Ok(())
 }
 
 fn at_least(value: usize, min: usize, key: &'static str) -> Result<(), ConfigError> {

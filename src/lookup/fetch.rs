@@ -1,28 +1,30 @@
-//! The background half of a lookup: fetch the misses under the global limit, hand each
-//! answer to the waiting request, write the definite ones back in pipelines as they come.
+//! The background half of a lookup: fetch the flights a request started, hand each answer to
+//! every waiter, write the definite ones back in pipelines as they come, then settle them.
 
+use super::flights::{Flight, Flights};
+use super::freshness::Lifetimes;
 use super::invalidations::Invalidations;
-use crate::cache::{Cache, Entry, Write};
+use crate::cache::{Cache, Entry, EntryKind, Write};
 use crate::health::Health;
-use crate::lookup::LookupSettings;
 use crate::upstream::{Fetched, UpstreamClient, UpstreamError};
-use futures_util::stream::FuturesUnordered;
 use futures_util::{Stream, StreamExt};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 /// What a fetch task needs, owned, so it outlives the request that started it.
+#[derive(Clone)]
 pub(super) struct Fetcher {
     pub(super) cache: Arc<dyn Cache>,
     pub(super) upstream: Arc<UpstreamClient>,
     pub(super) health: Arc<Health>,
-    pub(super) settings: LookupSettings,
+    pub(super) lifetimes: Lifetimes,
+    pub(super) write_batch: usize,
     pub(super) invalidations: Arc<Invalidations>,
+    pub(super) flights: Arc<Flights>,
     /// Write-backs run as tasks of their own here, so shutdown waits for them too.
     pub(super) tasks: TaskTracker,
 }
@@ -32,77 +34,100 @@ pub(super) struct Fetcher {
 /// slowest SN (nor lost to the cache when the request's deadline passes).
 const WRITE_BACK_DELAY: Duration = Duration::from_millis(50);
 
-/// One answer for the waiting request: the SN's index in the batch, and the result.
-pub(super) type FetchResult = (usize, Result<Fetched, UpstreamError>);
+/// A flight this task leads. However the task ends, the flight is settled and leaves the
+/// map when its `Lead` is dropped: a waiter never waits for an answer that cannot come.
+struct Lead {
+    flight: Arc<Flight>,
+    flights: Arc<Flights>,
+}
+
+impl Drop for Lead {
+    fn drop(&mut self) {
+        self.flight.settle();
+        self.flights.finish(&self.flight);
+    }
+}
 
 impl Fetcher {
-    /// Fetches every job, sends each answer to `tx` as it comes, and writes the definite ones
-    /// back. `tx` is dropped only after the last write-back, so the request can wait for it.
-    pub(super) async fn fetch_and_write_back(
-        self,
-        jobs: Vec<(usize, String)>,
-        tx: mpsc::UnboundedSender<FetchResult>,
-    ) {
-        let started = Instant::now();
-        let mut pending: FuturesUnordered<_> = jobs
+    /// Fetches the flights, at most `upstream.concurrency` at a time for this request.
+    ///
+    /// That bound is what shares the upstream fairly: the global limit's queue is FIFO, and
+    /// a request only queues its next fetch when one of its own finishes, so a single-SN
+    /// lookup waits for one free slot, not behind the whole of a 10,000-SN export.
+    pub(super) async fn run(self, flights: Vec<Arc<Flight>>, retry_until: Instant) {
+        let per_request = self.upstream.concurrency();
+        // Leads first, so the flights still queued here are settled too if this task ends.
+        let leads: Vec<Lead> = flights
             .into_iter()
-            .map(|(index, sn)| {
-                let upstream = &self.upstream;
-                async move {
-                    let result = upstream.fetch(&sn).await;
-                    (index, sn, result)
-                }
+            .map(|flight| Lead {
+                flight,
+                flights: Arc::clone(&self.flights),
             })
             .collect();
-        let mut writes = PendingWrites::new(
-            self.writer(started),
-            self.tasks.clone(),
-            self.settings.write_batch,
-        );
-        while let Some((index, sn, result)) = next_answer(&mut pending, &mut writes).await {
-            self.health.record_upstream(result.is_ok());
-            let write = match &result {
-                Ok(fetched) => self.write_for(sn, fetched, started),
-                Err(err) => {
-                    warn!(sn = %sn, error = %err, "upstream fetch failed; not cached");
-                    None
+        let mut answers = futures_util::stream::iter(leads)
+            .map(|lead| {
+                let upstream = &self.upstream;
+                async move {
+                    let answer = upstream.fetch(&lead.flight.sn, retry_until).await;
+                    (lead, answer)
                 }
+            })
+            .buffer_unordered(per_request);
+        let mut writes = PendingWrites::new(self.writer(), self.tasks.clone(), self.write_batch);
+        while let Some((lead, answer)) = next_answer(&mut answers, &mut writes).await {
+            self.record(&lead.flight.sn, &answer);
+            let write = match &answer {
+                Ok(fetched) => self.write_for(&lead.flight, fetched),
+                Err(_) => None,
             };
-            // The answer goes out first, never behind Redis. The receiver is gone when the
-            // client left or the deadline passed: keep going, the write-back still counts.
-            let _ = tx.send((index, result));
-            if let Some(write) = write {
-                writes.push(write);
+            // The answer goes out first, never behind Redis.
+            lead.flight.answer(answer);
+            match write {
+                Some(write) => writes.push(write, lead),
+                None => drop(lead),
             }
         }
-        drop(pending);
+        drop(answers);
         writes.finish().await;
     }
 
-    fn writer(&self, started: Instant) -> Writer {
+    fn record(&self, sn: &str, answer: &Result<Fetched, UpstreamError>) {
+        match answer {
+            Ok(_) => self.health.record_upstream(true),
+            // Not a call: the circuit already knows, and one line per SN would flood the log.
+            Err(UpstreamError::CircuitOpen) => {}
+            Err(err) => {
+                self.health.record_upstream(false);
+                warn!(sn = %sn, error = %err, "upstream fetch failed; not cached");
+            }
+        }
+    }
+
+    fn writer(&self) -> Writer {
         Writer {
             cache: Arc::clone(&self.cache),
             health: Arc::clone(&self.health),
             invalidations: Arc::clone(&self.invalidations),
-            started,
         }
     }
 
     /// The write for one answer, unless the SN was invalidated since the fetch began.
-    fn write_for(&self, sn: String, fetched: &Fetched, started: Instant) -> Option<Write> {
-        if self.invalidations.since(&sn, started) {
-            debug!(sn = %sn, "invalidated during its fetch; not cached");
+    fn write_for(&self, flight: &Flight, fetched: &Fetched) -> Option<Write> {
+        if self.invalidations.since(&flight.sn, flight.started) {
+            debug!(sn = %flight.sn, "invalidated during its fetch; not cached");
             return None;
         }
         let now = SystemTime::now();
-        let (entry, ttl) = match fetched {
-            Fetched::Found(json) => (Entry::found(json, now), self.settings.ttl),
-            Fetched::NotFound => (Entry::not_found(now), self.settings.negative_ttl),
+        let entry = match fetched {
+            Fetched::Found(json) => Entry::found(json, now),
+            Fetched::NotFound => Entry::not_found(now),
         };
+        let ttl = self.lifetimes.storage_ttl(entry.kind());
+        debug_assert!(entry.kind() == EntryKind::NotFound || ttl >= self.lifetimes.ttl);
         Some(Write {
-            sn,
+            sn: flight.sn.clone(),
             value: entry.encoded().clone(),
-            ttl: jittered(ttl),
+            ttl,
         })
     }
 }
@@ -127,6 +152,7 @@ async fn next_answer<S: Stream + Unpin>(
 /// never stops the fetch loop from collecting answers (and releasing upstream slots).
 struct PendingWrites {
     writes: Vec<Write>,
+    leads: Vec<Lead>,
     flush_at: Option<Instant>,
     flushes: Vec<JoinHandle<()>>,
     writer: Writer,
@@ -138,6 +164,7 @@ impl PendingWrites {
     fn new(writer: Writer, tasks: TaskTracker, max: usize) -> Self {
         Self {
             writes: Vec::new(),
+            leads: Vec::new(),
             flush_at: None,
             flushes: Vec::new(),
             writer,
@@ -146,8 +173,9 @@ impl PendingWrites {
         }
     }
 
-    fn push(&mut self, write: Write) {
+    fn push(&mut self, write: Write, lead: Lead) {
         self.writes.push(write);
+        self.leads.push(lead);
         self.flush_at
             .get_or_insert_with(|| Instant::now() + WRITE_BACK_DELAY);
         if self.writes.len() >= self.max {
@@ -161,14 +189,15 @@ impl PendingWrites {
             return;
         }
         let writes = std::mem::take(&mut self.writes);
+        let leads = std::mem::take(&mut self.leads);
         self.flushes
-            .push(self.tasks.spawn(self.writer.clone().write(writes)));
+            .push(self.tasks.spawn(self.writer.clone().write(writes, leads)));
     }
 
-    /// Sends what is left and waits for every pipeline of this batch.
+    /// Sends what is left and waits for every pipeline of this task.
     async fn finish(mut self) {
         self.flush();
-        for flush in self.flushes {
+        for flush in std::mem::take(&mut self.flushes) {
             let _ = flush.await;
         }
     }
@@ -180,41 +209,28 @@ struct Writer {
     cache: Arc<dyn Cache>,
     health: Arc<Health>,
     invalidations: Arc<Invalidations>,
-    started: Instant,
 }
 
 impl Writer {
-    async fn write(self, mut writes: Vec<Write>) {
+    /// Writes, then settles the flights (dropping their leads), so a lookup after this reads
+    /// the cache instead of joining.
+    async fn write(self, writes: Vec<Write>, leads: Vec<Lead>) {
         // Checked again right before the SET: an invalidation may have come in meanwhile.
-        writes.retain(|write| !self.invalidations.since(&write.sn, self.started));
-        if writes.is_empty() {
-            return;
-        }
-        match self.cache.set_many(&writes).await {
-            Ok(()) => debug!(keys = writes.len(), "write-back done"),
-            Err(err) => {
-                self.health.record_redis_error();
-                warn!(error = %err, keys = writes.len(), "write-back failed; the next lookup refetches");
+        let writes: Vec<Write> = writes
+            .into_iter()
+            .zip(&leads)
+            .filter(|(write, lead)| !self.invalidations.since(&write.sn, lead.flight.started))
+            .map(|(write, _)| write)
+            .collect();
+        if !writes.is_empty() {
+            match self.cache.set_many(&writes).await {
+                Ok(()) => debug!(keys = writes.len(), "write-back done"),
+                Err(err) => {
+                    self.health.record_redis_error();
+                    warn!(error = %err, keys = writes.len(), "write-back failed; the next lookup refetches");
+                }
             }
         }
-    }
-}
-
-/// ±10% on every TTL, so keys written together do not all expire together.
-fn jittered(ttl: Duration) -> Duration {
-    ttl.mul_f64(0.9 + 0.2 * fastrand::f64())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn jitter_stays_within_ten_percent() {
-        let ttl = Duration::from_secs(1000);
-        for _ in 0..1000 {
-            let jittered = jittered(ttl);
-            assert!(jittered >= Duration::from_secs(900) && jittered <= Duration::from_secs(1100));
-        }
+        drop(leads);
     }
 }

@@ -1,37 +1,47 @@
-//! The core of the proxy: dedup → one cache read → bounded upstream fetch of the misses →
-//! write-back as answers arrive. Every requested SN comes back exactly once, with a value or
-//! a status.
+//! The core of the proxy: dedup → one cache read → coalesced, bounded upstream fetch of the
+//! misses → write-back as answers arrive. Every requested SN comes back exactly once, with a
+//! value or a status; stale values are served at once while they are refreshed.
 
 mod fetch;
+mod flights;
+mod freshness;
 mod invalidations;
 mod outcome;
 
+pub use self::flights::Overloaded;
+pub use self::freshness::Lifetimes;
 pub use self::outcome::{Batch, ItemError, Outcome, Source, Summary};
 
 use self::fetch::Fetcher;
+use self::flights::{Answer, Flight, Flights, Stage};
+use self::freshness::Freshness;
 use self::invalidations::Invalidations;
 use self::outcome::summarize;
 use crate::cache::{Cache, Entry, EntryKind};
+use crate::circuit::CircuitState;
 use crate::health::Health;
 use crate::sn;
-use crate::upstream::{Fetched, UpstreamClient};
+use crate::upstream::{Fetched, UpstreamClient, UpstreamError};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::sync::mpsc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-/// How long answers are kept, how long a lookup may take, how writes are grouped.
+/// How long answers are kept, how long a lookup may take, how much may wait, how writes
+/// are grouped.
 #[derive(Debug, Clone)]
 pub struct LookupSettings {
-    /// How long a written-back discount stays fresh (`cache.ttl`, jittered per key).
-    pub ttl: Duration,
-    /// How long a written-back `not_found` is remembered (`cache.negative_ttl`).
-    pub negative_ttl: Duration,
+    /// Fresh, stale and negative lifetimes, and early refresh.
+    pub lifetimes: Lifetimes,
     /// Deadline of one lookup, from the request's arrival (`server.request_timeout`).
     pub request_timeout: Duration,
+    /// Most upstream fetches pending at once (`upstream.max_pending`).
+    pub max_pending: usize,
     /// Most answers in one write-back pipeline.
     pub write_batch: usize,
 }
@@ -43,8 +53,9 @@ pub struct Lookup {
     health: Arc<Health>,
     settings: LookupSettings,
     invalidations: Arc<Invalidations>,
-    /// Fetches and write-backs run here, so a client that goes away does not cancel them and
-    /// shutdown can wait for them.
+    flights: Arc<Flights>,
+    /// Fetches, refreshes and write-backs run here, so a client that goes away does not
+    /// cancel them and shutdown can wait for them.
     tasks: TaskTracker,
 }
 
@@ -60,6 +71,7 @@ impl Lookup {
             cache,
             upstream,
             health,
+            flights: Arc::new(Flights::new(settings.max_pending)),
             settings,
             invalidations: Arc::default(),
             tasks: TaskTracker::new(),
@@ -71,9 +83,33 @@ impl Lookup {
         &self.cache
     }
 
+    /// The upstream circuit's state, for `/readyz`.
+    pub fn upstream_circuit(&self) -> CircuitState {
+        self.upstream.circuit_state()
+    }
+
+    /// Upstream fetches queued, in flight or finishing their write-back.
+    pub fn pending_fetches(&self) -> usize {
+        self.flights.pending()
+    }
+
+    /// Lookups of an SN that joined a fetch already under way, since start.
+    pub fn coalesced_joins(&self) -> u64 {
+        self.flights.joins()
+    }
+
     /// Resolves a batch for a request that arrived at `arrived` (its deadline counts from
     /// then). With `refresh`, the cache is not read, every SN is fetched.
-    pub async fn resolve(&self, requested: Vec<String>, refresh: bool, arrived: Instant) -> Batch {
+    ///
+    /// # Errors
+    /// [`Overloaded`]: the misses would need more new upstream fetches than may be pending.
+    /// Nothing was started for this request then.
+    pub async fn resolve(
+        &self,
+        requested: Vec<String>,
+        refresh: bool,
+        arrived: Instant,
+    ) -> Result<Batch, Overloaded> {
         let deadline = arrived + self.settings.request_timeout;
         let (distinct, order) = dedup(requested);
         let mut outcomes: Vec<Option<Outcome>> = vec![None; distinct.len()];
@@ -93,23 +129,24 @@ impl Lookup {
         let upstream_fetches = misses.len();
         if !misses.is_empty() {
             self.fetch_misses(&distinct, &misses, deadline, &mut outcomes)
-                .await;
+                .await?;
         }
         let outcomes: Vec<Outcome> = outcomes
             .into_iter()
             .map(|outcome| outcome.unwrap_or(Outcome::Failed(ItemError::DeadlineExceeded)))
             .collect();
         let summary = summarize(order.len(), &outcomes, upstream_fetches, arrived.elapsed());
-        Batch {
+        Ok(Batch {
             distinct,
             outcomes,
             order,
             summary,
-        }
+        })
     }
 
-    /// Fills in the hits; returns the indices still to fetch. A cache failure is logged and
-    /// counted, and then every SN is a miss: the upstream answers instead.
+    /// Fills in the hits (fresh or stale) and starts the background refreshes they call for;
+    /// returns the indices still to fetch. A cache failure is logged and counted, and then
+    /// its SNs are misses: the upstream answers instead.
     async fn read_cache(
         &self,
         distinct: &[String],
@@ -132,53 +169,105 @@ impl Lookup {
             self.health.record_redis_error();
             warn!(error = %err, "cache read failed for part of the batch; fetching it from the upstream");
         }
-        let values = read.values;
+        let now = SystemTime::now();
         let mut misses = Vec::new();
-        for (index, value) in candidates.into_iter().zip(values) {
-            match value.map(Entry::decode) {
-                Some(Ok(entry)) => outcomes[index] = Some(hit(&entry)),
+        let mut refreshes = Vec::new();
+        for (index, value) in candidates.into_iter().zip(read.values) {
+            let sn = &distinct[index];
+            let entry = match value.map(Entry::decode) {
+                Some(Ok(entry)) => entry,
                 Some(Err(err)) => {
-                    warn!(sn = %distinct[index], error = %err, "unreadable cache entry; refetching");
+                    warn!(sn = %sn, error = %err, "unreadable cache entry; refetching");
                     misses.push(index);
+                    continue;
                 }
-                None => misses.push(index),
+                None => {
+                    misses.push(index);
+                    continue;
+                }
+            };
+            let freshness = self.settings.lifetimes.classify(&entry, now);
+            let source = match freshness {
+                Freshness::Gone => {
+                    misses.push(index);
+                    continue;
+                }
+                Freshness::Fresh | Freshness::RefreshEarly => Source::Cache,
+                Freshness::Stale => Source::Stale,
+            };
+            if freshness != Freshness::Fresh
+                && let Some(flight) = self.flights.start_refresh(sn)
+            {
+                refreshes.push(flight);
             }
+            outcomes[index] = Some(cached(&entry, source));
         }
+        self.refresh_in_background(refreshes);
         misses
     }
 
-    /// Fetches the misses in a tracked task and collects its answers until the deadline.
+    /// Refreshes stale or nearly expired entries without anyone waiting. A failed refresh
+    /// leaves the entry as it was, so it goes on being served stale (serve-stale-on-error).
+    fn refresh_in_background(&self, flights: Vec<Arc<Flight>>) {
+        if flights.is_empty() {
+            return;
+        }
+        debug!(sns = flights.len(), "refreshing in the background");
+        let retry_until = Instant::now() + self.settings.request_timeout;
+        self.tasks.spawn(self.fetcher().run(flights, retry_until));
+    }
+
+    /// Joins (or starts) the flights of the misses and collects their answers until the
+    /// deadline; then waits, within the deadline, for their write-backs, so a lookup of the
+    /// same SNs right after this response is all hits.
     async fn fetch_misses(
         &self,
         distinct: &[String],
         misses: &[usize],
         deadline: Instant,
         outcomes: &mut [Option<Outcome>],
-    ) {
-        let jobs: Vec<(usize, String)> = misses.iter().map(|&i| (i, distinct[i].clone())).collect();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let fetcher = Fetcher {
+    ) -> Result<(), Overloaded> {
+        let joined = self
+            .flights
+            .join(misses.iter().map(|&i| (i, distinct[i].as_str())))?;
+        if !joined.led.is_empty() {
+            // Retries never start past the deadline of the request that started the fetch.
+            self.tasks.spawn(self.fetcher().run(joined.led, deadline));
+        }
+        let mut answers: FuturesUnordered<_> = joined
+            .all
+            .iter()
+            .map(|(index, flight)| wait_for_answer(*index, flight.subscribe()))
+            .collect();
+        let mut settling = Vec::with_capacity(joined.all.len());
+        while let Ok(Some((index, answer, stage))) =
+            tokio::time::timeout_at(deadline, answers.next()).await
+        {
+            outcomes[index] = Some(fetched_outcome(answer));
+            settling.push(stage);
+        }
+        drop(answers);
+        let written = futures_util::future::join_all(settling.iter_mut().map(|stage| async {
+            // The guard the wait returns borrows the channel: dropped at once, never held.
+            let settled = stage
+                .wait_for(|stage| matches!(stage, Stage::Settled(_)))
+                .await;
+            drop(settled);
+        }));
+        let _ = tokio::time::timeout_at(deadline, written).await;
+        Ok(())
+    }
+
+    fn fetcher(&self) -> Fetcher {
+        Fetcher {
             cache: Arc::clone(&self.cache),
             upstream: Arc::clone(&self.upstream),
             health: Arc::clone(&self.health),
-            settings: self.settings.clone(),
+            lifetimes: self.settings.lifetimes.clone(),
+            write_batch: self.settings.write_batch,
             invalidations: Arc::clone(&self.invalidations),
+            flights: Arc::clone(&self.flights),
             tasks: self.tasks.clone(),
-        };
-        self.tasks.spawn(fetcher.fetch_and_write_back(jobs, tx));
-        // The channel closes only after the batch's last write-back, so a response that got
-        // every answer is sent with all of them cached: the next lookup of the same SNs hits.
-        while let Ok(Some((index, result))) = tokio::time::timeout_at(deadline, rx.recv()).await {
-            outcomes[index] = Some(match result {
-                Ok(Fetched::Found(discount)) => Outcome::Found {
-                    discount,
-                    source: Source::Upstream,
-                },
-                Ok(Fetched::NotFound) => Outcome::NotFound {
-                    source: Source::Upstream,
-                },
-                Err(err) => Outcome::Failed(ItemError::Upstream(err)),
-            });
         }
     }
 
@@ -187,8 +276,10 @@ impl Lookup {
     /// # Errors
     /// The cache could not be reached: the caller must not claim they were removed.
     pub async fn invalidate(&self, sns: &[&str]) -> Result<u64, crate::cache::CacheError> {
-        // Before the delete: a fetch under way must not write its older answer back after it.
+        // Before the delete: a fetch under way must not write its older answer back after it,
+        // and a lookup from now on must not join that fetch.
         self.invalidations.record(sns);
+        self.flights.detach(sns);
         self.cache
             .delete_many(sns)
             .await
@@ -203,15 +294,41 @@ impl Lookup {
     }
 }
 
-fn hit(entry: &Entry) -> Outcome {
-    match (entry.kind(), entry.discount()) {
-        (EntryKind::Found, Some(discount)) => Outcome::Found {
+/// Waits (notified, not polling) until the flight has an answer; keeps the receiver so the
+/// caller can wait for the write-back next.
+async fn wait_for_answer(
+    index: usize,
+    mut stage: watch::Receiver<Stage>,
+) -> (usize, Answer, watch::Receiver<Stage>) {
+    let answer = match stage.wait_for(|stage| stage.answer().is_some()).await {
+        Ok(current) => current.answer().cloned(),
+        Err(_) => None,
+    };
+    let answer = answer.unwrap_or_else(|| {
+        Err(UpstreamError::Connection(
+            "the fetch was abandoned".to_owned(),
+        ))
+    });
+    (index, answer, stage)
+}
+
+fn fetched_outcome(answer: Answer) -> Outcome {
+    match answer {
+        Ok(Fetched::Found(discount)) => Outcome::Found {
             discount,
-            source: Source::Cache,
+            source: Source::Upstream,
         },
-        _ => Outcome::NotFound {
-            source: Source::Cache,
+        Ok(Fetched::NotFound) => Outcome::NotFound {
+            source: Source::Upstream,
         },
+        Err(err) => Outcome::Failed(ItemError::Upstream(err)),
+    }
+}
+
+fn cached(entry: &Entry, source: Source) -> Outcome {
+    match (entry.kind(), entry.discount()) {
+        (EntryKind::Found, Some(discount)) => Outcome::Found { discount, source },
+        _ => Outcome::NotFound { source },
     }
 }
 

@@ -13,7 +13,8 @@ pub enum Source {
     Cache,
     /// Fetched from the upstream for this lookup (`X-Cache: MISS`).
     Upstream,
-    /// A cached value past its TTL (`X-Cache: STALE`); reserved, as stale serving is not built.
+    /// A cached value past its TTL, served while it is refreshed or while the upstream fails
+    /// (`X-Cache: STALE`).
     Stale,
 }
 
@@ -31,7 +32,8 @@ impl Source {
 /// Why one SN of a batch has no answer; the others are unaffected.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ItemError {
-    /// The upstream gave no definite answer: an error status, bad body, timeout or no connection.
+    /// The upstream gave no definite answer: an error status, bad body, timeout, no
+    /// connection, or an open circuit.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     /// `server.request_timeout` ran out before this SN was resolved.
@@ -77,11 +79,11 @@ pub struct Summary {
     pub requested: usize,
     /// Distinct SNs, each looked up once.
     pub unique: usize,
-    /// Answers (found or not found) served from the cache.
+    /// Fresh answers (found or not found) served from the cache.
     pub cache_hits: usize,
     /// SNs sent to the upstream, whether or not they were answered in time.
     pub upstream_fetches: usize,
-    /// Answers served stale, past their TTL (always 0 until stale serving is built).
+    /// Answers served stale, past their TTL, while refreshed in the background.
     pub stale: usize,
     /// SNs the upstream does not know, cached or fetched.
     pub not_found: usize,

@@ -4,6 +4,7 @@ mod input;
 
 use self::input::{BodyLimits, read_sns, refresh_requested};
 use crate::app::AppState;
+use crate::circuit::CircuitState;
 use crate::error::Error;
 use crate::lookup::{Outcome, Source, Summary};
 use crate::{health, render, sn};
@@ -13,6 +14,8 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
+use std::sync::Arc;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 /// The response body type of every route.
@@ -74,11 +77,13 @@ async fn route(
         "/v1/discounts/lookup" => {
             allow(&method, &[Method::POST])?;
             authorize(state, &request)?;
+            let _admitted = admit(state)?;
             lookup_batch(state, request, arrived).await
         }
         "/v1/discounts/invalidate" => {
             allow(&method, &[Method::POST])?;
             authorize(state, &request)?;
+            let _admitted = admit(state)?;
             invalidate(state, request).await
         }
         _ => match path
@@ -88,6 +93,7 @@ async fn route(
             Some(raw_sn) => {
                 allow(&method, &[Method::GET, Method::DELETE])?;
                 authorize(state, &request)?;
+                let _admitted = admit(state)?;
                 let sn = sn::decode_path_segment(raw_sn)?;
                 if method == Method::DELETE {
                     delete_one(state, &sn).await
@@ -141,10 +147,26 @@ fn authorize(state: &AppState, request: &Request<Incoming>) -> Result<(), Error>
     }
 }
 
+/// What `Retry-After` tells a client turned away as overloaded.
+const OVERLOADED_RETRY_AFTER_SECS: u64 = 1;
+
+/// A slot among `server.max_in_flight`, held until the response is built; none free is
+/// `503 overloaded`, decided before the body is read, so shedding costs next to nothing.
+fn admit(state: &AppState) -> Result<OwnedSemaphorePermit, Error> {
+    Arc::clone(&state.admission)
+        .try_acquire_owned()
+        .map_err(|_| Error::Overloaded(OVERLOADED_RETRY_AFTER_SECS))
+}
+
 async fn readyz(state: &AppState) -> Response<Body> {
     let cache = state.lookup.cache();
     let cache_ok = cache.ping().await.is_ok();
-    let upstream = state.health.upstream_state();
+    let circuit = state.lookup.upstream_circuit();
+    let upstream = match circuit {
+        CircuitState::Closed => state.health.upstream_state(),
+        // Open or probing: lookups without a stale value get `upstream_unavailable`.
+        CircuitState::Open | CircuitState::HalfOpen => "unavailable",
+    };
     let (ready, status) = health::readiness(state.health.phase(), cache_ok, upstream);
     // `redis` is always there, for dashboards; `unused` when the in-process cache serves.
     let redis = match (cache.kind(), cache_ok) {
@@ -152,8 +174,15 @@ async fn readyz(state: &AppState) -> Response<Body> {
         ("redis", false) => "down",
         _ => "unused",
     };
-    let body =
-        json!({ "status": status, "cache": cache.kind(), "redis": redis, "upstream": upstream });
+    let body = json!({
+        "status": status,
+        "cache": cache.kind(),
+        "redis": redis,
+        "redis_circuit": cache.circuit().as_str(),
+        "upstream": upstream,
+        "upstream_circuit": circuit.as_str(),
+        "pending_fetches": state.lookup.pending_fetches(),
+    });
     let code = if ready {
         StatusCode::OK
     } else {
@@ -169,7 +198,11 @@ async fn lookup_batch(
 ) -> Result<Response<Body>, Error> {
     let refresh = refresh_requested(&request)?;
     let sns = read_sns(request, &body_limits(state)).await?;
-    let batch = state.lookup.resolve(sns, refresh, arrived).await;
+    let batch = state
+        .lookup
+        .resolve(sns, refresh, arrived)
+        .await
+        .map_err(|_| Error::Overloaded(OVERLOADED_RETRY_AFTER_SECS))?;
     let stats = LookupStats::from(&batch.summary);
     let mut response = json_response(StatusCode::OK, render::batch(&batch));
     response.extensions_mut().insert(stats);
@@ -182,7 +215,11 @@ async fn lookup_one(
     refresh: bool,
     arrived: Instant,
 ) -> Result<Response<Body>, Error> {
-    let mut batch = state.lookup.resolve(vec![sn], refresh, arrived).await;
+    let mut batch = state
+        .lookup
+        .resolve(vec![sn], refresh, arrived)
+        .await
+        .map_err(|_| Error::Overloaded(OVERLOADED_RETRY_AFTER_SECS))?;
     let stats = LookupStats::from(&batch.summary);
     let (Some(sn), Some(outcome)) = (batch.distinct.pop(), batch.outcomes.pop()) else {
         return Err(Error::InvalidRequest("no SN in the path".to_owned()));
@@ -273,10 +310,18 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
 /// The one place an [`Error`] becomes a response.
 fn error_response(err: Error) -> Response<Body> {
     let mut response = json_response(err.status(), render::error(err.code(), &err.to_string()));
-    if let Error::MethodNotAllowed { allow, .. } = &err
-        && let Ok(allow) = HeaderValue::from_str(allow)
-    {
-        response.headers_mut().insert(header::ALLOW, allow);
+    match &err {
+        Error::MethodNotAllowed { allow, .. } => {
+            if let Ok(allow) = HeaderValue::from_str(allow) {
+                response.headers_mut().insert(header::ALLOW, allow);
+            }
+        }
+        Error::Overloaded(seconds) => {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*seconds));
+        }
+        _ => {}
     }
     response
 }

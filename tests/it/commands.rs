@@ -73,6 +73,7 @@ async fn tokens_never_appear_in_the_logs() {
             ("DISCOUNT_PROXY_UPSTREAM__TOKEN", "tok-upstream-123"),
             ("DISCOUNT_PROXY_SERVER__API_TOKENS", "tok-client-456"),
             ("DISCOUNT_PROXY_UPSTREAM__URL", &upstream.url_template()),
+            ("DISCOUNT_PROXY_UPSTREAM__RETRIES", "0"),
         ],
     );
     let addr = proxy.listening_addr().await;

@@ -74,6 +74,8 @@ impl TestApp {
         config.upstream.url = upstream.url_template();
         config.upstream.timeout = Duration::from_secs(2);
         config.upstream.concurrency = 16;
+        // Each test counts upstream calls; the ones about retries turn them on.
+        config.upstream.retries = 0;
         config
     }
 

@@ -1,6 +1,12 @@
 //! The client for the upstream discount service: one SN per request, bounded concurrency
-//! shared by every lookup, a timeout per request, bodies size-checked while they stream in.
+//! shared by every lookup, a timeout per request, bodies size-checked while they stream in,
+//! bounded retries with backoff, and a circuit breaker that stops calling a failing upstream.
 
+mod retry;
+
+pub use self::retry::RetryPolicy;
+
+use crate::circuit::{Circuit, CircuitSettings, CircuitState};
 use crate::secret::Secret;
 use bytes::{Bytes, BytesMut};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
@@ -8,6 +14,8 @@ use reqwest::StatusCode;
 use reqwest::header::HeaderValue;
 use std::time::Duration;
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tracing::debug;
 
 /// Everything but RFC 3986's unreserved characters is percent-encoded in the SN.
 const SN_ENCODE_SET: &AsciiSet = &NON_ALPHANUMERIC
@@ -31,6 +39,10 @@ pub struct UpstreamSettings {
     pub connect_timeout: Duration,
     /// Largest body accepted; a larger one is an `upstream_error` (`upstream.max_body_bytes`).
     pub max_body_bytes: usize,
+    /// Which failures are tried again, and after how long.
+    pub retry: RetryPolicy,
+    /// When to stop calling a failing upstream (`upstream.circuit`).
+    pub circuit: CircuitSettings,
 }
 
 impl From<&crate::config::UpstreamConfig> for UpstreamSettings {
@@ -42,6 +54,12 @@ impl From<&crate::config::UpstreamConfig> for UpstreamSettings {
             timeout: config.timeout,
             connect_timeout: config.connect_timeout,
             max_body_bytes: config.max_body_bytes,
+            retry: RetryPolicy {
+                retries: config.retries,
+                base: config.retry_backoff,
+                max: config.retry_backoff_max,
+            },
+            circuit: CircuitSettings::from(&config.circuit),
         }
     }
 }
@@ -79,6 +97,10 @@ pub enum UpstreamError {
     /// `upstream.token` has characters an HTTP header cannot carry; found at start.
     #[error("the upstream token holds characters a header cannot carry")]
     BadToken,
+    /// The upstream kept failing, so its circuit is open: it was not called
+    /// (`upstream_unavailable`).
+    #[error("the upstream is failing; it is not called until its circuit closes")]
+    CircuitOpen,
 }
 
 impl UpstreamError {
@@ -86,6 +108,7 @@ impl UpstreamError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Timeout(_) => "upstream_timeout",
+            Self::CircuitOpen => "upstream_unavailable",
             _ => "upstream_error",
         }
     }
@@ -137,8 +160,26 @@ pub struct UpstreamClient {
     /// `Token <token>`, built once and marked sensitive so no HTTP layer ever logs it.
     authorization: Option<HeaderValue>,
     limit: Semaphore,
+    concurrency: usize,
     timeout: Duration,
     max_body_bytes: usize,
+    retry: RetryPolicy,
+    circuit: Circuit,
+}
+
+/// One attempt's failure, with the upstream's `Retry-After` when it sent one.
+struct AttemptError {
+    error: UpstreamError,
+    retry_after: Option<Duration>,
+}
+
+impl From<UpstreamError> for AttemptError {
+    fn from(error: UpstreamError) -> Self {
+        Self {
+            error,
+            retry_after: None,
+        }
+    }
 }
 
 impl UpstreamClient {
@@ -161,33 +202,84 @@ impl UpstreamClient {
             template: UrlTemplate::parse(&settings.url_template),
             authorization: settings.token.as_ref().map(authorization).transpose()?,
             limit: Semaphore::new(settings.concurrency),
+            concurrency: settings.concurrency,
             timeout: settings.timeout,
             max_body_bytes: settings.max_body_bytes,
+            retry: settings.retry.clone(),
+            circuit: Circuit::new("upstream", settings.circuit.clone()),
         })
     }
 
-    /// Fetches one SN, waiting for a slot under the global limit first.
+    /// Most requests in flight at once (`upstream.concurrency`).
+    pub fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+
+    /// The circuit breaker's state, for `/readyz`.
+    pub fn circuit_state(&self) -> CircuitState {
+        self.circuit.state()
+    }
+
+    /// Fetches one SN, retrying transient failures (with backoff) while a retry can still
+    /// start before `retry_until`.
     ///
-    /// The timeout covers the request and its body, not the wait for a slot. The caller's
-    /// deadline does not cut that wait either: a fetch whose requester gave up still runs and
-    /// is written back, so a retry finds it cached.
+    /// Each attempt waits for a slot under the global limit; the backoff between attempts
+    /// holds no slot. The timeout covers one attempt and its body, not the wait for a slot.
+    /// `retry_until` does not cut an attempt short either: a fetch whose requester gave up
+    /// still runs and is written back, so a retry of the lookup finds it cached.
     ///
     /// # Errors
-    /// Anything but a `200` with a JSON body or a `404`.
-    pub async fn fetch(&self, sn: &str) -> Result<Fetched, UpstreamError> {
+    /// Anything but a `200` with a JSON body or a `404`, after the last retry; or
+    /// [`UpstreamError::CircuitOpen`] without a call while the upstream's circuit is open.
+    pub async fn fetch(&self, sn: &str, retry_until: Instant) -> Result<Fetched, UpstreamError> {
+        let mut retry = 0;
+        loop {
+            let failure = match self.attempt(sn).await {
+                Ok(fetched) => return Ok(fetched),
+                Err(failure) => failure,
+            };
+            let error = failure.error;
+            if !error.is_retryable() || retry >= self.retry.retries {
+                return Err(error);
+            }
+            let wait = self.retry.delay(retry, failure.retry_after);
+            if Instant::now() + wait >= retry_until {
+                debug!(sn, error = %error, "no retry: it would start past the deadline");
+                return Err(error);
+            }
+            debug!(sn, error = %error, retry = retry + 1, wait = ?wait, "retrying the upstream");
+            tokio::time::sleep(wait).await;
+            retry += 1;
+        }
+    }
+
+    /// One request, if the circuit lets it through, with its outcome reported to the circuit.
+    async fn attempt(&self, sn: &str) -> Result<Fetched, AttemptError> {
+        let ticket = self
+            .circuit
+            .try_acquire()
+            .ok_or(UpstreamError::CircuitOpen)?;
         // The semaphore is never closed, so acquiring cannot fail; the error arm is unreachable
         // but kept total rather than panicking.
         let Ok(_permit) = self.limit.acquire().await else {
-            return Err(UpstreamError::Connection(
-                "the upstream limit is closed".to_owned(),
-            ));
+            return Err(
+                UpstreamError::Connection("the upstream limit is closed".to_owned()).into(),
+            );
         };
-        tokio::time::timeout(self.timeout, self.fetch_now(sn))
-            .await
-            .map_err(|_| UpstreamError::Timeout(self.timeout))?
+        let result = match tokio::time::timeout(self.timeout, self.fetch_now(sn)).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::Timeout(self.timeout).into()),
+        };
+        match &result {
+            Ok(_) => ticket.success(),
+            Err(failure) if failure.error.counts_against_upstream() => ticket.failure(),
+            // A bad body for one SN says nothing about the upstream's health.
+            Err(_) => drop(ticket),
+        }
+        result
     }
 
-    async fn fetch_now(&self, sn: &str) -> Result<Fetched, UpstreamError> {
+    async fn fetch_now(&self, sn: &str) -> Result<Fetched, AttemptError> {
         let url = self.template.url_for(sn)?;
         let url = reqwest::Url::parse(&url).map_err(|err| UpstreamError::Url(err.to_string()))?;
         let mut request = self.http.get(url);
@@ -202,7 +294,12 @@ impl UpstreamClient {
         match response.status() {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND => return Ok(Fetched::NotFound),
-            other => return Err(UpstreamError::Status(other.as_u16())),
+            other => {
+                return Err(AttemptError {
+                    error: UpstreamError::Status(other.as_u16()),
+                    retry_after: retry::retry_after(response.headers()),
+                });
+            }
         }
         let body = self.read_body(&mut response).await?;
         Ok(Fetched::Found(compact_json(body)?))

@@ -1,0 +1,375 @@
+//! A circuit breaker, shared by the upstream client and the Redis cache.
+//!
+//! Closed, it lets every call through and counts failures. When failures pile up
+//! (consecutive ones, or a ratio over a window) it opens: calls fail at once, so a dead
+//! dependency costs nothing instead of a timeout per call. After a cool-down it lets a few
+//! probe calls through (half-open); enough successes close it, one failure opens it again.
+
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+/// When a circuit opens and how it recovers.
+#[derive(Debug, Clone)]
+pub struct CircuitSettings {
+    /// Off: every call goes through and nothing is counted.
+    pub enabled: bool,
+    /// This many failures in a row open the circuit.
+    pub consecutive_failures: u32,
+    /// This share of failed calls within one window opens the circuit…
+    pub failure_ratio: f64,
+    /// …once the window has seen at least this many calls.
+    pub min_requests: u32,
+    /// The window over which the failure ratio is counted.
+    pub window: Duration,
+    /// How long the circuit stays open before probing.
+    pub cooldown: Duration,
+    /// Probe calls let through when half-open; this many successes close the circuit.
+    pub probes: u32,
+}
+
+/// What a circuit is doing now, for `/readyz` and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitState {
+    /// Calls go through.
+    Closed,
+    /// Calls fail at once, without touching the dependency.
+    Open,
+    /// The cool-down is over: a few probe calls decide whether it closes.
+    HalfOpen,
+}
+
+impl CircuitState {
+    /// The word `/readyz` uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+            Self::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// A circuit breaker around one dependency.
+#[derive(Debug)]
+pub struct Circuit {
+    name: &'static str,
+    settings: CircuitSettings,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    mode: Mode,
+    window_started: Instant,
+    calls: u32,
+    failures: u32,
+    consecutive: u32,
+    probes_in_flight: u32,
+    probe_successes: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    Closed,
+    Open { until: Instant },
+    HalfOpen,
+}
+
+/// Permission for one call. Report how it went with [`Ticket::success`] or
+/// [`Ticket::failure`]; a ticket dropped without either (a cancelled call, or an answer that
+/// says nothing about the dependency's health) counts as neither.
+#[derive(Debug)]
+pub struct Ticket<'a> {
+    circuit: &'a Circuit,
+    probe: bool,
+}
+
+impl Circuit {
+    /// A closed circuit named `name` in its logs.
+    pub fn new(name: &'static str, settings: CircuitSettings) -> Self {
+        Self {
+            name,
+            settings,
+            inner: Mutex::new(Inner {
+                mode: Mode::Closed,
+                window_started: Instant::now(),
+                calls: 0,
+                failures: 0,
+                consecutive: 0,
+                probes_in_flight: 0,
+                probe_successes: 0,
+            }),
+        }
+    }
+
+    /// A ticket for one call, or `None` while the circuit is open (fail fast).
+    pub fn try_acquire(&self) -> Option<Ticket<'_>> {
+        if !self.settings.enabled {
+            return Some(Ticket {
+                circuit: self,
+                probe: false,
+            });
+        }
+        let mut inner = self.lock();
+        let now = Instant::now();
+        if let Mode::Open { until } = inner.mode {
+            if now < until {
+                return None;
+            }
+            inner.mode = Mode::HalfOpen;
+            inner.probes_in_flight = 0;
+            inner.probe_successes = 0;
+            info!(circuit = self.name, "circuit half-open: probing");
+        }
+        match inner.mode {
+            Mode::HalfOpen if inner.probes_in_flight >= self.settings.probes.max(1) => None,
+            Mode::HalfOpen => {
+                inner.probes_in_flight += 1;
+                Some(Ticket {
+                    circuit: self,
+                    probe: true,
+                })
+            }
+            _ => Some(Ticket {
+                circuit: self,
+                probe: false,
+            }),
+        }
+    }
+
+    /// Whether calls go through now. An open circuit whose cool-down is over reports
+    /// half-open: the next call is a probe.
+    pub fn state(&self) -> CircuitState {
+        match self.lock().mode {
+            Mode::Closed => CircuitState::Closed,
+            Mode::Open { until } if Instant::now() < until => CircuitState::Open,
+            Mode::Open { .. } | Mode::HalfOpen => CircuitState::HalfOpen,
+        }
+    }
+
+    fn record(&self, probe: bool, ok: bool) {
+        if !self.settings.enabled {
+            return;
+        }
+        let mut inner = self.lock();
+        let now = Instant::now();
+        if probe {
+            inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
+        }
+        match inner.mode {
+            // A call admitted before the circuit opened: its answer changes nothing now.
+            Mode::Open { .. } => {}
+            Mode::HalfOpen if !probe => {}
+            Mode::HalfOpen if ok => {
+                inner.probe_successes += 1;
+                if inner.probe_successes >= self.settings.probes.max(1) {
+                    inner.close(now);
+                    info!(circuit = self.name, "circuit closed: probes succeeded");
+                }
+            }
+            Mode::HalfOpen => {
+                inner.mode = Mode::Open {
+                    until: now + self.settings.cooldown,
+                };
+                warn!(circuit = self.name, cooldown = ?self.settings.cooldown, "circuit re-opened: a probe failed");
+            }
+            Mode::Closed => self.record_closed(&mut inner, now, ok),
+        }
+    }
+
+    fn record_closed(&self, inner: &mut Inner, now: Instant, ok: bool) {
+        if now.saturating_duration_since(inner.window_started) >= self.settings.window {
+            inner.window_started = now;
+            inner.calls = 0;
+            inner.failures = 0;
+        }
+        inner.calls += 1;
+        if ok {
+            inner.consecutive = 0;
+            return;
+        }
+        inner.failures += 1;
+        inner.consecutive += 1;
+        let settings = &self.settings;
+        let by_streak = inner.consecutive >= settings.consecutive_failures.max(1);
+        let by_ratio = inner.calls >= settings.min_requests
+            && f64::from(inner.failures) >= settings.failure_ratio * f64::from(inner.calls);
+        if by_streak || by_ratio {
+            inner.mode = Mode::Open {
+                until: now + settings.cooldown,
+            };
+            warn!(
+                circuit = self.name,
+                consecutive = inner.consecutive,
+                failures = inner.failures,
+                calls = inner.calls,
+                cooldown = ?settings.cooldown,
+                "circuit opened: calls fail fast until the cool-down is over"
+            );
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Plain counters: a poisoned lock still holds consistent numbers.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Inner {
+    fn close(&mut self, now: Instant) {
+        self.mode = Mode::Closed;
+        self.window_started = now;
+        self.calls = 0;
+        self.failures = 0;
+        self.consecutive = 0;
+    }
+}
+
+impl Ticket<'_> {
+    /// The dependency answered as it should.
+    pub fn success(self) {
+        self.finish(true);
+    }
+
+    /// The dependency failed: a timeout, a broken connection, an error status.
+    pub fn failure(self) {
+        self.finish(false);
+    }
+
+    fn finish(self, ok: bool) {
+        let this = std::mem::ManuallyDrop::new(self);
+        this.circuit.record(this.probe, ok);
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if self.probe {
+            // A probe that never reported frees its slot, so the next call can probe instead.
+            let mut inner = self.circuit.lock();
+            inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> CircuitSettings {
+        CircuitSettings {
+            enabled: true,
+            consecutive_failures: 3,
+            failure_ratio: 0.5,
+            min_requests: 10,
+            window: Duration::from_secs(10),
+            cooldown: Duration::from_secs(5),
+            probes: 2,
+        }
+    }
+
+    fn fail(circuit: &Circuit, times: usize) {
+        for _ in 0..times {
+            circuit.try_acquire().unwrap().failure();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consecutive_failures_open_it_and_probes_close_it() {
+        let circuit = Circuit::new("test", settings());
+        fail(&circuit, 2);
+        circuit.try_acquire().unwrap().success();
+        fail(&circuit, 2);
+        assert_eq!(
+            circuit.state(),
+            CircuitState::Closed,
+            "the streak was broken"
+        );
+        fail(&circuit, 1);
+        assert_eq!(circuit.state(), CircuitState::Open);
+        assert!(circuit.try_acquire().is_none(), "open circuits fail fast");
+
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(circuit.state(), CircuitState::HalfOpen);
+        let first = circuit.try_acquire().unwrap();
+        let second = circuit.try_acquire().unwrap();
+        assert!(circuit.try_acquire().is_none(), "only two probes at a time");
+        first.success();
+        assert_eq!(circuit.state(), CircuitState::HalfOpen);
+        second.success();
+        assert_eq!(circuit.state(), CircuitState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_opens_it_again() {
+        let circuit = Circuit::new("test", settings());
+        fail(&circuit, 3);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        circuit.try_acquire().unwrap().failure();
+        assert_eq!(circuit.state(), CircuitState::Open);
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert!(circuit.try_acquire().is_none(), "a full cool-down again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_probe_frees_its_slot() {
+        let circuit = Circuit::new("test", settings());
+        fail(&circuit, 3);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let probes = [circuit.try_acquire(), circuit.try_acquire()];
+        assert!(circuit.try_acquire().is_none());
+        drop(probes);
+        assert!(circuit.try_acquire().is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_failure_ratio_opens_it_once_the_window_has_enough_calls() {
+        let circuit = Circuit::new("test", settings());
+        for _ in 0..4 {
+            circuit.try_acquire().unwrap().success();
+            fail(&circuit, 1);
+        }
+        assert_eq!(
+            circuit.state(),
+            CircuitState::Closed,
+            "8 calls < min_requests"
+        );
+        circuit.try_acquire().unwrap().success();
+        fail(&circuit, 1);
+        assert_eq!(circuit.state(), CircuitState::Open, "5 of 10 failed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn old_windows_are_forgotten() {
+        let circuit = Circuit::new("test", settings());
+        for _ in 0..4 {
+            circuit.try_acquire().unwrap().success();
+            fail(&circuit, 1);
+        }
+        tokio::time::advance(Duration::from_secs(10)).await;
+        circuit.try_acquire().unwrap().success();
+        fail(&circuit, 1);
+        assert_eq!(
+            circuit.state(),
+            CircuitState::Closed,
+            "a new window of 2 calls"
+        );
+    }
+
+    #[test]
+    fn a_disabled_circuit_never_opens() {
+        let circuit = Circuit::new(
+            "test",
+            CircuitSettings {
+                enabled: false,
+                ..settings()
+            },
+        );
+        fail(&circuit, 100);
+        assert_eq!(circuit.state(), CircuitState::Closed);
+    }
+}

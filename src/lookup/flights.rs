@@ -1,0 +1,268 @@
+//! The fetches in flight, at most one per SN in the whole process (Varnish's waiting list,
+//! nginx's `proxy_cache_lock`), shared by every request that wants the SN.
+//!
+//! A flight is owned by a background task, never by a request: a requester that disconnects
+//! or reaches its deadline just stops listening, and the others keep theirs. Waiters are
+//! woken by a watch channel (notified, not polled) and each waits with its own deadline.
+//! A flight stays joinable until its write-back is done, so a lookup that comes between the
+//! answer and the write joins it instead of fetching again.
+
+use crate::upstream::{Fetched, UpstreamError};
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// A fetch's result, as every waiter sees it.
+pub type Answer = Result<Fetched, UpstreamError>;
+
+/// Where a flight is.
+#[derive(Debug, Clone)]
+pub enum Stage {
+    /// Queued or in flight at the upstream.
+    Pending,
+    /// Answered; the write-back (if any) is under way.
+    Answered(Answer),
+    /// Answered and written back (or not to be written): a new lookup now reads the cache.
+    Settled(Answer),
+}
+
+impl Stage {
+    /// The answer, once there is one.
+    pub fn answer(&self) -> Option<&Answer> {
+        match self {
+            Self::Pending => None,
+            Self::Answered(answer) | Self::Settled(answer) => Some(answer),
+        }
+    }
+}
+
+/// One SN's fetch. The owning task moves it along; every waiter holds a receiver.
+#[derive(Debug)]
+pub struct Flight {
+    /// The SN being fetched.
+    pub sn: String,
+    stage: watch::Sender<Stage>,
+    /// When the fetch began; an invalidation after it fences the write-back.
+    pub started: Instant,
+}
+
+impl Flight {
+    fn new(sn: &str) -> Arc<Self> {
+        Arc::new(Self {
+            sn: sn.to_owned(),
+            stage: watch::Sender::new(Stage::Pending),
+            started: Instant::now(),
+        })
+    }
+
+    /// Listens to the flight; a receiver never misses the latest stage.
+    pub fn subscribe(&self) -> watch::Receiver<Stage> {
+        self.stage.subscribe()
+    }
+
+    /// Hands the answer to every waiter.
+    pub fn answer(&self, answer: Answer) {
+        self.stage.send_replace(Stage::Answered(answer));
+    }
+
+    /// Marks the write-back done (or skipped). A flight left without an answer (its task
+    /// was dropped) gets an error, so no waiter waits for an answer that cannot come.
+    pub fn settle(&self) {
+        self.stage.send_modify(|stage| {
+            let answer = match stage {
+                Stage::Pending => Err(UpstreamError::Connection(
+                    "the fetch was abandoned".to_owned(),
+                )),
+                Stage::Answered(answer) => answer.clone(),
+                Stage::Settled(_) => return,
+            };
+            *stage = Stage::Settled(answer);
+        });
+    }
+}
+
+/// A lookup would need more new fetches than `upstream.max_pending` allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overloaded;
+
+/// A request's place in the flights of its misses.
+pub struct Joined {
+    /// The flights this request started: its own task must fetch them.
+    pub led: Vec<Arc<Flight>>,
+    /// Every miss's flight, by its index in the request (started here or joined).
+    pub all: Vec<(usize, Arc<Flight>)>,
+}
+
+/// The flights in the process, keyed by SN.
+#[derive(Debug)]
+pub struct Flights {
+    map: Mutex<HashMap<String, Arc<Flight>>>,
+    max_pending: usize,
+    joins: AtomicU64,
+}
+
+impl Flights {
+    /// No flights; at most `max_pending` at once (`upstream.max_pending`).
+    pub fn new(max_pending: usize) -> Self {
+        Self {
+            map: Mutex::new(HashMap::new()),
+            max_pending,
+            joins: AtomicU64::new(0),
+        }
+    }
+
+    /// Joins the flight of each SN, starting the ones that have none. All or nothing: if
+    /// starting them would pass `max_pending`, nothing is joined or started.
+    ///
+    /// # Errors
+    /// [`Overloaded`]: too many fetches are already pending.
+    pub fn join<'a>(
+        &self,
+        misses: impl Iterator<Item = (usize, &'a str)> + Clone,
+    ) -> Result<Joined, Overloaded> {
+        let mut map = self.lock();
+        let new = misses
+            .clone()
+            .filter(|(_, sn)| !map.contains_key(*sn))
+            .count();
+        if new > 0 && map.len() + new > self.max_pending {
+            return Err(Overloaded);
+        }
+        let mut joined = Joined {
+            led: Vec::with_capacity(new),
+            all: Vec::new(),
+        };
+        for (index, sn) in misses {
+            let flight = match map.entry(sn.to_owned()) {
+                Entry::Occupied(running) => {
+                    self.joins.fetch_add(1, Ordering::Relaxed);
+                    Arc::clone(running.get())
+                }
+                Entry::Vacant(vacant) => {
+                    let flight = Flight::new(sn);
+                    joined.led.push(Arc::clone(&flight));
+                    Arc::clone(vacant.insert(flight))
+                }
+            };
+            joined.all.push((index, flight));
+        }
+        Ok(joined)
+    }
+
+    /// Starts a background refresh of `sn` unless one is under way or the proxy is full.
+    pub fn start_refresh(&self, sn: &str) -> Option<Arc<Flight>> {
+        let mut map = self.lock();
+        if map.len() >= self.max_pending || map.contains_key(sn) {
+            return None;
+        }
+        let flight = Flight::new(sn);
+        map.insert(sn.to_owned(), Arc::clone(&flight));
+        Some(flight)
+    }
+
+    /// Removes a finished flight, unless an invalidation already replaced or removed it.
+    pub fn finish(&self, flight: &Arc<Flight>) {
+        let mut map = self.lock();
+        if map
+            .get(&flight.sn)
+            .is_some_and(|current| Arc::ptr_eq(current, flight))
+        {
+            map.remove(&flight.sn);
+        }
+    }
+
+    /// Detaches the flights of invalidated SNs: their waiters still get the answer they
+    /// asked for, but a lookup from now on starts a fetch of its own.
+    pub fn detach(&self, sns: &[&str]) {
+        let mut map = self.lock();
+        for sn in sns {
+            map.remove(*sn);
+        }
+    }
+
+    /// Fetches queued, in flight, or waiting for their write-back.
+    pub fn pending(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Lookups that joined a fetch another request had started, since start.
+    pub fn joins(&self) -> u64 {
+        self.joins.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Flight>>> {
+        // Inserts and removes only: a poisoned map is still a consistent map.
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn misses<'a>(sns: &'a [&'a str]) -> impl Iterator<Item = (usize, &'a str)> + Clone {
+        sns.iter().copied().enumerate()
+    }
+
+    #[test]
+    fn the_second_request_joins_instead_of_starting() {
+        let flights = Flights::new(100);
+        let first = flights.join(misses(&["A", "B"])).unwrap();
+        let second = flights.join(misses(&["B", "C"])).unwrap();
+        assert_eq!(first.led.len(), 2);
+        let led: Vec<&str> = second.led.iter().map(|flight| flight.sn.as_str()).collect();
+        assert_eq!(led, ["C"]);
+        assert!(Arc::ptr_eq(&first.all[1].1, &second.all[0].1));
+        assert_eq!(flights.joins(), 1);
+    }
+
+    #[test]
+    fn max_pending_refuses_all_or_nothing() {
+        let flights = Flights::new(3);
+        flights.join(misses(&["A", "B"])).unwrap();
+        assert_eq!(
+            flights.join(misses(&["C", "D"])).err(),
+            Some(Overloaded),
+            "2 + 2 > 3"
+        );
+        assert_eq!(flights.pending(), 2, "nothing was started");
+        assert!(flights.join(misses(&["A", "B"])).is_ok(), "joining is free");
+        assert!(flights.start_refresh("C").is_some());
+        assert!(flights.start_refresh("D").is_none(), "full");
+    }
+
+    #[tokio::test]
+    async fn waiters_see_the_answer_and_a_finished_flight_is_gone() {
+        let flights = Flights::new(10);
+        let joined = flights.join(misses(&["A"])).unwrap();
+        let flight = &joined.all[0].1;
+        let mut waiter = flight.subscribe();
+        flight.answer(Ok(Fetched::NotFound));
+        let stage = waiter
+            .wait_for(|stage| stage.answer().is_some())
+            .await
+            .unwrap();
+        assert!(matches!(stage.answer(), Some(Ok(Fetched::NotFound))));
+        drop(stage);
+        flight.settle();
+        flights.finish(flight);
+        assert_eq!(flights.pending(), 0);
+    }
+
+    #[test]
+    fn an_invalidated_flight_is_not_removed_in_place_of_its_successor() {
+        let flights = Flights::new(10);
+        let old = flights.join(misses(&["A"])).unwrap().all.remove(0).1;
+        flights.detach(&["A"]);
+        let new = flights.join(misses(&["A"])).unwrap().all.remove(0).1;
+        flights.finish(&old);
+        assert_eq!(flights.pending(), 1, "the new flight stays");
+        flights.finish(&new);
+        assert_eq!(flights.pending(), 0);
+    }
+}
