@@ -148,3 +148,64 @@ async fn draining_turns_unready_at_once_and_still_finishes_in_flight_lookups() {
     assert!(results(&body).iter().all(|item| item["status"] == "ok"));
     assert!(app.redis_value("G1").await.is_some() && app.redis_value("G2").await.is_some());
 }
+
+#[tokio::test]
+async fn during_the_drain_delay_readyz_is_503_while_lookups_are_still_served() {
+    let mut app =
+        TestApp::spawn_with(|config| config.server.drain_delay = Duration::from_secs(3)).await;
+    app.begin_shutdown();
+    wait_until("/readyz answers 503", Duration::from_secs(5), || async {
+        app.get("/readyz").await.status() == 503
+    })
+    .await;
+    let ready: Value = app.get("/readyz").await.json().await.unwrap();
+    assert_eq!(ready["status"], "draining");
+    // New connections are still accepted and served: the load balancer is moving away.
+    let body = app.lookup(&["DRAIN-1"]).await;
+    assert_eq!(results(&body)[0]["status"], "ok");
+    // Then it stops by itself.
+    app.stopped().await;
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_background_refreshes_to_be_written() {
+    let mut app = TestApp::spawn_with(|config| {
+        config.cache.ttl = Duration::from_secs(60);
+        config.cache.stale_ttl = Duration::from_secs(600);
+    })
+    .await;
+    let millis = (std::time::SystemTime::now() - Duration::from_secs(120))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let mut redis = app.redis.client().await;
+    let _: () = redis::cmd("SET")
+        .arg(app.key("REFRESH-1"))
+        .arg(format!(r#"dp1+{millis:013} {{"ratio":"old"}}"#))
+        .arg("EX")
+        .arg(3600)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    app.upstream.hold();
+    let body = app.lookup(&["REFRESH-1"]).await;
+    assert_eq!(results(&body)[0]["source"], "stale");
+    wait_until(
+        "the refresh is at the upstream",
+        Duration::from_secs(5),
+        || async { app.upstream.in_flight() == 1 },
+    )
+    .await;
+    app.begin_shutdown();
+    wait_until("draining", Duration::from_secs(5), || async {
+        app.state.health.phase() == Phase::Draining
+    })
+    .await;
+    app.upstream.release();
+    app.stopped().await;
+    let stored = app.redis_value("REFRESH-1").await.unwrap();
+    assert!(
+        !String::from_utf8_lossy(&stored).contains("old"),
+        "the refresh was written back before the server stopped"
+    );
+}

@@ -7,10 +7,13 @@
 mod support;
 
 mod cache_control;
+mod coalescing;
 mod commands;
 mod garbage_input;
 mod http_errors;
 mod lifecycle;
 mod lookup;
 mod redis_faults;
+mod shedding;
+mod stale;
 mod upstream_errors;
