@@ -1,6 +1,8 @@
 //! The binary's life: SIGTERM lets in-flight batches finish and their write-backs land.
 
-use crate::support::{Process, RedisServer, StubUpstream, TestApp, results, wait_until};
+use crate::support::{
+    Process, RedisServer, StubUpstream, TestApp, results, seed_found, wait_until,
+};
 use discount_proxy::health::Phase;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -174,19 +176,13 @@ async fn shutdown_waits_for_background_refreshes_to_be_written() {
         config.cache.stale_ttl = Duration::from_secs(600);
     })
     .await;
-    let millis = (std::time::SystemTime::now() - Duration::from_secs(120))
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
-    let mut redis = app.redis.client().await;
-    let _: () = redis::cmd("SET")
-        .arg(app.key("REFRESH-1"))
-        .arg(format!(r#"dp1+{millis:013} {{"ratio":"old"}}"#))
-        .arg("EX")
-        .arg(3600)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    seed_found(
+        &app,
+        "REFRESH-1",
+        Duration::from_secs(120),
+        &json!({"ratio": "old"}),
+    )
+    .await;
     app.upstream.hold();
     let body = app.lookup(&["REFRESH-1"]).await;
     assert_eq!(results(&body)[0]["source"], "stale");

@@ -1,9 +1,11 @@
 //! Fresh, stale, gone: stale entries are served at once and refreshed once in the
 //! background, kept while the upstream fails, and dropped when too old.
 
-use crate::support::{Reply, StubUpstream, TestApp, results, wait_until};
+use crate::support::{
+    Reply, StubUpstream, TestApp, results, seed_found, seed_not_found, wait_until,
+};
 use serde_json::{Value, json};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(10);
 const TTL: Duration = Duration::from_secs(60);
@@ -16,22 +18,6 @@ async fn app() -> TestApp {
         config.cache.early_refresh = 0.0;
     })
     .await
-}
-
-/// Stores an entry for `sn` in the proxy's format, as if fetched `age` ago.
-async fn seed(app: &TestApp, sn: &str, age: Duration, discount: &Value) {
-    let fetched_at = SystemTime::now() - age;
-    let millis = fetched_at.duration_since(UNIX_EPOCH).unwrap().as_millis();
-    let value = format!("dp1+{millis:013} {discount}");
-    let mut redis = app.redis.client().await;
-    let _: () = redis::cmd("SET")
-        .arg(app.key(sn))
-        .arg(value)
-        .arg("EX")
-        .arg(3600)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
 }
 
 async fn idle(app: &TestApp) {
@@ -48,7 +34,7 @@ fn old() -> Value {
 #[tokio::test]
 async fn a_stale_entry_is_served_at_once_and_refreshed_once_in_the_background() {
     let app = app().await;
-    seed(&app, "ST-1", TTL + Duration::from_secs(5), &old()).await;
+    seed_found(&app, "ST-1", TTL + Duration::from_secs(5), &old()).await;
     app.upstream.hold();
     // Fifty lookups while the refresh is held at the upstream: none waits for it.
     for _ in 0..50 {
@@ -77,7 +63,7 @@ async fn a_stale_entry_is_served_at_once_and_refreshed_once_in_the_background() 
 #[tokio::test]
 async fn a_stale_entry_keeps_being_served_while_the_upstream_fails() {
     let app = app().await;
-    seed(&app, "ST-2", TTL + Duration::from_secs(5), &old()).await;
+    seed_found(&app, "ST-2", TTL + Duration::from_secs(5), &old()).await;
     let stored = app.redis_value("ST-2").await;
     app.upstream.reply("ST-2", Reply::Status(500, "{}"));
     for attempt in 1..=3 {
@@ -115,7 +101,7 @@ async fn a_stale_entry_keeps_being_served_while_the_upstream_fails() {
 #[tokio::test]
 async fn entries_past_their_stale_period_are_misses() {
     let app = app().await;
-    seed(
+    seed_found(
         &app,
         "GONE-1",
         TTL + STALE_TTL + Duration::from_secs(1),
@@ -136,19 +122,7 @@ async fn negative_entries_have_no_stale_period() {
         config.cache.stale_ttl = STALE_TTL;
     })
     .await;
-    let millis = (SystemTime::now() - Duration::from_secs(31))
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
-    let mut redis = app.redis.client().await;
-    let _: () = redis::cmd("SET")
-        .arg(app.key("NEG-1"))
-        .arg(format!("dp1-{millis:013} "))
-        .arg("EX")
-        .arg(3600)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
+    seed_not_found(&app, "NEG-1", Duration::from_secs(31)).await;
     let body = app.lookup(&["NEG-1"]).await;
     assert_eq!(
         results(&body)[0],
@@ -166,11 +140,11 @@ async fn early_refresh_renews_only_entries_close_to_expiry_and_serves_them_fresh
     let young: Vec<String> = (0..20).map(|i| format!("YOUNG-{i}")).collect();
     let near: Vec<String> = (0..20).map(|i| format!("NEAR-{i}")).collect();
     for sn in &young {
-        seed(&app, sn, Duration::from_secs(40), &old()).await;
+        seed_found(&app, sn, Duration::from_secs(40), &old()).await;
     }
     for sn in &near {
         // 95% of the TTL: each hit refreshes with a 90% chance.
-        seed(&app, sn, Duration::from_secs(95), &old()).await;
+        seed_found(&app, sn, Duration::from_secs(95), &old()).await;
     }
     let all: Vec<&str> = young.iter().chain(&near).map(String::as_str).collect();
     let body = app.lookup(&all).await;

@@ -2,12 +2,14 @@
 //! test, and waiting on conditions.
 
 mod app;
+mod entries;
 mod faulty;
 mod process;
 mod redis;
 mod upstream;
 
 pub use self::app::{TestApp, results};
+pub use self::entries::{seed_found, seed_not_found};
 pub use self::faulty::{Fault, FaultProxy};
 pub use self::process::Process;
 pub use self::redis::RedisServer;
