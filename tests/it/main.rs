@@ -7,6 +7,7 @@
 mod support;
 
 mod cache_control;
+mod circuit;
 mod coalescing;
 mod commands;
 mod garbage_input;
@@ -14,6 +15,7 @@ mod http_errors;
 mod lifecycle;
 mod lookup;
 mod redis_faults;
+mod retries;
 mod shedding;
 mod stale;
 mod upstream_errors;
