@@ -4,7 +4,7 @@
 use crate::support::{Fault, Reply, StubUpstream, TestApp, results, wait_until};
 use discount_proxy::cache::{Entry, EntryKind};
 use futures_util::StreamExt;
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -511,4 +511,44 @@ async fn assert_cached_only_as_its_own_discount(app: &TestApp, sn: &str) {
     let discount: Value = serde_json::from_slice(&entry.discount().unwrap()).unwrap();
     assert_eq!(discount, StubUpstream::discount_for(sn));
     assert!(app.pttl(sn).await > 0, "{sn} has no TTL");
+}
+
+#[tokio::test]
+async fn a_dead_redis_is_skipped_instead_of_costing_its_timeout_on_every_lookup() {
+    let app = TestApp::spawn_with_faulty_redis(|config| {
+        config.redis.timeout = Duration::from_millis(200);
+        config.redis.breaker_failures = 3;
+        // Long enough that no probe comes during the test.
+        config.redis.breaker_cooldown = Duration::from_secs(60);
+    })
+    .await;
+    app.lookup(&["DEAD-0"]).await;
+    app.redis_proxy().set_mode(Fault::Blackhole);
+    let mut n = 0;
+    wait_until("Redis's circuit opened", Duration::from_secs(10), || {
+        n += 1;
+        let sn = format!("DEAD-{n}");
+        let app = &app;
+        async move {
+            assert_each_ok_with_its_own_discount(&[&sn], &app.lookup(&[&sn]).await);
+            let ready: Value = app.get("/readyz").await.json().await.unwrap();
+            ready["redis_circuit"] == "open"
+        }
+    })
+    .await;
+    let sent = app.redis_proxy().bytes_from_clients();
+    for i in 0..20 {
+        let sn = format!("SKIPPED-{i}");
+        assert_each_ok_with_its_own_discount(&[&sn], &app.lookup(&[&sn]).await);
+    }
+    let ready: Value = app.get("/readyz").await.json().await.unwrap();
+    assert_eq!(
+        (&ready["redis"], &ready["status"]),
+        (&json!("down"), &json!("degraded"))
+    );
+    assert_eq!(
+        app.redis_proxy().bytes_from_clients(),
+        sent,
+        "while its circuit is open, not one command is sent to the dead Redis"
+    );
 }

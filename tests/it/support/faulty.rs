@@ -33,7 +33,15 @@ pub struct FaultProxy {
     addr: SocketAddr,
     mode: watch::Sender<Fault>,
     accepted: Arc<AtomicUsize>,
+    counters: Counters,
     task: JoinHandle<()>,
+}
+
+/// What went through, shared with the connection tasks.
+#[derive(Debug, Clone, Default)]
+struct Counters {
+    /// Bytes the clients sent, forwarded or not.
+    from_clients: Arc<AtomicUsize>,
 }
 
 impl FaultProxy {
@@ -43,16 +51,19 @@ impl FaultProxy {
         let addr = listener.local_addr().unwrap();
         let (mode, _) = watch::channel(Fault::Pass);
         let accepted = Arc::new(AtomicUsize::new(0));
+        let counters = Counters::default();
         let task = tokio::spawn(accept_loop(
             listener,
             target,
             mode.subscribe(),
             Arc::clone(&accepted),
+            counters.clone(),
         ));
         Self {
             addr,
             mode,
             accepted,
+            counters,
             task,
         }
     }
@@ -77,6 +88,12 @@ impl FaultProxy {
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }
+
+    /// Bytes the clients sent so far, whatever the mode did with them: whether the client
+    /// is still trying the server at all.
+    pub fn bytes_from_clients(&self) -> usize {
+        self.counters.from_clients.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for FaultProxy {
@@ -91,6 +108,7 @@ async fn accept_loop(
     target: SocketAddr,
     mode: watch::Receiver<Fault>,
     accepted: Arc<AtomicUsize>,
+    counters: Counters,
 ) {
     let mut connections = JoinSet::new();
     while let Ok((client, _)) = listener.accept().await {
@@ -100,13 +118,18 @@ async fn accept_loop(
             reset(&client);
             continue;
         }
-        connections.spawn(relay(client, target, mode.clone()));
+        connections.spawn(relay(client, target, mode.clone(), counters.clone()));
     }
 }
 
 /// Forwards between `client` and a new connection to `target` until either side closes or
 /// the mode turns to [`Fault::Reset`], which cuts both with RST.
-async fn relay(mut client: TcpStream, target: SocketAddr, mut mode: watch::Receiver<Fault>) {
+async fn relay(
+    mut client: TcpStream,
+    target: SocketAddr,
+    mut mode: watch::Receiver<Fault>,
+    counters: Counters,
+) {
     let Ok(mut server) = TcpStream::connect(target).await else {
         // Like a real proxy whose backend refuses: the client is reset, not left hanging.
         reset(&client);
@@ -117,8 +140,8 @@ async fn relay(mut client: TcpStream, target: SocketAddr, mut mode: watch::Recei
         let (server_read, server_write) = server.split();
         // Either side closing ends both: Redis's protocol has no use for half-closed streams.
         tokio::select! {
-            () = pump(client_read, server_write, mode.clone()) => false,
-            () = pump(server_read, client_write, mode.clone()) => false,
+            () = pump(client_read, server_write, mode.clone(), Some(&counters.from_clients)) => false,
+            () = pump(server_read, client_write, mode.clone(), None) => false,
             _ = mode.wait_for(|fault| *fault == Fault::Reset) => true,
         }
     };
@@ -129,13 +152,21 @@ async fn relay(mut client: TcpStream, target: SocketAddr, mut mode: watch::Recei
 }
 
 /// Copies `from` to `to` chunk by chunk, applying the mode to each chunk, until EOF or error.
-async fn pump(mut from: ReadHalf<'_>, mut to: WriteHalf<'_>, mode: watch::Receiver<Fault>) {
+async fn pump(
+    mut from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
+    mode: watch::Receiver<Fault>,
+    counted: Option<&AtomicUsize>,
+) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        if let Some(counted) = counted {
+            counted.fetch_add(n, Ordering::SeqCst);
+        }
         let fault = *mode.borrow();
         match fault {
             Fault::Pass => {}
