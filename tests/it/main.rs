@@ -7,6 +7,7 @@
 mod support;
 
 mod cache_control;
+mod chaos;
 mod circuit;
 mod coalescing;
 mod commands;
