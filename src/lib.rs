@@ -10,11 +10,13 @@
 //! - [`routes`]: method + path → handler; JSON in, JSON out.
 //! - [`error`]: the request-path error and the one place that maps it to status and code.
 //! - [`health`]: the phase and dependency states `/readyz` reports.
-//! - [`lookup`]: the core: dedup → cache → bounded upstream fetch → write-back.
+//! - [`lookup`]: the core: dedup → cache (fresh, stale, gone) → coalesced, bounded upstream
+//!   fetch → write-back.
 //! - [`render`]: response bodies written straight into one buffer, cached JSON spliced in.
 //! - [`sn`]: what a valid serial number is.
 //! - [`cache`]: the `Cache` trait, the entry format, the Redis and in-memory backends.
-//! - [`upstream`]: the HTTP client for the discount service.
+//! - [`upstream`]: the HTTP client for the discount service, with retries and a circuit.
+//! - [`circuit`]: the circuit breaker shared by the upstream client and the Redis cache.
 //! - [`simulator`]: a stand-in for the upstream, for the quick start and benchmarks.
 //! - [`telemetry`]: the tracing subscriber.
 //! - [`secret`]: a string that never shows itself in logs.
