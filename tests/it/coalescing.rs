@@ -7,9 +7,19 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// These tests hold fetches at the upstream while requests pile up; on a loaded machine that
+/// can take seconds, which must not run into the upstream's or the request's timeout.
+async fn patient_app() -> TestApp {
+    TestApp::spawn_with(|config| {
+        config.upstream.timeout = Duration::from_secs(60);
+        config.server.request_timeout = Duration::from_secs(60);
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_thousand_concurrent_gets_of_one_cold_sn_make_one_upstream_call() {
-    let app = TestApp::spawn().await;
+    let app = patient_app().await;
     app.upstream.hold();
     let url = app.url("/v1/discounts/HOT-1");
     let requests: Vec<_> = (0..1000)
@@ -48,7 +58,7 @@ async fn a_thousand_concurrent_gets_of_one_cold_sn_make_one_upstream_call() {
 
 #[tokio::test]
 async fn twenty_overlapping_batches_fetch_each_sn_exactly_once() {
-    let app = TestApp::spawn().await;
+    let app = patient_app().await;
     let sns: Vec<String> = (0..100).map(|i| format!("OV-{i:03}")).collect();
     // Batch b asks for 50 SNs starting at 5b, wrapping: every SN is in 10 batches.
     let batches: Vec<Vec<&str>> = (0..20)
@@ -93,7 +103,7 @@ async fn twenty_overlapping_batches_fetch_each_sn_exactly_once() {
 
 #[tokio::test]
 async fn a_leader_that_disconnects_does_not_fail_the_fetch_for_the_others() {
-    let app = TestApp::spawn().await;
+    let app = patient_app().await;
     app.upstream.hold();
     let leader = tokio::spawn(app.client.get(app.url("/v1/discounts/LEAD-1")).send());
     wait_until("the leader's fetch is at the upstream", WAIT, || async {
@@ -126,7 +136,7 @@ async fn a_leader_that_disconnects_does_not_fail_the_fetch_for_the_others() {
 
 #[tokio::test]
 async fn after_an_invalidation_a_lookup_starts_its_own_fetch_instead_of_joining() {
-    let app = TestApp::spawn().await;
+    let app = patient_app().await;
     app.upstream.hold();
     let before = tokio::spawn(app.client.get(app.url("/v1/discounts/INV-1")).send());
     wait_until("the first fetch is at the upstream", WAIT, || async {
@@ -148,7 +158,7 @@ async fn after_an_invalidation_a_lookup_starts_its_own_fetch_instead_of_joining(
 
 #[tokio::test]
 async fn a_lookup_right_after_a_fetch_reads_the_cache_instead_of_joining() {
-    let app = TestApp::spawn().await;
+    let app = patient_app().await;
     app.lookup(&["AFTER-1", "AFTER-2"]).await;
     let body = app.lookup(&["AFTER-1", "AFTER-2"]).await;
     assert_eq!(body["summary"]["cache_hits"], 2, "{body}");

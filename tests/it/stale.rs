@@ -16,6 +16,9 @@ async fn app() -> TestApp {
         config.cache.ttl = TTL;
         config.cache.stale_ttl = STALE_TTL;
         config.cache.early_refresh = 0.0;
+        // A refresh is held at the upstream while fifty lookups run: on a loaded machine
+        // that can take seconds, which must not run into the upstream timeout.
+        config.upstream.timeout = Duration::from_secs(60);
     })
     .await
 }
