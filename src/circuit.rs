@@ -68,6 +68,9 @@ struct Inner {
     consecutive: u32,
     probes_in_flight: u32,
     probe_successes: u32,
+    /// Which half-open round the probes belong to: a probe still running from an earlier
+    /// round must not count in this one.
+    round: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -83,7 +86,8 @@ enum Mode {
 #[derive(Debug)]
 pub struct Ticket<'a> {
     circuit: &'a Circuit,
-    probe: bool,
+    /// The half-open round this ticket probes in; `None` for an ordinary call.
+    probe: Option<u64>,
 }
 
 impl Circuit {
@@ -100,6 +104,7 @@ impl Circuit {
                 consecutive: 0,
                 probes_in_flight: 0,
                 probe_successes: 0,
+                round: 0,
             }),
         }
     }
@@ -109,7 +114,7 @@ impl Circuit {
         if !self.settings.enabled {
             return Some(Ticket {
                 circuit: self,
-                probe: false,
+                probe: None,
             });
         }
         let mut inner = self.lock();
@@ -121,6 +126,7 @@ impl Circuit {
             inner.mode = Mode::HalfOpen;
             inner.probes_in_flight = 0;
             inner.probe_successes = 0;
+            inner.round += 1;
             info!(circuit = self.name, "circuit half-open: probing");
         }
         match inner.mode {
@@ -129,12 +135,12 @@ impl Circuit {
                 inner.probes_in_flight += 1;
                 Some(Ticket {
                     circuit: self,
-                    probe: true,
+                    probe: Some(inner.round),
                 })
             }
             _ => Some(Ticket {
                 circuit: self,
-                probe: false,
+                probe: None,
             }),
         }
     }
@@ -149,15 +155,21 @@ impl Circuit {
         }
     }
 
-    fn record(&self, probe: bool, ok: bool) {
+    fn record(&self, probe: Option<u64>, ok: bool) {
         if !self.settings.enabled {
             return;
         }
         let mut inner = self.lock();
         let now = Instant::now();
-        if probe {
-            inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
-        }
+        let probe = match probe {
+            Some(round) if round == inner.round => {
+                inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
+                true
+            }
+            // A probe of an earlier round: that round is decided already.
+            Some(_) => return,
+            None => false,
+        };
         match inner.mode {
             // A call admitted before the circuit opened: its answer changes nothing now.
             Mode::Open { .. } => {}
@@ -248,10 +260,12 @@ impl Ticket<'_> {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        if self.probe {
+        if let Some(round) = self.probe {
             // A probe that never reported frees its slot, so the next call can probe instead.
             let mut inner = self.circuit.lock();
-            inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
+            if inner.round == round {
+                inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
+            }
         }
     }
 }
@@ -358,6 +372,29 @@ mod tests {
             CircuitState::Closed,
             "a new window of 2 calls"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_probe_of_an_earlier_round_does_not_count_in_the_next() {
+        let circuit = Circuit::new("test", settings());
+        fail(&circuit, 3);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let slow = circuit.try_acquire().unwrap();
+        circuit.try_acquire().unwrap().failure();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let round_two = [circuit.try_acquire(), circuit.try_acquire()];
+        assert!(round_two.iter().all(Option::is_some));
+        slow.success();
+        assert!(circuit.try_acquire().is_none(), "still two probes at most");
+        assert_eq!(
+            circuit.state(),
+            CircuitState::HalfOpen,
+            "the late success does not count"
+        );
+        for probe in round_two.into_iter().flatten() {
+            probe.success();
+        }
+        assert_eq!(circuit.state(), CircuitState::Closed);
     }
 
     #[test]

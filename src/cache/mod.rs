@@ -55,6 +55,14 @@ pub enum CacheError {
     },
 }
 
+impl CacheError {
+    /// Whether the backend was not even asked, because its circuit is open: the failure was
+    /// already counted and logged when the circuit opened, so callers only note it at debug.
+    pub fn is_skipped(&self) -> bool {
+        matches!(self, Self::Skipped)
+    }
+}
+
 /// What a multi-key read found: a value or `None` per key, in order, and the failures met on
 /// the way. The keys of a failed chunk are `None`; the caller logs and counts the failures, so
 /// a partial failure is never a silent miss.

@@ -48,23 +48,52 @@ impl Drop for Lead {
     }
 }
 
+/// The flights a task may fetch, in order. It yields a [`Lead`] for each one it claims, and
+/// skips those another task claimed first. If the task ends early, what is still queued and
+/// unclaimed is settled (as abandoned), so no waiter waits for it until its deadline.
+struct Queue {
+    waiting: std::collections::VecDeque<Arc<Flight>>,
+    flights: Arc<Flights>,
+}
+
+impl Iterator for Queue {
+    type Item = Lead;
+
+    fn next(&mut self) -> Option<Lead> {
+        while let Some(flight) = self.waiting.pop_front() {
+            if flight.claim() {
+                return Some(Lead {
+                    flight,
+                    flights: Arc::clone(&self.flights),
+                });
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        // Claiming makes a Lead, whose drop settles the flight and removes it.
+        while self.next().is_some() {}
+    }
+}
+
 impl Fetcher {
-    /// Fetches the flights, at most `upstream.concurrency` at a time for this request.
+    /// Fetches the flights not claimed by another task first, at most `upstream.concurrency`
+    /// at a time for this task.
     ///
     /// That bound is what shares the upstream fairly: the global limit's queue is FIFO, and
-    /// a request only queues its next fetch when one of its own finishes, so a single-SN
-    /// lookup waits for one free slot, not behind the whole of a 10,000-SN export.
+    /// a task only queues its next fetch when one of its own finishes, so a single-SN
+    /// lookup waits for one free slot, not behind the whole of a 10,000-SN export (and if it
+    /// wants an SN the export has queued, it claims and fetches that SN itself).
     pub(super) async fn run(self, flights: Vec<Arc<Flight>>, retry_until: Instant) {
         let per_request = self.upstream.concurrency();
-        // Leads first, so the flights still queued here are settled too if this task ends.
-        let leads: Vec<Lead> = flights
-            .into_iter()
-            .map(|flight| Lead {
-                flight,
-                flights: Arc::clone(&self.flights),
-            })
-            .collect();
-        let mut answers = futures_util::stream::iter(leads)
+        let queue = Queue {
+            waiting: flights.into(),
+            flights: Arc::clone(&self.flights),
+        };
+        let mut answers = futures_util::stream::iter(queue)
             .map(|lead| {
                 let upstream = &self.upstream;
                 async move {
@@ -97,7 +126,10 @@ impl Fetcher {
             // Not a call: the circuit already knows, and one line per SN would flood the log.
             Err(UpstreamError::CircuitOpen) => {}
             Err(err) => {
-                self.health.record_upstream(false);
+                // A bad body for one SN is that SN's problem, not a failing upstream.
+                if err.counts_against_upstream() {
+                    self.health.record_upstream(false);
+                }
                 warn!(sn = %sn, error = %err, "upstream fetch failed; not cached");
             }
         }
@@ -225,6 +257,12 @@ impl Writer {
         if !writes.is_empty() {
             match self.cache.set_many(&writes).await {
                 Ok(()) => debug!(keys = writes.len(), "write-back done"),
+                Err(err) if err.is_skipped() => {
+                    debug!(
+                        keys = writes.len(),
+                        "write-back skipped: redis's circuit is open"
+                    );
+                }
                 Err(err) => {
                     self.health.record_redis_error();
                     warn!(error = %err, keys = writes.len(), "write-back failed; the next lookup refetches");

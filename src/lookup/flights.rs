@@ -1,16 +1,19 @@
 //! The fetches in flight, at most one per SN in the whole process (Varnish's waiting list,
 //! nginx's `proxy_cache_lock`), shared by every request that wants the SN.
 //!
-//! A flight is owned by a background task, never by a request: a requester that disconnects
+//! A flight is fetched by a background task, never by a request: a requester that disconnects
 //! or reaches its deadline just stops listening, and the others keep theirs. Waiters are
 //! woken by a watch channel (notified, not polled) and each waits with its own deadline.
+//! Every request that wants a flight nobody has started yet queues it in its own fetch task;
+//! the first task to reach it claims and fetches it, the others skip it. So an SN queued deep
+//! in a big export is fetched as soon as a small lookup asks for it.
 //! A flight stays joinable until its write-back is done, so a lookup that comes between the
 //! answer and the write joins it instead of fetching again.
 
 use crate::upstream::{Fetched, UpstreamError};
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -45,8 +48,10 @@ pub struct Flight {
     /// The SN being fetched.
     pub sn: String,
     stage: watch::Sender<Stage>,
-    /// When the fetch began; an invalidation after it fences the write-back.
+    /// When the flight began; an invalidation after it fences the write-back.
     pub started: Instant,
+    /// Whether a task has started fetching it.
+    claimed: AtomicBool,
 }
 
 impl Flight {
@@ -55,7 +60,18 @@ impl Flight {
             sn: sn.to_owned(),
             stage: watch::Sender::new(Stage::Pending),
             started: Instant::now(),
+            claimed: AtomicBool::new(false),
         })
+    }
+
+    /// Takes the fetch on; `false` if another task already has.
+    pub fn claim(&self) -> bool {
+        !self.claimed.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether a task has taken the fetch on.
+    pub fn is_claimed(&self) -> bool {
+        self.claimed.load(Ordering::Acquire)
     }
 
     /// Listens to the flight; a receiver never misses the latest stage.
@@ -73,9 +89,7 @@ impl Flight {
     pub fn settle(&self) {
         self.stage.send_modify(|stage| {
             let answer = match stage {
-                Stage::Pending => Err(UpstreamError::Connection(
-                    "the fetch was abandoned".to_owned(),
-                )),
+                Stage::Pending => Err(UpstreamError::Abandoned),
                 Stage::Answered(answer) => answer.clone(),
                 Stage::Settled(_) => return,
             };
@@ -90,8 +104,9 @@ pub struct Overloaded;
 
 /// A request's place in the flights of its misses.
 pub struct Joined {
-    /// The flights this request started: its own task must fetch them.
-    pub led: Vec<Arc<Flight>>,
+    /// The flights no task has started yet (new here, or queued by another request): this
+    /// request's own task fetches each one unless another task gets to it first.
+    pub unclaimed: Vec<Arc<Flight>>,
     /// Every miss's flight, by its index in the request (started here or joined).
     pub all: Vec<(usize, Arc<Flight>)>,
 }
@@ -132,7 +147,7 @@ impl Flights {
             return Err(Overloaded);
         }
         let mut joined = Joined {
-            led: Vec::with_capacity(new),
+            unclaimed: Vec::with_capacity(new),
             all: Vec::new(),
         };
         for (index, sn) in misses {
@@ -141,12 +156,11 @@ impl Flights {
                     self.joins.fetch_add(1, Ordering::Relaxed);
                     Arc::clone(running.get())
                 }
-                Entry::Vacant(vacant) => {
-                    let flight = Flight::new(sn);
-                    joined.led.push(Arc::clone(&flight));
-                    Arc::clone(vacant.insert(flight))
-                }
+                Entry::Vacant(vacant) => Arc::clone(vacant.insert(Flight::new(sn))),
             };
+            if !flight.is_claimed() {
+                joined.unclaimed.push(Arc::clone(&flight));
+            }
             joined.all.push((index, flight));
         }
         Ok(joined)
@@ -210,15 +224,29 @@ mod tests {
     }
 
     #[test]
-    fn the_second_request_joins_instead_of_starting() {
+    fn the_second_request_joins_and_may_take_on_what_is_still_queued() {
         let flights = Flights::new(100);
         let first = flights.join(misses(&["A", "B"])).unwrap();
-        let second = flights.join(misses(&["B", "C"])).unwrap();
-        assert_eq!(first.led.len(), 2);
-        let led: Vec<&str> = second.led.iter().map(|flight| flight.sn.as_str()).collect();
-        assert_eq!(led, ["C"]);
-        assert!(Arc::ptr_eq(&first.all[1].1, &second.all[0].1));
-        assert_eq!(flights.joins(), 1);
+        assert_eq!(first.unclaimed.len(), 2);
+        assert!(first.unclaimed[0].claim(), "the first task starts A");
+        let second = flights.join(misses(&["A", "B", "C"])).unwrap();
+        assert!(
+            Arc::ptr_eq(&first.all[1].1, &second.all[1].1),
+            "B is shared"
+        );
+        assert_eq!(flights.joins(), 2);
+        let unclaimed: Vec<&str> = second
+            .unclaimed
+            .iter()
+            .map(|flight| flight.sn.as_str())
+            .collect();
+        assert_eq!(
+            unclaimed,
+            ["B", "C"],
+            "B is still queued, so it may be taken on"
+        );
+        assert!(second.unclaimed[0].claim());
+        assert!(!first.unclaimed[1].claim(), "B is fetched once");
     }
 
     #[test]

@@ -166,6 +166,10 @@ impl Lookup {
         };
         // A failed chunk leaves only its own keys as misses; the rest are still hits.
         for err in &read.failures {
+            if err.is_skipped() {
+                debug!("redis is skipped while its circuit is open; fetching from the upstream");
+                continue;
+            }
             self.health.record_redis_error();
             warn!(error = %err, "cache read failed for part of the batch; fetching it from the upstream");
         }
@@ -174,36 +178,43 @@ impl Lookup {
         let mut refreshes = Vec::new();
         for (index, value) in candidates.into_iter().zip(read.values) {
             let sn = &distinct[index];
-            let entry = match value.map(Entry::decode) {
-                Some(Ok(entry)) => entry,
-                Some(Err(err)) => {
-                    warn!(sn = %sn, error = %err, "unreadable cache entry; refetching");
-                    misses.push(index);
-                    continue;
-                }
-                None => {
-                    misses.push(index);
-                    continue;
-                }
-            };
-            let freshness = self.settings.lifetimes.classify(&entry, now);
-            let source = match freshness {
-                Freshness::Gone => {
-                    misses.push(index);
-                    continue;
-                }
-                Freshness::Fresh | Freshness::RefreshEarly => Source::Cache,
-                Freshness::Stale => Source::Stale,
+            let Some((outcome, freshness)) = self.usable(sn, value, now) else {
+                misses.push(index);
+                continue;
             };
             if freshness != Freshness::Fresh
                 && let Some(flight) = self.flights.start_refresh(sn)
             {
                 refreshes.push(flight);
             }
-            outcomes[index] = Some(cached(&entry, source));
+            outcomes[index] = Some(outcome);
         }
         self.refresh_in_background(refreshes);
         misses
+    }
+
+    /// What a stored value is worth now: an outcome to serve and how fresh it is, or `None`
+    /// for a miss (nothing stored, unreadable, or past its stale period).
+    fn usable(
+        &self,
+        sn: &str,
+        value: Option<bytes::Bytes>,
+        now: SystemTime,
+    ) -> Option<(Outcome, Freshness)> {
+        let entry = match Entry::decode(value?) {
+            Ok(entry) => entry,
+            Err(err) => {
+                warn!(sn = %sn, error = %err, "unreadable cache entry; refetching");
+                return None;
+            }
+        };
+        let freshness = self.settings.lifetimes.classify(&entry, now);
+        let source = match freshness {
+            Freshness::Gone => return None,
+            Freshness::Fresh | Freshness::RefreshEarly => Source::Cache,
+            Freshness::Stale => Source::Stale,
+        };
+        Some((cached(&entry, source), freshness))
     }
 
     /// Refreshes stale or nearly expired entries without anyone waiting. A failed refresh
@@ -230,9 +241,10 @@ impl Lookup {
         let joined = self
             .flights
             .join(misses.iter().map(|&i| (i, distinct[i].as_str())))?;
-        if !joined.led.is_empty() {
-            // Retries never start past the deadline of the request that started the fetch.
-            self.tasks.spawn(self.fetcher().run(joined.led, deadline));
+        if !joined.unclaimed.is_empty() {
+            // Retries never start past the deadline of the request whose task fetches it.
+            self.tasks
+                .spawn(self.fetcher().run(joined.unclaimed, deadline));
         }
         let mut answers: FuturesUnordered<_> = joined
             .all
@@ -280,10 +292,11 @@ impl Lookup {
         // and a lookup from now on must not join that fetch.
         self.invalidations.record(sns);
         self.flights.detach(sns);
-        self.cache
-            .delete_many(sns)
-            .await
-            .inspect_err(|_| self.health.record_redis_error())
+        self.cache.delete_many(sns).await.inspect_err(|err| {
+            if !err.is_skipped() {
+                self.health.record_redis_error();
+            }
+        })
     }
 
     /// Stops taking new background work and waits (up to `grace`) for what is under way.
@@ -304,11 +317,7 @@ async fn wait_for_answer(
         Ok(current) => current.answer().cloned(),
         Err(_) => None,
     };
-    let answer = answer.unwrap_or_else(|| {
-        Err(UpstreamError::Connection(
-            "the fetch was abandoned".to_owned(),
-        ))
-    });
+    let answer = answer.unwrap_or_else(|| Err(UpstreamError::Abandoned));
     (index, answer, stage)
 }
 

@@ -3,26 +3,21 @@
 //! bounded retries with backoff, and a circuit breaker that stops calling a failing upstream.
 
 mod retry;
+mod url;
 
 pub use self::retry::RetryPolicy;
+
+use self::url::UrlTemplate;
 
 use crate::circuit::{Circuit, CircuitSettings, CircuitState};
 use crate::secret::Secret;
 use bytes::{Bytes, BytesMut};
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::StatusCode;
 use reqwest::header::HeaderValue;
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::debug;
-
-/// Everything but RFC 3986's unreserved characters is percent-encoded in the SN.
-const SN_ENCODE_SET: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
 
 /// How [`UpstreamClient`] talks to the discount service.
 #[derive(Debug, Clone)]
@@ -101,6 +96,10 @@ pub enum UpstreamError {
     /// (`upstream_unavailable`).
     #[error("the upstream is failing; it is not called until its circuit closes")]
     CircuitOpen,
+    /// The task fetching the SN ended without an answer (it panicked or was cancelled):
+    /// the proxy's failure, not the upstream's; the next lookup fetches again.
+    #[error("the fetch ended without an answer; try again")]
+    Abandoned,
 }
 
 impl UpstreamError {
@@ -111,45 +110,6 @@ impl UpstreamError {
             Self::CircuitOpen => "upstream_unavailable",
             _ => "upstream_error",
         }
-    }
-}
-
-/// The `{sn}` URL template, split once so building a URL is two copies and an encode.
-#[derive(Debug, Clone)]
-struct UrlTemplate {
-    before: String,
-    after: String,
-    /// `{sn}` stands in the path, where `.` and `..` would be read as dot segments.
-    in_path: bool,
-}
-
-impl UrlTemplate {
-    fn parse(template: &str) -> Self {
-        let (before, after) = template.split_once("{sn}").unwrap_or((template, ""));
-        Self {
-            before: before.to_owned(),
-            after: after.to_owned(),
-            in_path: !before.contains(['?', '#']),
-        }
-    }
-
-    fn url_for(&self, sn: &str) -> Result<String, UpstreamError> {
-        if self.in_path && matches!(sn, "." | "..") {
-            // Even percent-encoded, URL parsers resolve these, which would ask for another
-            // resource and cache its answer under this SN.
-            return Err(UpstreamError::Url(format!(
-                "the SN {sn:?} cannot stand in a URL path"
-            )));
-        }
-        Ok(self.url_string(sn))
-    }
-
-    fn url_string(&self, sn: &str) -> String {
-        let mut url = String::with_capacity(self.before.len() + sn.len() * 3 + self.after.len());
-        url.push_str(&self.before);
-        url.extend(utf8_percent_encode(sn, SN_ENCODE_SET));
-        url.push_str(&self.after);
-        url
     }
 }
 
@@ -243,7 +203,11 @@ impl UpstreamClient {
                 return Err(error);
             }
             let wait = self.retry.delay(retry, failure.retry_after);
-            if Instant::now() + wait >= retry_until {
+            // Checked, not added: a `Retry-After` of years must not overflow the clock.
+            if Instant::now()
+                .checked_add(wait)
+                .is_none_or(|retry_at| retry_at >= retry_until)
+            {
                 debug!(sn, error = %error, "no retry: it would start past the deadline");
                 return Err(error);
             }
@@ -255,10 +219,10 @@ impl UpstreamClient {
 
     /// One request, if the circuit lets it through, with its outcome reported to the circuit.
     async fn attempt(&self, sn: &str) -> Result<Fetched, AttemptError> {
-        let ticket = self
-            .circuit
-            .try_acquire()
-            .ok_or(UpstreamError::CircuitOpen)?;
+        // While it is open, fail without even queueing for a slot.
+        if self.circuit.state() == CircuitState::Open {
+            return Err(UpstreamError::CircuitOpen.into());
+        }
         // The semaphore is never closed, so acquiring cannot fail; the error arm is unreachable
         // but kept total rather than panicking.
         let Ok(_permit) = self.limit.acquire().await else {
@@ -266,6 +230,12 @@ impl UpstreamClient {
                 UpstreamError::Connection("the upstream limit is closed".to_owned()).into(),
             );
         };
+        // Asked only once a slot is ours: a fetch that queued while the circuit was closed
+        // must not call an upstream whose circuit opened meanwhile.
+        let ticket = self
+            .circuit
+            .try_acquire()
+            .ok_or(UpstreamError::CircuitOpen)?;
         let result = match tokio::time::timeout(self.timeout, self.fetch_now(sn)).await {
             Ok(result) => result,
             Err(_) => Err(UpstreamError::Timeout(self.timeout).into()),
@@ -360,40 +330,6 @@ fn compact_json(body: Bytes) -> Result<Bytes, UpstreamError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sns_are_percent_encoded_into_the_template() {
-        let template = UrlTemplate::parse("http://up:8000/contract/?sn={sn}&x=1");
-        assert_eq!(
-            template.url_string("C2024-0001"),
-            "http://up:8000/contract/?sn=C2024-0001&x=1"
-        );
-        assert_eq!(
-            template.url_string("a/b&c=d#e"),
-            "http://up:8000/contract/?sn=a%2Fb%26c%3Dd%23e&x=1"
-        );
-        assert_eq!(
-            template.url_string("合"),
-            "http://up:8000/contract/?sn=%E5%90%88&x=1"
-        );
-        assert_eq!(
-            template.url_string("a+b%"),
-            "http://up:8000/contract/?sn=a%2Bb%25&x=1"
-        );
-    }
-
-    #[test]
-    fn dot_sns_are_refused_only_where_they_would_be_path_segments() {
-        let in_query = UrlTemplate::parse("http://up/contract/?sn={sn}");
-        assert_eq!(in_query.url_for("..").unwrap(), "http://up/contract/?sn=..");
-        let in_path = UrlTemplate::parse("http://up/contract/{sn}/discount");
-        assert!(matches!(in_path.url_for(".."), Err(UpstreamError::Url(_))));
-        assert!(matches!(in_path.url_for("."), Err(UpstreamError::Url(_))));
-        assert_eq!(
-            in_path.url_for("...").unwrap(),
-            "http://up/contract/.../discount"
-        );
-    }
 
     #[test]
     fn json_bodies_are_kept_verbatim_or_made_one_line() {

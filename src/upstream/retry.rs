@@ -41,22 +41,29 @@ impl UpstreamError {
             | Self::TooLarge(_)
             | Self::Url(_)
             | Self::BadToken
-            | Self::CircuitOpen => false,
+            | Self::CircuitOpen
+            | Self::Abandoned => false,
         }
     }
 
-    /// Whether the failure says the upstream is unwell, for its circuit breaker. A bad body
-    /// for one SN, or a URL that cannot be built, says nothing about the others.
+    /// Whether the failure says the upstream is unwell, for its circuit breaker and
+    /// `/readyz`. A bad body for one SN, or a URL that cannot be built, says nothing about the
+    /// others. A `429` does: an upstream shedding load is helped by fewer calls.
     pub fn counts_against_upstream(&self) -> bool {
         self.is_retryable()
     }
 }
 
+/// Longer `Retry-After`s are read as this: no lookup's deadline is that far, so the retry is
+/// skipped either way, and the arithmetic stays far from overflowing.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 /// `Retry-After` in seconds. The HTTP-date form is not read (the discount service does not
 /// send it); such a header is ignored and the backoff alone applies.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
+    let seconds = value.trim().parse::<u64>().ok()?;
+    Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
 }
 
 #[cfg(test)]
@@ -116,6 +123,11 @@ mod tests {
         assert_eq!(retry_after(&headers), None);
         headers.insert("retry-after", HeaderValue::from_static(" 2 "));
         assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
+        headers.insert(
+            "retry-after",
+            HeaderValue::from_static("18446744073709551615"),
+        );
+        assert_eq!(retry_after(&headers), Some(MAX_RETRY_AFTER));
         headers.insert(
             "retry-after",
             HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),

@@ -168,3 +168,41 @@ async fn a_failure_ratio_over_the_window_opens_it() {
     assert_eq!(codes(&body), ["upstream_unavailable"]);
     assert_eq!(app.upstream.total_calls(), 20);
 }
+
+#[tokio::test]
+async fn fetches_queued_before_the_circuit_opened_do_not_call_the_upstream_after() {
+    let app = TestApp::spawn_with(|config| {
+        config.upstream.concurrency = 1;
+        config.upstream.circuit.consecutive_failures = 1;
+        config.upstream.circuit.cooldown = Duration::from_secs(60);
+    })
+    .await;
+    app.upstream
+        .set_default_reply(Some(Reply::Status(500, "{}")));
+    app.upstream.hold();
+    let lookups: Vec<_> = (0..10)
+        .map(|i| {
+            tokio::spawn(
+                app.client
+                    .get(app.url(&format!("/v1/discounts/Q-{i}")))
+                    .send(),
+            )
+        })
+        .collect();
+    wait_until("ten fetches are queued", WAIT, || async {
+        app.state.lookup.pending_fetches() == 10
+    })
+    .await;
+    app.upstream.release();
+    let mut statuses = Vec::new();
+    for lookup in lookups {
+        statuses.push(lookup.await.unwrap().unwrap().status().as_u16());
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [502, 503, 503, 503, 503, 503, 503, 503, 503, 503]);
+    assert_eq!(
+        app.upstream.total_calls(),
+        1,
+        "the first failure opened the circuit"
+    );
+}

@@ -138,3 +138,43 @@ async fn a_single_sn_lookup_is_not_starved_by_a_big_export() {
     assert_eq!(body["summary"]["upstream_fetches"], 40);
     assert_eq!(app.upstream.peak_in_flight(), 2, "the global limit held");
 }
+
+#[tokio::test]
+async fn an_sn_queued_deep_in_an_export_is_fetched_at_once_when_asked_for_alone() {
+    let app = TestApp::spawn_with(|config| config.upstream.concurrency = 2).await;
+    app.upstream.set_latency(Duration::from_millis(100));
+    let export: Vec<String> = (0..40).map(|i| format!("QUEUED-{i}")).collect();
+    let export_lookup = tokio::spawn(
+        app.client
+            .post(app.url("/v1/discounts/lookup"))
+            .json(&json!({ "sns": export }))
+            .send(),
+    );
+    wait_until("the export holds both upstream slots", WAIT, || async {
+        app.upstream.in_flight() == 2
+    })
+    .await;
+    // The last SN of the export: joining its queued fetch must not mean waiting for the 39
+    // before it.
+    let single = app.get("/v1/discounts/QUEUED-39").await;
+    assert_eq!(single.status(), 200);
+    let calls_so_far = app.upstream.total_calls();
+    assert!(
+        calls_so_far <= 6,
+        "{calls_so_far} of the export's 40 calls were made before its last SN was answered"
+    );
+    let body: Value = export_lookup.await.unwrap().unwrap().json().await.unwrap();
+    assert!(
+        body["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|item| item["status"] == "ok")
+    );
+    assert_eq!(
+        app.upstream.calls("QUEUED-39"),
+        1,
+        "fetched once, by whoever got to it"
+    );
+    assert_eq!(app.upstream.total_calls(), 40);
+}
