@@ -4,6 +4,7 @@ use crate::cache::{Cache, MemoryCache, RedisCache, RedisSettings};
 use crate::config::{Config, redacted_url};
 use crate::health::Health;
 use crate::lookup::{Lifetimes, Lookup, LookupSettings};
+use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::upstream::{UpstreamClient, UpstreamSettings};
 use std::future::Future;
@@ -36,6 +37,8 @@ pub struct AppState {
     /// One permit per `/v1/*` request being answered (`server.max_in_flight`); none left
     /// means `503 overloaded`.
     pub admission: Arc<Semaphore>,
+    /// Every metric family, served at `/metrics`.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Why the proxy could not start.
@@ -64,8 +67,14 @@ pub enum CacheChoice {
     Redis,
     /// The bounded in-process cache (`demo` without Redis).
     Memory,
-    /// A cache already built (and checked) by the caller, such as `demo`'s Redis.
-    Built(Arc<dyn Cache>),
+    /// A cache already built (and checked) by the caller, such as `demo`'s Redis, with the
+    /// metrics it reports into.
+    Built {
+        /// The cache.
+        cache: Arc<dyn Cache>,
+        /// The metrics the cache counts into; the rest of the proxy counts there too.
+        metrics: Arc<Metrics>,
+    },
 }
 
 impl AppState {
@@ -74,19 +83,29 @@ impl AppState {
     /// # Errors
     /// A Redis URL redis-rs rejects, or a TLS stack that cannot be set up.
     pub fn build(config: &Config, choice: CacheChoice) -> Result<Arc<Self>, StartError> {
-        let cache: Arc<dyn Cache> = match choice {
-            CacheChoice::Redis => Arc::new(RedisCache::new(&RedisSettings::from(&config.redis))?),
-            CacheChoice::Memory => Arc::new(MemoryCache::new(config.cache.memory_max_entries)),
-            CacheChoice::Built(cache) => cache,
+        let (cache, metrics): (Arc<dyn Cache>, _) = match choice {
+            CacheChoice::Redis => {
+                let metrics = Arc::new(Metrics::new());
+                let redis =
+                    RedisCache::new(&RedisSettings::from(&config.redis), Arc::clone(&metrics))?;
+                (Arc::new(redis), metrics)
+            }
+            CacheChoice::Memory => (
+                Arc::new(MemoryCache::new(config.cache.memory_max_entries)),
+                Arc::new(Metrics::new()),
+            ),
+            CacheChoice::Built { cache, metrics } => (cache, metrics),
         };
-        let upstream = Arc::new(UpstreamClient::new(&UpstreamSettings::from(
-            &config.upstream,
-        ))?);
+        let upstream = Arc::new(UpstreamClient::new(
+            &UpstreamSettings::from(&config.upstream),
+            Arc::clone(&metrics),
+        )?);
         let health = Arc::new(Health::default());
         let lookup = Lookup::new(
             cache,
             upstream,
             Arc::clone(&health),
+            Arc::clone(&metrics),
             LookupSettings {
                 lifetimes: Lifetimes {
                     ttl: config.cache.ttl,
@@ -110,6 +129,7 @@ impl AppState {
             header_read_timeout: config.server.header_read_timeout,
             drain_delay: config.server.drain_delay,
             admission: Arc::new(Semaphore::new(config.server.max_in_flight)),
+            metrics,
         }))
     }
 }

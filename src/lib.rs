@@ -30,6 +30,7 @@ pub mod config;
 pub mod error;
 pub mod health;
 pub mod lookup;
+pub mod metrics;
 pub mod render;
 pub mod routes;
 pub mod secret;

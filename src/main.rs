@@ -5,6 +5,7 @@ use discount_proxy::app::{self, CacheChoice};
 use discount_proxy::cache::{Cache, RedisCache, RedisSettings};
 use discount_proxy::cli::{Cli, Command, ServeArgs, SimulateArgs};
 use discount_proxy::config::{self, Config, LogFormat};
+use discount_proxy::metrics::Metrics;
 use discount_proxy::secret::Secret;
 use discount_proxy::simulator::Simulator;
 use discount_proxy::telemetry;
@@ -68,10 +69,14 @@ async fn demo(args: &ServeArgs) -> anyhow::Result<()> {
     tokio::spawn(simulator.run(listener, std::future::pending()));
     config.upstream.url = format!("http://{upstream_addr}/contract/?sn={{sn}}");
     info!(addr = %upstream_addr, latency = "500ms", "demo: simulated upstream started");
-    let choice = match RedisCache::new(&RedisSettings::from(&config.redis)) {
+    let metrics = Arc::new(Metrics::new());
+    let choice = match RedisCache::new(&RedisSettings::from(&config.redis), Arc::clone(&metrics)) {
         // The pool that answered is the one the proxy uses: no second pool, no second connect.
         Ok(redis) => match redis.ping().await {
-            Ok(()) => CacheChoice::Built(Arc::new(redis)),
+            Ok(()) => CacheChoice::Built {
+                cache: Arc::new(redis),
+                metrics,
+            },
             Err(err) => {
                 warn!(url = %config::redacted_url(&config.redis.url), error = %err, "demo: redis does not answer; using the in-process cache");
                 CacheChoice::Memory

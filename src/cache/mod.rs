@@ -106,6 +106,22 @@ pub trait Cache: Send + Sync + 'static {
     fn circuit(&self) -> crate::circuit::CircuitState {
         crate::circuit::CircuitState::Closed
     }
+
+    /// The connection pool's state, for `/metrics`; `None` without a pool.
+    fn pool(&self) -> Option<PoolStatus> {
+        None
+    }
+}
+
+/// How a connection pool stands.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PoolStatus {
+    /// Connections held, busy or idle.
+    pub size: usize,
+    /// Idle connections.
+    pub available: usize,
+    /// Callers waiting for a connection.
+    pub waiting: usize,
 }
 
 impl From<&crate::config::RedisConfig> for RedisSettings {

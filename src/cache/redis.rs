@@ -2,13 +2,16 @@
 //! broken connections dropped instead of pooled, and a circuit breaker that skips a dead
 //! Redis instead of paying its timeout on every request.
 
-use super::{BoxFuture, Cache, CacheError, Values, Write};
+use super::{BoxFuture, Cache, CacheError, PoolStatus, Values, Write};
 use crate::circuit::{Circuit, CircuitSettings, CircuitState};
+use crate::metrics::Metrics;
 use bytes::Bytes;
 use deadpool_redis::redis::{self, AsyncConnectionConfig, FromRedisValue};
 use deadpool_redis::{Connection, Manager, Pool, Runtime};
 use futures_util::future::join_all;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// How [`RedisCache`] reaches Redis.
 #[derive(Debug, Clone)]
@@ -35,6 +38,7 @@ pub struct RedisCache {
     timeout: Duration,
     chunk_size: usize,
     circuit: Circuit,
+    metrics: Arc<Metrics>,
 }
 
 /// A command to send: one, or a pipeline.
@@ -51,6 +55,11 @@ impl Command<'_> {
             Self::Pipeline(pipe) => pipe.query_async(conn).await,
         }
     }
+}
+
+/// The command's name for metrics: `SET pipeline` counts as `SET`.
+fn command_name(op: &'static str) -> &'static str {
+    op.split(' ').next().unwrap_or(op)
 }
 
 /// Whether a connection that failed this way must not go back to the pool: it is broken,
@@ -80,7 +89,7 @@ impl RedisCache {
     ///
     /// # Errors
     /// A URL redis-rs cannot use.
-    pub fn new(settings: &RedisSettings) -> Result<Self, CacheError> {
+    pub fn new(settings: &RedisSettings, metrics: Arc<Metrics>) -> Result<Self, CacheError> {
         // Both redis-rs's own timeouts and ours: a hung Redis must never hang a request.
         let connection = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(settings.timeout))
@@ -101,6 +110,7 @@ impl RedisCache {
             timeout: settings.timeout,
             chunk_size: settings.chunk_size.max(1),
             circuit: Circuit::new("redis", settings.breaker.clone()),
+            metrics,
         })
     }
 
@@ -110,13 +120,25 @@ impl RedisCache {
         op: &'static str,
         command: Command<'_>,
     ) -> Result<T, CacheError> {
-        let ticket = self.circuit.try_acquire().ok_or(CacheError::Skipped)?;
+        let started = Instant::now();
+        let name = command_name(op);
+        let Some(ticket) = self.circuit.try_acquire() else {
+            self.metrics
+                .record_redis(name, "skipped", started.elapsed());
+            return Err(CacheError::Skipped);
+        };
         let result = self.run_pooled(op, command).await;
         match &result {
             Err(err) if err.is_unreachable() => ticket.failure(),
             // Redis answered, even if with an error (`OOM`, `READONLY`): it is reachable.
             _ => ticket.success(),
         }
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(CacheError::Timeout { .. }) => "timeout",
+            Err(_) => "error",
+        };
+        self.metrics.record_redis(name, outcome, started.elapsed());
         result
     }
 
@@ -256,5 +278,14 @@ impl Cache for RedisCache {
 
     fn circuit(&self) -> CircuitState {
         self.circuit.state()
+    }
+
+    fn pool(&self) -> Option<PoolStatus> {
+        let status = self.pool.status();
+        Some(PoolStatus {
+            size: status.size,
+            available: status.available,
+            waiting: status.waiting,
+        })
     }
 }

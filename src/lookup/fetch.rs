@@ -6,6 +6,7 @@ use super::freshness::Lifetimes;
 use super::invalidations::Invalidations;
 use crate::cache::{Cache, Entry, EntryKind, Write};
 use crate::health::Health;
+use crate::metrics::Metrics;
 use crate::upstream::{Fetched, UpstreamClient, UpstreamError};
 use futures_util::{Stream, StreamExt};
 use std::sync::Arc;
@@ -21,6 +22,7 @@ pub(super) struct Fetcher {
     pub(super) cache: Arc<dyn Cache>,
     pub(super) upstream: Arc<UpstreamClient>,
     pub(super) health: Arc<Health>,
+    pub(super) metrics: Arc<Metrics>,
     pub(super) lifetimes: Lifetimes,
     pub(super) write_batch: usize,
     pub(super) invalidations: Arc<Invalidations>,
@@ -139,6 +141,7 @@ impl Fetcher {
         Writer {
             cache: Arc::clone(&self.cache),
             health: Arc::clone(&self.health),
+            metrics: Arc::clone(&self.metrics),
             invalidations: Arc::clone(&self.invalidations),
         }
     }
@@ -147,6 +150,7 @@ impl Fetcher {
     fn write_for(&self, flight: &Flight, fetched: &Fetched) -> Option<Write> {
         if self.invalidations.since(&flight.sn, flight.started) {
             debug!(sn = %flight.sn, "invalidated during its fetch; not cached");
+            self.metrics.record_write_backs("fenced", 1);
             return None;
         }
         let now = SystemTime::now();
@@ -240,6 +244,7 @@ impl PendingWrites {
 struct Writer {
     cache: Arc<dyn Cache>,
     health: Arc<Health>,
+    metrics: Arc<Metrics>,
     invalidations: Arc<Invalidations>,
 }
 
@@ -247,6 +252,7 @@ impl Writer {
     /// Writes, then settles the flights (dropping their leads), so a lookup after this reads
     /// the cache instead of joining.
     async fn write(self, writes: Vec<Write>, leads: Vec<Lead>) {
+        let answers = writes.len();
         // Checked again right before the SET: an invalidation may have come in meanwhile.
         let writes: Vec<Write> = writes
             .into_iter()
@@ -254,16 +260,23 @@ impl Writer {
             .filter(|(write, lead)| !self.invalidations.since(&write.sn, lead.flight.started))
             .map(|(write, _)| write)
             .collect();
+        self.metrics
+            .record_write_backs("fenced", answers - writes.len());
         if !writes.is_empty() {
             match self.cache.set_many(&writes).await {
-                Ok(()) => debug!(keys = writes.len(), "write-back done"),
+                Ok(()) => {
+                    self.metrics.record_write_backs("ok", writes.len());
+                    debug!(keys = writes.len(), "write-back done");
+                }
                 Err(err) if err.is_skipped() => {
+                    self.metrics.record_write_backs("skipped", writes.len());
                     debug!(
                         keys = writes.len(),
                         "write-back skipped: redis's circuit is open"
                     );
                 }
                 Err(err) => {
+                    self.metrics.record_write_backs("failed", writes.len());
                     self.health.record_redis_error();
                     warn!(error = %err, keys = writes.len(), "write-back failed; the next lookup refetches");
                 }

@@ -10,6 +10,7 @@
 //! A flight stays joinable until its write-back is done, so a lookup that comes between the
 //! answer and the write joins it instead of fetching again.
 
+use crate::metrics::Metrics;
 use crate::upstream::{Fetched, UpstreamError};
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -117,15 +118,17 @@ pub struct Flights {
     map: Mutex<HashMap<String, Arc<Flight>>>,
     max_pending: usize,
     joins: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 impl Flights {
     /// No flights; at most `max_pending` at once (`upstream.max_pending`).
-    pub fn new(max_pending: usize) -> Self {
+    pub fn new(max_pending: usize, metrics: Arc<Metrics>) -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
             max_pending,
             joins: AtomicU64::new(0),
+            metrics,
         }
     }
 
@@ -154,6 +157,7 @@ impl Flights {
             let flight = match map.entry(sn.to_owned()) {
                 Entry::Occupied(running) => {
                     self.joins.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.record_join();
                     Arc::clone(running.get())
                 }
                 Entry::Vacant(vacant) => Arc::clone(vacant.insert(Flight::new(sn))),
@@ -225,7 +229,7 @@ mod tests {
 
     #[test]
     fn the_second_request_joins_and_may_take_on_what_is_still_queued() {
-        let flights = Flights::new(100);
+        let flights = Flights::new(100, Arc::default());
         let first = flights.join(misses(&["A", "B"])).unwrap();
         assert_eq!(first.unclaimed.len(), 2);
         assert!(first.unclaimed[0].claim(), "the first task starts A");
@@ -251,7 +255,7 @@ mod tests {
 
     #[test]
     fn max_pending_refuses_all_or_nothing() {
-        let flights = Flights::new(3);
+        let flights = Flights::new(3, Arc::default());
         flights.join(misses(&["A", "B"])).unwrap();
         assert_eq!(
             flights.join(misses(&["C", "D"])).err(),
@@ -266,7 +270,7 @@ mod tests {
 
     #[tokio::test]
     async fn waiters_see_the_answer_and_a_finished_flight_is_gone() {
-        let flights = Flights::new(10);
+        let flights = Flights::new(10, Arc::default());
         let joined = flights.join(misses(&["A"])).unwrap();
         let flight = &joined.all[0].1;
         let mut waiter = flight.subscribe();
@@ -284,7 +288,7 @@ mod tests {
 
     #[test]
     fn an_invalidated_flight_is_not_removed_in_place_of_its_successor() {
-        let flights = Flights::new(10);
+        let flights = Flights::new(10, Arc::default());
         let old = flights.join(misses(&["A"])).unwrap().all.remove(0).1;
         flights.detach(&["A"]);
         let new = flights.join(misses(&["A"])).unwrap().all.remove(0).1;

@@ -20,6 +20,7 @@ use self::outcome::summarize;
 use crate::cache::{Cache, Entry, EntryKind};
 use crate::circuit::CircuitState;
 use crate::health::Health;
+use crate::metrics::Metrics;
 use crate::sn;
 use crate::upstream::{Fetched, UpstreamClient, UpstreamError};
 use futures_util::StreamExt;
@@ -51,6 +52,7 @@ pub struct Lookup {
     cache: Arc<dyn Cache>,
     upstream: Arc<UpstreamClient>,
     health: Arc<Health>,
+    metrics: Arc<Metrics>,
     settings: LookupSettings,
     invalidations: Arc<Invalidations>,
     flights: Arc<Flights>,
@@ -60,18 +62,21 @@ pub struct Lookup {
 }
 
 impl Lookup {
-    /// The lookup core over a cache and an upstream client, reporting into `health`.
+    /// The lookup core over a cache and an upstream client, reporting into `health` and
+    /// `metrics`.
     pub fn new(
         cache: Arc<dyn Cache>,
         upstream: Arc<UpstreamClient>,
         health: Arc<Health>,
+        metrics: Arc<Metrics>,
         settings: LookupSettings,
     ) -> Self {
         Self {
             cache,
             upstream,
             health,
-            flights: Arc::new(Flights::new(settings.max_pending)),
+            flights: Arc::new(Flights::new(settings.max_pending, Arc::clone(&metrics))),
+            metrics,
             settings,
             invalidations: Arc::default(),
             tasks: TaskTracker::new(),
@@ -135,6 +140,9 @@ impl Lookup {
             .into_iter()
             .map(|outcome| outcome.unwrap_or(Outcome::Failed(ItemError::DeadlineExceeded)))
             .collect();
+        for outcome in &outcomes {
+            self.metrics.record_sn(outcome.metric());
+        }
         let summary = summarize(order.len(), &outcomes, upstream_fetches, arrived.elapsed());
         Ok(Batch {
             distinct,
@@ -275,6 +283,7 @@ impl Lookup {
             cache: Arc::clone(&self.cache),
             upstream: Arc::clone(&self.upstream),
             health: Arc::clone(&self.health),
+            metrics: Arc::clone(&self.metrics),
             lifetimes: self.settings.lifetimes.clone(),
             write_batch: self.settings.write_batch,
             invalidations: Arc::clone(&self.invalidations),

@@ -72,6 +72,30 @@ pub enum Outcome {
     Failed(ItemError),
 }
 
+impl Outcome {
+    /// The outcome's name in `discount_proxy_sns_total`.
+    pub fn metric(&self) -> crate::metrics::SnOutcome {
+        use crate::metrics::SnOutcome;
+        match self {
+            Self::Found {
+                source: Source::Cache,
+                ..
+            } => SnOutcome::Hit,
+            Self::Found {
+                source: Source::Stale,
+                ..
+            } => SnOutcome::Stale,
+            Self::Found {
+                source: Source::Upstream,
+                ..
+            } => SnOutcome::Miss,
+            Self::NotFound { .. } => SnOutcome::NotFound,
+            Self::Invalid(_) => SnOutcome::Invalid,
+            Self::Failed(_) => SnOutcome::Error,
+        }
+    }
+}
+
 /// The `summary` of a batch response; counts are over distinct SNs.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct Summary {

@@ -6,7 +6,8 @@ use self::input::{BodyLimits, read_sns, refresh_requested};
 use crate::app::AppState;
 use crate::circuit::CircuitState;
 use crate::error::Error;
-use crate::lookup::{Outcome, Source, Summary};
+use crate::lookup::{Batch, Outcome, Overloaded, Source, Summary};
+use crate::metrics::Current;
 use crate::{health, render, sn};
 use bytes::Bytes;
 use http_body_util::Full;
@@ -48,9 +49,28 @@ const SN_PATH_PREFIX: &str = "/v1/discounts/";
 pub async fn handle(state: &AppState, request: Request<Incoming>) -> Response<Body> {
     // A lookup's deadline counts from here, reading its body included.
     let arrived = Instant::now();
-    route(state, request, arrived)
+    let endpoint = endpoint(request.method(), request.uri().path());
+    let response = route(state, request, arrived)
         .await
-        .unwrap_or_else(error_response)
+        .unwrap_or_else(error_response);
+    if let Some(endpoint) = endpoint {
+        let status = response.status().as_u16();
+        state
+            .metrics
+            .record_lookup(endpoint, status, arrived.elapsed());
+    }
+    response
+}
+
+/// The `endpoint` label of a `/v1/*` request in the metrics; `None` for the others.
+fn endpoint(method: &Method, path: &str) -> Option<&'static str> {
+    match (method, path) {
+        (_, "/v1/discounts/lookup") => Some("batch"),
+        (_, "/v1/discounts/invalidate") => Some("invalidate"),
+        (&Method::DELETE, path) if path.starts_with(SN_PATH_PREFIX) => Some("delete"),
+        (_, path) if path.starts_with(SN_PATH_PREFIX) => Some("single"),
+        _ => None,
+    }
 }
 
 async fn route(
@@ -73,6 +93,10 @@ async fn route(
         "/readyz" => {
             allow(&method, READ_ONLY)?;
             Ok(readyz(state).await)
+        }
+        "/metrics" => {
+            allow(&method, READ_ONLY)?;
+            Ok(metrics(state))
         }
         "/v1/discounts/lookup" => {
             allow(&method, &[Method::POST])?;
@@ -155,7 +179,39 @@ const OVERLOADED_RETRY_AFTER_SECS: u64 = 1;
 fn admit(state: &AppState) -> Result<OwnedSemaphorePermit, Error> {
     Arc::clone(&state.admission)
         .try_acquire_owned()
-        .map_err(|_| Error::Overloaded(OVERLOADED_RETRY_AFTER_SECS))
+        .map_err(|_| {
+            state.metrics.record_shed("in_flight");
+            Error::Overloaded(OVERLOADED_RETRY_AFTER_SECS)
+        })
+}
+
+/// The lookup's outcome, or `503 overloaded` when its fetches would pass
+/// `upstream.max_pending`.
+fn admitted(state: &AppState, batch: Result<Batch, Overloaded>) -> Result<Batch, Error> {
+    batch.map_err(|Overloaded| {
+        state.metrics.record_shed("pending");
+        Error::Overloaded(OVERLOADED_RETRY_AFTER_SECS)
+    })
+}
+
+/// Prometheus metrics, the values of the moment (pool, circuits, pending fetches) read now.
+fn metrics(state: &AppState) -> Response<Body> {
+    let cache = state.lookup.cache();
+    let pool = cache.pool().unwrap_or_default();
+    state.metrics.set_current(&Current {
+        pending_fetches: state.lookup.pending_fetches(),
+        pool_size: pool.size,
+        pool_available: pool.available,
+        pool_waiting: pool.waiting,
+        upstream_circuit: state.lookup.upstream_circuit(),
+        redis_circuit: cache.circuit(),
+    });
+    let mut response = Response::new(Full::new(Bytes::from(state.metrics.encode())));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
 }
 
 async fn readyz(state: &AppState) -> Response<Body> {
@@ -198,11 +254,7 @@ async fn lookup_batch(
 ) -> Result<Response<Body>, Error> {
     let refresh = refresh_requested(&request)?;
     let sns = read_sns(request, &body_limits(state)).await?;
-    let batch = state
-        .lookup
-        .resolve(sns, refresh, arrived)
-        .await
-        .map_err(|_| Error::Overloaded(OVERLOADED_RETRY_AFTER_SECS))?;
+    let batch = admitted(state, state.lookup.resolve(sns, refresh, arrived).await)?;
     let stats = LookupStats::from(&batch.summary);
     let mut response = json_response(StatusCode::OK, render::batch(&batch));
     response.extensions_mut().insert(stats);
@@ -215,11 +267,10 @@ async fn lookup_one(
     refresh: bool,
     arrived: Instant,
 ) -> Result<Response<Body>, Error> {
-    let mut batch = state
-        .lookup
-        .resolve(vec![sn], refresh, arrived)
-        .await
-        .map_err(|_| Error::Overloaded(OVERLOADED_RETRY_AFTER_SECS))?;
+    let mut batch = admitted(
+        state,
+        state.lookup.resolve(vec![sn], refresh, arrived).await,
+    )?;
     let stats = LookupStats::from(&batch.summary);
     let (Some(sn), Some(outcome)) = (batch.distinct.pop(), batch.outcomes.pop()) else {
         return Err(Error::InvalidRequest("no SN in the path".to_owned()));

@@ -10,10 +10,12 @@ pub use self::retry::RetryPolicy;
 use self::url::UrlTemplate;
 
 use crate::circuit::{Circuit, CircuitSettings, CircuitState};
+use crate::metrics::Metrics;
 use crate::secret::Secret;
 use bytes::{Bytes, BytesMut};
 use reqwest::StatusCode;
 use reqwest::header::HeaderValue;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -125,6 +127,7 @@ pub struct UpstreamClient {
     max_body_bytes: usize,
     retry: RetryPolicy,
     circuit: Circuit,
+    metrics: Arc<Metrics>,
 }
 
 /// One attempt's failure, with the upstream's `Retry-After` when it sent one.
@@ -147,7 +150,7 @@ impl UpstreamClient {
     ///
     /// # Errors
     /// The TLS stack could not be set up.
-    pub fn new(settings: &UpstreamSettings) -> Result<Self, UpstreamError> {
+    pub fn new(settings: &UpstreamSettings, metrics: Arc<Metrics>) -> Result<Self, UpstreamError> {
         crate::tls::install_crypto_provider();
         let http = reqwest::Client::builder()
             .connect_timeout(settings.connect_timeout)
@@ -167,6 +170,7 @@ impl UpstreamClient {
             max_body_bytes: settings.max_body_bytes,
             retry: settings.retry.clone(),
             circuit: Circuit::new("upstream", settings.circuit.clone()),
+            metrics,
         })
     }
 
@@ -212,6 +216,7 @@ impl UpstreamClient {
                 return Err(error);
             }
             debug!(sn, error = %error, retry = retry + 1, wait = ?wait, "retrying the upstream");
+            self.metrics.record_retry();
             tokio::time::sleep(wait).await;
             retry += 1;
         }
@@ -236,10 +241,20 @@ impl UpstreamClient {
             .circuit
             .try_acquire()
             .ok_or(UpstreamError::CircuitOpen)?;
+        let started = Instant::now();
+        self.metrics.upstream_in_flight().inc();
         let result = match tokio::time::timeout(self.timeout, self.fetch_now(sn)).await {
             Ok(result) => result,
             Err(_) => Err(UpstreamError::Timeout(self.timeout).into()),
         };
+        self.metrics.upstream_in_flight().dec();
+        let outcome = match &result {
+            Ok(Fetched::Found(_)) => "ok",
+            Ok(Fetched::NotFound) => "not_found",
+            Err(failure) if matches!(failure.error, UpstreamError::Timeout(_)) => "timeout",
+            Err(_) => "error",
+        };
+        self.metrics.record_upstream(outcome, started.elapsed());
         match &result {
             Ok(_) => ticket.success(),
             Err(failure) if failure.error.counts_against_upstream() => ticket.failure(),

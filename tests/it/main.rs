@@ -15,6 +15,7 @@ mod garbage_input;
 mod http_errors;
 mod lifecycle;
 mod lookup;
+mod metrics;
 mod redis_faults;
 mod retries;
 mod shedding;

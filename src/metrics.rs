@@ -1,0 +1,335 @@
+//! Prometheus metrics: one [`Metrics`] per proxy, made at start and handed to every part that
+//! counts, never a process global, so a test reads exactly its own proxy's numbers.
+//!
+//! Served at `GET /metrics` in the OpenMetrics text format (counters end in `_total`).
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+use std::time::Duration;
+
+/// One label, as `[(name, value)]`.
+type Label = [(&'static str, &'static str); 1];
+
+/// The endpoint and HTTP status of a request.
+type EndpointStatus = ([(&'static str, &'static str); 1], [(&'static str, u16); 1]);
+
+/// Every metric family of the proxy.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    lookups: Family<EndpointStatus, Counter>,
+    request_duration: Family<Label, Histogram, fn() -> Histogram>,
+    sns: Family<Label, Counter>,
+    upstream_requests: Family<Label, Counter>,
+    upstream_duration: Histogram,
+    upstream_in_flight: Gauge,
+    upstream_retries: Counter,
+    coalesced_joins: Counter,
+    pending_fetches: Gauge,
+    write_backs: Family<Label, Counter>,
+    redis_commands: Family<[(&'static str, &'static str); 2], Counter>,
+    redis_duration: Family<Label, Histogram, fn() -> Histogram>,
+    redis_pool: Family<Label, Gauge>,
+    load_shed: Family<Label, Counter>,
+    circuit_state: Family<Label, Gauge>,
+}
+
+/// Buckets from 0.5 ms to about 33 s: a Redis round trip at the bottom, a slow upstream at
+/// the top.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 17))
+}
+
+/// What an SN of a lookup came to, for `discount_proxy_sns_total{outcome}`.
+#[derive(Debug, Clone, Copy)]
+pub enum SnOutcome {
+    /// A fresh discount from the cache.
+    Hit,
+    /// A discount fetched from the upstream (or joined from a fetch under way).
+    Miss,
+    /// A discount served stale.
+    Stale,
+    /// The upstream does not know the SN (cached or fetched).
+    NotFound,
+    /// The SN failed validation.
+    Invalid,
+    /// No answer: an upstream failure, an open circuit, or the deadline.
+    Error,
+}
+
+impl SnOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Stale => "stale",
+            Self::NotFound => "not_found",
+            Self::Invalid => "invalid",
+            Self::Error => "error",
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Every family, registered once under the `discount_proxy_` prefix.
+    pub fn new() -> Self {
+        let mut metrics = Self {
+            registry: Registry::with_prefix("discount_proxy"),
+            lookups: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            sns: Family::default(),
+            upstream_requests: Family::default(),
+            upstream_duration: latency_histogram(),
+            upstream_in_flight: Gauge::default(),
+            upstream_retries: Counter::default(),
+            coalesced_joins: Counter::default(),
+            pending_fetches: Gauge::default(),
+            write_backs: Family::default(),
+            redis_commands: Family::default(),
+            redis_duration: Family::new_with_constructor(latency_histogram),
+            redis_pool: Family::default(),
+            load_shed: Family::default(),
+            circuit_state: Family::default(),
+        };
+        metrics.register();
+        metrics
+    }
+
+    fn register(&mut self) {
+        let registry = &mut self.registry;
+        registry.register(
+            "lookups",
+            "Requests to /v1/*, by endpoint and HTTP status",
+            self.lookups.clone(),
+        );
+        registry.register_with_unit(
+            "request_duration",
+            "Time from a request's arrival to its response head, by endpoint",
+            Unit::Seconds,
+            self.request_duration.clone(),
+        );
+        registry.register(
+            "sns",
+            "Distinct SNs of lookups, by outcome: hit, miss, stale, not_found, invalid, error",
+            self.sns.clone(),
+        );
+        registry.register(
+            "upstream_requests",
+            "Requests sent to the upstream, by outcome: ok, not_found, error, timeout",
+            self.upstream_requests.clone(),
+        );
+        registry.register_with_unit(
+            "upstream_request_duration",
+            "Time of one upstream request, body included",
+            Unit::Seconds,
+            self.upstream_duration.clone(),
+        );
+        registry.register(
+            "upstream_in_flight",
+            "Upstream requests in flight now",
+            self.upstream_in_flight.clone(),
+        );
+        registry.register(
+            "upstream_retries",
+            "Retries of failed upstream requests",
+            self.upstream_retries.clone(),
+        );
+        registry.register(
+            "coalesced_joins",
+            "Lookups of an SN that joined a fetch already under way instead of fetching again",
+            self.coalesced_joins.clone(),
+        );
+        registry.register(
+            "pending_fetches",
+            "Upstream fetches queued, in flight or being written back (at the last scrape)",
+            self.pending_fetches.clone(),
+        );
+        registry.register(
+            "write_backs",
+            "Answers written back to the cache, by outcome: ok, failed, skipped, fenced",
+            self.write_backs.clone(),
+        );
+        registry.register(
+            "redis_commands",
+            "Redis commands, by command and outcome: ok, error, timeout, skipped",
+            self.redis_commands.clone(),
+        );
+        registry.register_with_unit(
+            "redis_command_duration",
+            "Time of one Redis command, pool checkout included, by command",
+            Unit::Seconds,
+            self.redis_duration.clone(),
+        );
+        registry.register(
+            "redis_pool_connections",
+            "Redis pool connections, by state: size, available, waiting (callers queued)",
+            self.redis_pool.clone(),
+        );
+        registry.register(
+            "load_shed",
+            "Requests answered 503 overloaded, by reason: in_flight, pending",
+            self.load_shed.clone(),
+        );
+        registry.register(
+            "circuit_state",
+            "Circuit breaker state by dependency: 0 closed, 1 half-open, 2 open",
+            self.circuit_state.clone(),
+        );
+    }
+
+    /// The OpenMetrics text of every family.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+
+    /// One `/v1/*` request answered.
+    pub fn record_lookup(&self, endpoint: &'static str, status: u16, took: Duration) {
+        self.lookups
+            .get_or_create(&([("endpoint", endpoint)], [("status", status)]))
+            .inc();
+        self.request_duration
+            .get_or_create(&[("endpoint", endpoint)])
+            .observe(took.as_secs_f64());
+    }
+
+    /// One distinct SN of a lookup came to `outcome`.
+    pub fn record_sn(&self, outcome: SnOutcome) {
+        self.sns
+            .get_or_create(&[("outcome", outcome.as_str())])
+            .inc();
+    }
+
+    /// One upstream request ended with `outcome` after `took`.
+    pub fn record_upstream(&self, outcome: &'static str, took: Duration) {
+        self.upstream_requests
+            .get_or_create(&[("outcome", outcome)])
+            .inc();
+        self.upstream_duration.observe(took.as_secs_f64());
+    }
+
+    /// The gauge of upstream requests in flight.
+    pub fn upstream_in_flight(&self) -> &Gauge {
+        &self.upstream_in_flight
+    }
+
+    /// One retry of an upstream request.
+    pub fn record_retry(&self) {
+        self.upstream_retries.inc();
+    }
+
+    /// One lookup joined a fetch under way.
+    pub fn record_join(&self) {
+        self.coalesced_joins.inc();
+    }
+
+    /// `count` answers came to `outcome` at the write-back.
+    pub fn record_write_backs(&self, outcome: &'static str, count: usize) {
+        self.write_backs
+            .get_or_create(&[("outcome", outcome)])
+            .inc_by(count as u64);
+    }
+
+    /// One Redis command (`command`) ended with `outcome` after `took`.
+    pub fn record_redis(&self, command: &'static str, outcome: &'static str, took: Duration) {
+        self.redis_commands
+            .get_or_create(&[("command", command), ("outcome", outcome)])
+            .inc();
+        if outcome != "skipped" {
+            self.redis_duration
+                .get_or_create(&[("command", command)])
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    /// A request was shed for `reason`.
+    pub fn record_shed(&self, reason: &'static str) {
+        self.load_shed.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// The values read at scrape time: pool, pending fetches, circuits.
+    pub fn set_current(&self, current: &Current) {
+        self.pending_fetches.set(gauge(current.pending_fetches));
+        for (state, value) in [
+            ("size", current.pool_size),
+            ("available", current.pool_available),
+            ("waiting", current.pool_waiting),
+        ] {
+            self.redis_pool
+                .get_or_create(&[("state", state)])
+                .set(gauge(value));
+        }
+        for (dependency, state) in [
+            ("upstream", current.upstream_circuit),
+            ("redis", current.redis_circuit),
+        ] {
+            let value = match state {
+                crate::circuit::CircuitState::Closed => 0,
+                crate::circuit::CircuitState::HalfOpen => 1,
+                crate::circuit::CircuitState::Open => 2,
+            };
+            self.circuit_state
+                .get_or_create(&[("dependency", dependency)])
+                .set(value);
+        }
+    }
+}
+
+/// What a scrape reads off the running parts.
+#[derive(Debug, Clone, Copy)]
+pub struct Current {
+    /// Upstream fetches queued, in flight or being written back.
+    pub pending_fetches: usize,
+    /// Connections the Redis pool holds.
+    pub pool_size: usize,
+    /// Of those, idle ones.
+    pub pool_available: usize,
+    /// Callers waiting for a connection.
+    pub pool_waiting: usize,
+    /// The upstream's circuit.
+    pub upstream_circuit: crate::circuit::CircuitState,
+    /// Redis's circuit.
+    pub redis_circuit: crate::circuit::CircuitState,
+}
+
+fn gauge(value: usize) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_are_named_with_units_and_counters_end_in_total() {
+        let metrics = Metrics::new();
+        metrics.record_lookup("batch", 200, Duration::from_millis(3));
+        metrics.record_sn(SnOutcome::Hit);
+        metrics.record_upstream("ok", Duration::from_millis(500));
+        metrics.record_redis("MGET", "ok", Duration::from_micros(300));
+        let text = metrics.encode();
+        for line in [
+            r#"discount_proxy_lookups_total{endpoint="batch",status="200"} 1"#,
+            r#"discount_proxy_sns_total{outcome="hit"} 1"#,
+            r#"discount_proxy_upstream_requests_total{outcome="ok"} 1"#,
+            r#"discount_proxy_redis_commands_total{command="MGET",outcome="ok"} 1"#,
+            "# TYPE discount_proxy_upstream_request_duration_seconds histogram",
+            "# TYPE discount_proxy_request_duration_seconds histogram",
+            "# EOF",
+        ] {
+            assert!(text.contains(line), "{line} missing in:\n{text}");
+        }
+    }
+}
