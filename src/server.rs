@@ -5,6 +5,7 @@ use crate::app::AppState;
 use crate::routes::{self, LookupStats};
 use hyper::Request;
 use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 /// Serves `listener` until `shutdown` resolves, then drains: `/readyz` turns 503 at once, the
 /// proxy serves on for `server.drain_delay` (so a load balancer sees it leave), then takes no
@@ -102,6 +103,8 @@ async fn drain(listener: TcpListener, graceful: GracefulShutdown, state: &AppSta
     }
 }
 
+/// Handles one request inside a `request` span carrying its id, which every log line of the
+/// request (and of the fetches and write-backs it starts) inherits, and echoes the id back.
 async fn handle_logged(
     state: &AppState,
     request: Request<Incoming>,
@@ -110,21 +113,47 @@ async fn handle_logged(
     let method = request.method().clone();
     // A Uri clone shares its bytes: no copy of the path per request.
     let uri = request.uri().clone();
-    let response = routes::handle(state, request).await;
+    let id = request_id(request.headers());
+    let span =
+        info_span!("request", id = %id.to_str().unwrap_or_default(), %method, path = uri.path());
+    let mut response = routes::handle(state, request)
+        .instrument(span.clone())
+        .await;
     let stats = response
         .extensions()
         .get::<LookupStats>()
         .copied()
         .unwrap_or_default();
-    info!(
-        %method,
-        path = uri.path(),
-        status = response.status().as_u16(),
-        sns = stats.sns,
-        hits = stats.hits,
-        misses = stats.misses,
-        elapsed = ?started.elapsed(),
-        "request"
-    );
+    span.in_scope(|| {
+        info!(
+            status = response.status().as_u16(),
+            sns = stats.sns,
+            hits = stats.hits,
+            misses = stats.misses,
+            elapsed = ?started.elapsed(),
+            "request"
+        );
+    });
+    response.headers_mut().insert(REQUEST_ID, id);
     response
+}
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The client's `X-Request-Id` when it is a sane one (1 to 128 visible ASCII characters, so
+/// it cannot forge log lines), else a fresh random one.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get(REQUEST_ID)
+        .filter(|id| (1..=128).contains(&id.len()))
+        .filter(|id| id.as_bytes().iter().all(|byte| byte.is_ascii_graphic()))
+        .cloned()
+        .unwrap_or_else(fresh_request_id)
+}
+
+/// 16 random lowercase hex digits: ids of one length, easy to grep.
+fn fresh_request_id() -> HeaderValue {
+    // Hex digits always make a valid header value; the fallback is never taken.
+    HeaderValue::from_str(&format!("{:016x}", fastrand::u64(..)))
+        .unwrap_or_else(|_| HeaderValue::from_static("0000000000000000"))
 }

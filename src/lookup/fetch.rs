@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
 /// What a fetch task needs, owned, so it outlives the request that started it.
 #[derive(Clone)]
@@ -226,8 +226,9 @@ impl PendingWrites {
         }
         let writes = std::mem::take(&mut self.writes);
         let leads = std::mem::take(&mut self.leads);
-        self.flushes
-            .push(self.tasks.spawn(self.writer.clone().write(writes, leads)));
+        let span = info_span!("write_back", keys = writes.len());
+        let write = self.writer.clone().write(writes, leads).instrument(span);
+        self.flushes.push(self.tasks.spawn(write));
     }
 
     /// Sends what is left and waits for every pipeline of this task.

@@ -31,7 +31,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, debug_span, info_span, warn};
 
 /// How long answers are kept, how long a lookup may take, how much may wait, how writes
 /// are grouped.
@@ -166,7 +166,11 @@ impl Lookup {
             return candidates;
         }
         let sns: Vec<&str> = candidates.iter().map(|&i| distinct[i].as_str()).collect();
-        let read = tokio::time::timeout_at(deadline, self.cache.get_many(&sns)).await;
+        let read = self
+            .cache
+            .get_many(&sns)
+            .instrument(debug_span!("cache_read", sns = sns.len()));
+        let read = tokio::time::timeout_at(deadline, read).await;
         let Ok(read) = read else {
             // The request's own deadline ran out, not Redis's timeout: Redis is not to blame.
             debug!(sns = sns.len(), "the deadline passed during the cache read");
@@ -233,7 +237,9 @@ impl Lookup {
         }
         debug!(sns = flights.len(), "refreshing in the background");
         let retry_until = Instant::now() + self.settings.request_timeout;
-        self.tasks.spawn(self.fetcher().run(flights, retry_until));
+        let span = info_span!("refresh", sns = flights.len());
+        self.tasks
+            .spawn(self.fetcher().run(flights, retry_until).instrument(span));
     }
 
     /// Joins (or starts) the flights of the misses and collects their answers until the
@@ -251,8 +257,13 @@ impl Lookup {
             .join(misses.iter().map(|&i| (i, distinct[i].as_str())))?;
         if !joined.unclaimed.is_empty() {
             // Retries never start past the deadline of the request whose task fetches it.
-            self.tasks
-                .spawn(self.fetcher().run(joined.unclaimed, deadline));
+            // A child of the request's span: its log lines carry the request id.
+            let span = info_span!("upstream_fetch", sns = joined.unclaimed.len());
+            self.tasks.spawn(
+                self.fetcher()
+                    .run(joined.unclaimed, deadline)
+                    .instrument(span),
+            );
         }
         let mut answers: FuturesUnordered<_> = joined
             .all

@@ -17,6 +17,7 @@ mod lifecycle;
 mod lookup;
 mod metrics;
 mod redis_faults;
+mod request_ids;
 mod retries;
 mod shedding;
 mod stale;
