@@ -1,7 +1,7 @@
 //! Response bodies written straight into one buffer. Cached discount JSON is spliced in as
 //! bytes, never parsed again; only SNs and messages go through a JSON string escaper.
 
-use crate::lookup::{Batch, Outcome, Source};
+use crate::lookup::{Batch, Outcome, Source, Summary};
 
 /// The `{"results": [...], "summary": {...}}` body of a batch lookup.
 pub fn batch(batch: &Batch) -> Vec<u8> {
@@ -70,6 +70,23 @@ pub fn not_found_single(sn: &str, source: Source) -> Vec<u8> {
     error_field_into(&mut buf, "not_found", "no discount exists for this SN");
     buf.push(b'}');
     buf
+}
+
+/// `{"summary": {...}}`, the last line of a streamed lookup.
+pub fn summary(summary: &Summary) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(192);
+    buf.extend_from_slice(b"{\"summary\":");
+    // A derived Serialize of plain integers cannot fail.
+    let _ = serde_json::to_writer(&mut buf, summary);
+    buf.push(b'}');
+    buf
+}
+
+/// One NDJSON line: the JSON, then a newline (the JSON itself is single-line: cached values
+/// are stored without raw line breaks).
+pub fn line(mut json: Vec<u8>) -> bytes::Bytes {
+    json.push(b'\n');
+    json.into()
 }
 
 /// The body of every error response: `{"error": {"code": ..., "message": ...}}`.

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -56,18 +57,49 @@ impl Drop for Lead {
 struct Queue {
     waiting: std::collections::VecDeque<Arc<Flight>>,
     flights: Arc<Flights>,
+    /// Cancelled when the lookup that queued these went away (a streaming client that left).
+    cancel: Option<CancellationToken>,
+}
+
+impl Queue {
+    fn lead(&self, flight: Arc<Flight>) -> Lead {
+        Lead {
+            flight,
+            flights: Arc::clone(&self.flights),
+        }
+    }
+
+    /// After a cancellation: the queued flights nobody else waits for are dropped (settled as
+    /// abandoned and removed); those another lookup waits for are left for that lookup's own
+    /// task, which queued them too.
+    fn drop_unwanted(&mut self) {
+        for flight in std::mem::take(&mut self.waiting) {
+            if flight.waiters() == 0 && flight.claim() {
+                drop(self.lead(flight));
+            }
+        }
+    }
 }
 
 impl Iterator for Queue {
     type Item = Lead;
 
     fn next(&mut self) -> Option<Lead> {
+        if self
+            .cancel
+            .as_ref()
+            .is_some_and(CancellationToken::is_cancelled)
+        {
+            debug!(
+                queued = self.waiting.len(),
+                "the lookup went away; its queued fetches are dropped"
+            );
+            self.drop_unwanted();
+            return None;
+        }
         while let Some(flight) = self.waiting.pop_front() {
             if flight.claim() {
-                return Some(Lead {
-                    flight,
-                    flights: Arc::clone(&self.flights),
-                });
+                return Some(self.lead(flight));
             }
         }
         None
@@ -77,7 +109,11 @@ impl Iterator for Queue {
 impl Drop for Queue {
     fn drop(&mut self) {
         // Claiming makes a Lead, whose drop settles the flight and removes it.
-        while self.next().is_some() {}
+        while let Some(flight) = self.waiting.pop_front() {
+            if flight.claim() {
+                drop(self.lead(flight));
+            }
+        }
     }
 }
 
@@ -89,11 +125,17 @@ impl Fetcher {
     /// a task only queues its next fetch when one of its own finishes, so a single-SN
     /// lookup waits for one free slot, not behind the whole of a 10,000-SN export (and if it
     /// wants an SN the export has queued, it claims and fetches that SN itself).
-    pub(super) async fn run(self, flights: Vec<Arc<Flight>>, retry_until: Instant) {
+    pub(super) async fn run(
+        self,
+        flights: Vec<Arc<Flight>>,
+        retry_until: Instant,
+        cancel: Option<CancellationToken>,
+    ) {
         let per_request = self.upstream.concurrency();
         let queue = Queue {
             waiting: flights.into(),
             flights: Arc::clone(&self.flights),
+            cancel,
         };
         let mut answers = futures_util::stream::iter(queue)
             .map(|lead| {

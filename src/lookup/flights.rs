@@ -70,6 +70,11 @@ impl Flight {
         !self.claimed.swap(true, Ordering::AcqRel)
     }
 
+    /// Lookups listening for the answer now.
+    pub fn waiters(&self) -> usize {
+        self.stage.receiver_count()
+    }
+
     /// Whether a task has taken the fetch on.
     pub fn is_claimed(&self) -> bool {
         self.claimed.load(Ordering::Acquire)

@@ -7,29 +7,29 @@ mod flights;
 mod freshness;
 mod invalidations;
 mod outcome;
+mod resolving;
 
 pub use self::flights::Overloaded;
 pub use self::freshness::Lifetimes;
 pub use self::outcome::{Batch, ItemError, Outcome, Source, Summary};
+pub use self::resolving::Resolving;
 
 use self::fetch::Fetcher;
-use self::flights::{Answer, Flight, Flights, Stage};
+use self::flights::{Flight, Flights};
 use self::freshness::Freshness;
 use self::invalidations::Invalidations;
-use self::outcome::summarize;
 use crate::cache::{Cache, Entry, EntryKind};
 use crate::circuit::CircuitState;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::sn;
-use crate::upstream::{Fetched, UpstreamClient, UpstreamError};
-use futures_util::StreamExt;
+use crate::upstream::UpstreamClient;
 use futures_util::stream::FuturesUnordered;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span, info_span, warn};
 
@@ -115,6 +115,27 @@ impl Lookup {
         refresh: bool,
         arrived: Instant,
     ) -> Result<Batch, Overloaded> {
+        Ok(self
+            .start(requested, refresh, arrived, None)
+            .await?
+            .finish()
+            .await)
+    }
+
+    /// Starts a lookup: validates, reads the cache, joins or starts the fetches of the
+    /// misses, and returns it for the caller to walk as its SNs resolve. With `cancel`, the
+    /// fetches this lookup queued but did not start are dropped when it is cancelled (unless
+    /// another lookup waits for them); those under way still finish and are written back.
+    ///
+    /// # Errors
+    /// [`Overloaded`], as for [`Lookup::resolve`].
+    pub async fn start(
+        &self,
+        requested: Vec<String>,
+        refresh: bool,
+        arrived: Instant,
+        cancel: Option<CancellationToken>,
+    ) -> Result<Resolving, Overloaded> {
         let deadline = arrived + self.settings.request_timeout;
         let (distinct, order) = dedup(requested);
         let mut outcomes: Vec<Option<Outcome>> = vec![None; distinct.len()];
@@ -131,24 +152,25 @@ impl Lookup {
             self.read_cache(&distinct, valid, deadline, &mut outcomes)
                 .await
         };
-        let upstream_fetches = misses.len();
-        if !misses.is_empty() {
-            self.fetch_misses(&distinct, &misses, deadline, &mut outcomes)
-                .await?;
-        }
-        let outcomes: Vec<Outcome> = outcomes
-            .into_iter()
-            .map(|outcome| outcome.unwrap_or(Outcome::Failed(ItemError::DeadlineExceeded)))
-            .collect();
-        for outcome in &outcomes {
-            self.metrics.record_sn(outcome.metric());
-        }
-        let summary = summarize(order.len(), &outcomes, upstream_fetches, arrived.elapsed());
-        Ok(Batch {
+        let answers = if misses.is_empty() {
+            FuturesUnordered::new()
+        } else {
+            self.join_fetches(&distinct, &misses, deadline, cancel.clone())?
+        };
+        Ok(Resolving {
             distinct,
-            outcomes,
             order,
-            summary,
+            outcomes,
+            answers,
+            settling: Vec::new(),
+            arrived,
+            deadline,
+            upstream_fetches: misses.len(),
+            metrics: Arc::clone(&self.metrics),
+            cancel_on_drop: cancel.map(CancellationToken::drop_guard),
+            cursor: 0,
+            expired: false,
+            expired_cursor: 0,
         })
     }
 
@@ -238,20 +260,22 @@ impl Lookup {
         debug!(sns = flights.len(), "refreshing in the background");
         let retry_until = Instant::now() + self.settings.request_timeout;
         let span = info_span!("refresh", sns = flights.len());
-        self.tasks
-            .spawn(self.fetcher().run(flights, retry_until).instrument(span));
+        self.tasks.spawn(
+            self.fetcher()
+                .run(flights, retry_until, None)
+                .instrument(span),
+        );
     }
 
-    /// Joins (or starts) the flights of the misses and collects their answers until the
-    /// deadline; then waits, within the deadline, for their write-backs, so a lookup of the
-    /// same SNs right after this response is all hits.
-    async fn fetch_misses(
+    /// Joins (or starts) the flights of the misses, queues the ones no task has started in
+    /// a task of this lookup, and returns the waits for their answers.
+    fn join_fetches(
         &self,
         distinct: &[String],
         misses: &[usize],
         deadline: Instant,
-        outcomes: &mut [Option<Outcome>],
-    ) -> Result<(), Overloaded> {
+        cancel: Option<CancellationToken>,
+    ) -> Result<FuturesUnordered<resolving::Waiting>, Overloaded> {
         let joined = self
             .flights
             .join(misses.iter().map(|&i| (i, distinct[i].as_str())))?;
@@ -261,32 +285,15 @@ impl Lookup {
             let span = info_span!("upstream_fetch", sns = joined.unclaimed.len());
             self.tasks.spawn(
                 self.fetcher()
-                    .run(joined.unclaimed, deadline)
+                    .run(joined.unclaimed, deadline, cancel)
                     .instrument(span),
             );
         }
-        let mut answers: FuturesUnordered<_> = joined
+        Ok(joined
             .all
             .iter()
-            .map(|(index, flight)| wait_for_answer(*index, flight.subscribe()))
-            .collect();
-        let mut settling = Vec::with_capacity(joined.all.len());
-        while let Ok(Some((index, answer, stage))) =
-            tokio::time::timeout_at(deadline, answers.next()).await
-        {
-            outcomes[index] = Some(fetched_outcome(answer));
-            settling.push(stage);
-        }
-        drop(answers);
-        let written = futures_util::future::join_all(settling.iter_mut().map(|stage| async {
-            // The guard the wait returns borrows the channel: dropped at once, never held.
-            let settled = stage
-                .wait_for(|stage| matches!(stage, Stage::Settled(_)))
-                .await;
-            drop(settled);
-        }));
-        let _ = tokio::time::timeout_at(deadline, written).await;
-        Ok(())
+            .map(|(index, flight)| resolving::wait_for_answer(*index, flight.subscribe()))
+            .collect())
     }
 
     fn fetcher(&self) -> Fetcher {
@@ -324,33 +331,6 @@ impl Lookup {
     pub async fn drain(&self, grace: Duration) -> bool {
         self.tasks.close();
         tokio::time::timeout(grace, self.tasks.wait()).await.is_ok()
-    }
-}
-
-/// Waits (notified, not polling) until the flight has an answer; keeps the receiver so the
-/// caller can wait for the write-back next.
-async fn wait_for_answer(
-    index: usize,
-    mut stage: watch::Receiver<Stage>,
-) -> (usize, Answer, watch::Receiver<Stage>) {
-    let answer = match stage.wait_for(|stage| stage.answer().is_some()).await {
-        Ok(current) => current.answer().cloned(),
-        Err(_) => None,
-    };
-    let answer = answer.unwrap_or_else(|| Err(UpstreamError::Abandoned));
-    (index, answer, stage)
-}
-
-fn fetched_outcome(answer: Answer) -> Outcome {
-    match answer {
-        Ok(Fetched::Found(discount)) => Outcome::Found {
-            discount,
-            source: Source::Upstream,
-        },
-        Ok(Fetched::NotFound) => Outcome::NotFound {
-            source: Source::Upstream,
-        },
-        Err(err) => Outcome::Failed(ItemError::Upstream(err)),
     }
 }
 

@@ -10,17 +10,26 @@ use crate::lookup::{Batch, Outcome, Overloaded, Source, Summary};
 use crate::metrics::Current;
 use crate::{health, render, sn};
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
+use std::convert::Infallible;
 use std::sync::Arc;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// The response body type of every route.
-pub type Body = Full<Bytes>;
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// A whole body at once.
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed_unsync()
+}
 
 /// What a lookup did, attached to its response for the request log line.
 #[derive(Debug, Clone, Copy, Default)]
@@ -101,8 +110,8 @@ async fn route(
         "/v1/discounts/lookup" => {
             allow(&method, &[Method::POST])?;
             authorize(state, &request)?;
-            let _admitted = admit(state)?;
-            lookup_batch(state, request, arrived).await
+            let admitted = admit(state)?;
+            lookup_batch(state, request, arrived, admitted).await
         }
         "/v1/discounts/invalidate" => {
             allow(&method, &[Method::POST])?;
@@ -206,7 +215,7 @@ fn metrics(state: &AppState) -> Response<Body> {
         upstream_circuit: state.lookup.upstream_circuit(),
         redis_circuit: cache.circuit(),
     });
-    let mut response = Response::new(Full::new(Bytes::from(state.metrics.encode())));
+    let mut response = Response::new(full(state.metrics.encode()));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
@@ -251,13 +260,76 @@ async fn lookup_batch(
     state: &AppState,
     request: Request<Incoming>,
     arrived: Instant,
+    admitted: OwnedSemaphorePermit,
 ) -> Result<Response<Body>, Error> {
     let refresh = refresh_requested(&request)?;
+    let streaming = wants_ndjson(&request);
     let sns = read_sns(request, &body_limits(state)).await?;
-    let batch = admitted(state, state.lookup.resolve(sns, refresh, arrived).await)?;
+    if streaming {
+        return lookup_stream(state, sns, refresh, arrived, admitted).await;
+    }
+    let batch = self::admitted(state, state.lookup.resolve(sns, refresh, arrived).await)?;
     let stats = LookupStats::from(&batch.summary);
     let mut response = json_response(StatusCode::OK, render::batch(&batch));
     response.extensions_mut().insert(stats);
+    Ok(response)
+}
+
+/// Whether the client asked for `application/x-ndjson` (one item per line as each resolves).
+fn wants_ndjson(request: &Request<Incoming>) -> bool {
+    request
+        .headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|media| {
+            media
+                .split(';')
+                .next()
+                .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/x-ndjson"))
+        })
+}
+
+/// The NDJSON answer: each distinct SN once, in the order it resolves (what needed no fetch
+/// first), then `{"summary": ...}`. Lines are made as the client reads them, so a slow reader
+/// holds back the proxy instead of making it buffer; a client that goes away cancels the
+/// fetches this lookup queued but had not started (those under way finish and are written).
+/// The admission permit is held until the last line.
+async fn lookup_stream(
+    state: &AppState,
+    sns: Vec<String>,
+    refresh: bool,
+    arrived: Instant,
+    admitted: OwnedSemaphorePermit,
+) -> Result<Response<Body>, Error> {
+    let cancel = CancellationToken::new();
+    let resolving = state
+        .lookup
+        .start(sns, refresh, arrived, Some(cancel))
+        .await;
+    let resolving = resolving.map_err(|Overloaded| {
+        state.metrics.record_shed("pending");
+        Error::Overloaded(OVERLOADED_RETRY_AFTER_SECS)
+    })?;
+    let lines = futures_util::stream::unfold(Some((resolving, admitted)), |state| async move {
+        let (mut resolving, admitted) = state?;
+        let line = match resolving.next_resolved().await {
+            Some(index) => {
+                let (sn, outcome) = resolving.resolved(index)?;
+                let line = render::line(render::item(sn, outcome));
+                return Some((Ok(Frame::data(line)), Some((resolving, admitted))));
+            }
+            None => render::line(render::summary(&resolving.batch().await.summary)),
+        };
+        drop(admitted);
+        Some((Ok::<_, Infallible>(Frame::data(line)), None))
+    });
+    let mut response = Response::new(StreamBody::new(lines).boxed_unsync());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
     Ok(response)
 }
 
@@ -310,7 +382,7 @@ async fn delete_one(state: &AppState, sn: &str) -> Result<Response<Body>, Error>
         .invalidate(&[sn])
         .await
         .map_err(|_| Error::CacheUnavailable)?;
-    let mut response = Response::new(Body::default());
+    let mut response = Response::new(full(Bytes::new()));
     *response.status_mut() = StatusCode::NO_CONTENT;
     Ok(response)
 }
@@ -349,7 +421,7 @@ fn body_limits(state: &AppState) -> BodyLimits {
 }
 
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let mut response = Response::new(full(body));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

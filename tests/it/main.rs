@@ -21,4 +21,5 @@ mod request_ids;
 mod retries;
 mod shedding;
 mod stale;
+mod streaming;
 mod upstream_errors;

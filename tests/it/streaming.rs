@@ -1,0 +1,178 @@
+//! Streaming lookups (`Accept: application/x-ndjson`): hits at once, misses as they resolve,
+//! the summary last; a client that goes away stops the fetches it had queued.
+
+use crate::support::{StubUpstream, TestApp, wait_until};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// The lines of a streamed response, read one at a time.
+struct Lines {
+    body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buffer: Vec<u8>,
+}
+
+impl Lines {
+    fn of(response: reqwest::Response) -> Self {
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["content-type"], "application/x-ndjson");
+        Self {
+            body: response.bytes_stream().boxed(),
+            buffer: Vec::new(),
+        }
+    }
+
+    async fn next(&mut self) -> Option<Value> {
+        loop {
+            if let Some(end) = self.buffer.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buffer.drain(..=end).collect();
+                return Some(serde_json::from_slice(&line).unwrap());
+            }
+            match self.body.next().await {
+                Some(chunk) => self.buffer.extend_from_slice(&chunk.unwrap()),
+                None => {
+                    assert!(self.buffer.is_empty(), "a line without its newline");
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+async fn stream(app: &TestApp, sns: &[&str]) -> Lines {
+    let response = app
+        .client
+        .post(app.url("/v1/discounts/lookup"))
+        .header("accept", "application/x-ndjson")
+        .json(&json!({ "sns": sns }))
+        .send()
+        .await
+        .unwrap();
+    Lines::of(response)
+}
+
+#[tokio::test]
+async fn hits_come_at_once_misses_as_they_resolve_and_the_summary_last() {
+    let app = TestApp::spawn().await;
+    app.lookup(&["HIT-1", "HIT-2"]).await;
+    app.upstream
+        .set_latency_for("SLOW-1", Duration::from_millis(500));
+    app.upstream.hold();
+    let mut lines = stream(
+        &app,
+        &["SLOW-1", "HIT-1", "FAST-1", "bad sn", "HIT-2", "HIT-1"],
+    )
+    .await;
+    // What needs no fetch comes first, in request order, while both fetches are held.
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        first.push(lines.next().await.unwrap());
+    }
+    assert_eq!(
+        app.upstream.in_flight(),
+        2,
+        "the misses have not resolved yet"
+    );
+    assert_eq!(
+        first[0],
+        json!({"sn": "HIT-1", "status": "ok", "source": "cache", "discount": StubUpstream::discount_for("HIT-1")})
+    );
+    assert_eq!(
+        (&first[1]["sn"], &first[1]["status"]),
+        (&json!("bad sn"), &json!("invalid"))
+    );
+    assert_eq!(
+        (&first[2]["sn"], &first[2]["source"]),
+        (&json!("HIT-2"), &json!("cache"))
+    );
+    app.upstream.release();
+    // Then the misses in the order they resolve: the fast one before the slow one.
+    let fast = lines.next().await.unwrap();
+    let slow = lines.next().await.unwrap();
+    assert_eq!(
+        (&fast["sn"], &fast["source"]),
+        (&json!("FAST-1"), &json!("upstream"))
+    );
+    assert_eq!(slow["discount"], StubUpstream::discount_for("SLOW-1"));
+    let summary = lines.next().await.unwrap();
+    assert_eq!(summary["summary"]["requested"], 6);
+    assert_eq!(summary["summary"]["unique"], 5);
+    assert_eq!(summary["summary"]["cache_hits"], 2);
+    assert_eq!(summary["summary"]["upstream_fetches"], 2);
+    assert_eq!(summary["summary"]["invalid"], 1);
+    assert_eq!(lines.next().await, None);
+    // Written back before the summary: the next lookup is all hits.
+    let again = app.lookup(&["SLOW-1", "FAST-1"]).await;
+    assert_eq!(again["summary"]["cache_hits"], 2);
+}
+
+#[tokio::test]
+async fn past_the_deadline_the_rest_are_deadline_exceeded_and_still_written_back() {
+    let app = TestApp::spawn_with(|config| {
+        config.server.request_timeout = Duration::from_millis(800);
+        config.upstream.timeout = Duration::from_secs(10);
+    })
+    .await;
+    app.upstream
+        .set_latency_for("LATE-1", Duration::from_millis(2000));
+    let mut lines = stream(&app, &["LATE-1", "QUICK-1"]).await;
+    assert_eq!(lines.next().await.unwrap()["sn"], "QUICK-1");
+    let late = lines.next().await.unwrap();
+    assert_eq!(late["error"]["code"], "deadline_exceeded", "{late}");
+    assert_eq!(lines.next().await.unwrap()["summary"]["errors"], 1);
+    assert_eq!(lines.next().await, None);
+    wait_until("the late fetch is written back", WAIT, || async {
+        app.redis_value("LATE-1").await.is_some()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_stops_the_fetches_it_had_queued_but_not_those_under_way() {
+    let app = TestApp::spawn_with(|config| config.upstream.concurrency = 2).await;
+    app.upstream.hold();
+    let sns: Vec<String> = (0..20).map(|i| format!("GONE-{i:02}")).collect();
+    let refs: Vec<&str> = sns.iter().map(String::as_str).collect();
+    let lines = stream(&app, &refs).await;
+    wait_until("two fetches are at the upstream", WAIT, || async {
+        app.upstream.in_flight() == 2
+    })
+    .await;
+    drop(lines);
+    // The proxy notices the closed connection when it next polls the body; the queued
+    // fetches are dropped once a slot frees up.
+    app.upstream.release();
+    wait_until("nothing is pending any more", WAIT, || async {
+        app.state.lookup.pending_fetches() == 0
+    })
+    .await;
+    let called: Vec<&String> = sns.iter().filter(|sn| app.upstream.calls(sn) > 0).collect();
+    assert!(
+        called.len() < 20,
+        "the 18 queued fetches were not all made after the client left"
+    );
+    for sn in called {
+        assert!(
+            app.redis_value(sn).await.is_some(),
+            "{sn}: fetched, so written back"
+        );
+    }
+}
+
+#[tokio::test]
+async fn without_the_ndjson_accept_header_the_answer_is_one_json_document() {
+    let app = TestApp::spawn().await;
+    let response = app
+        .client
+        .post(app.url("/v1/discounts/lookup"))
+        .header("accept", "application/json, text/plain;q=0.5")
+        .json(&json!({"sns": ["J-1"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["results"][0]["sn"], "J-1");
+}
