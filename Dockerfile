@@ -3,6 +3,8 @@ FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# Served at /openapi.yaml: compiled into the binary.
+COPY openapi.yaml ./
 RUN cargo build --release --locked --bin discount-proxy
 
 FROM debian:bookworm-slim

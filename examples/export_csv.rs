@@ -25,7 +25,10 @@ async fn main() -> Result<(), Failure> {
     let started = Instant::now();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut request = reqwest::Client::new()
-        .post(format!("{}/v1/discounts/lookup", proxy.trim_end_matches('/')))
+        .post(format!(
+            "{}/v1/discounts/lookup",
+            proxy.trim_end_matches('/')
+        ))
         .header("accept", "application/x-ndjson")
         .json(&serde_json::json!({ "sns": sns }));
     if let Ok(token) = std::env::var("DISCOUNT_PROXY_CLIENT_TOKEN") {
@@ -75,7 +78,9 @@ fn parse_args() -> Result<(String, Option<String>), Failure> {
         match arg.as_str() {
             "--proxy" => proxy = args.next().ok_or("--proxy needs a URL")?,
             "-h" | "--help" => {
-                eprintln!("usage: export_csv [--proxy URL] [FILE]   (SNs one per line; stdin without FILE)");
+                eprintln!(
+                    "usage: export_csv [--proxy URL] [FILE]   (SNs one per line; stdin without FILE)"
+                );
                 std::process::exit(0);
             }
             _ => file = Some(arg),

@@ -65,6 +65,27 @@ pub enum Error {
     CacheUnavailable,
 }
 
+/// Every code an error response or an item can carry, for the API description's enum (a
+/// test keeps `openapi.yaml` in step with it).
+pub const ERROR_CODES: &[&str] = &[
+    "invalid_json",
+    "invalid_request",
+    "invalid_sn",
+    "unauthorized",
+    "not_found",
+    "method_not_allowed",
+    "batch_too_large",
+    "payload_too_large",
+    "unsupported_media_type",
+    "body_timeout",
+    "upstream_error",
+    "upstream_timeout",
+    "upstream_unavailable",
+    "deadline_exceeded",
+    "overloaded",
+    "cache_unavailable",
+];
+
 impl Error {
     /// The HTTP status, from API.md's Errors table.
     pub fn status(&self) -> StatusCode {
@@ -114,6 +135,36 @@ impl Error {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn every_code_is_listed_in_error_codes() {
+        let errors = [
+            Error::InvalidJson(String::new()),
+            Error::InvalidRequest(String::new()),
+            Error::InvalidSn(crate::sn::SnError::Empty),
+            Error::Unauthorized,
+            Error::RouteNotFound(String::new()),
+            Error::MethodNotAllowed {
+                method: String::new(),
+                allow: String::new(),
+            },
+            Error::BatchTooLarge { count: 2, max: 1 },
+            Error::PayloadTooLarge { max: 1 },
+            Error::UnsupportedMediaType,
+            Error::BodyTimeout(Duration::from_secs(1)),
+            Error::Item(ItemError::Upstream(UpstreamError::Status(500))),
+            Error::Item(ItemError::Upstream(UpstreamError::Timeout(Duration::ZERO))),
+            Error::Item(ItemError::Upstream(UpstreamError::CircuitOpen)),
+            Error::Item(ItemError::DeadlineExceeded),
+            Error::Overloaded(1),
+            Error::CacheUnavailable,
+        ];
+        let mut codes: Vec<&str> = errors.iter().map(Error::code).collect();
+        codes.sort_unstable();
+        let mut listed = ERROR_CODES.to_vec();
+        listed.sort_unstable();
+        assert_eq!(codes, listed);
+    }
 
     #[test]
     fn upstream_failures_map_to_gateway_statuses() {

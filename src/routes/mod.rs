@@ -93,28 +93,37 @@ async fn route(
     let path = uri.path();
     match path {
         "/healthz" => {
-            allow(&method, READ_ONLY)?;
+            allow(&method, route_methods(path))?;
             Ok(json_response(
                 StatusCode::OK,
                 br#"{"status":"ok"}"#.to_vec(),
             ))
         }
         "/readyz" => {
-            allow(&method, READ_ONLY)?;
+            allow(&method, route_methods(path))?;
             Ok(readyz(state).await)
         }
         "/metrics" => {
-            allow(&method, READ_ONLY)?;
+            allow(&method, route_methods(path))?;
             Ok(metrics(state))
         }
+        "/openapi.yaml" => {
+            allow(&method, route_methods(path))?;
+            let mut response = Response::new(full(OPENAPI));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/yaml"),
+            );
+            Ok(response)
+        }
         "/v1/discounts/lookup" => {
-            allow(&method, &[Method::POST])?;
+            allow(&method, route_methods(path))?;
             authorize(state, &request)?;
             let admitted = admit(state)?;
             lookup_batch(state, request, arrived, admitted).await
         }
         "/v1/discounts/invalidate" => {
-            allow(&method, &[Method::POST])?;
+            allow(&method, route_methods(path))?;
             authorize(state, &request)?;
             let _admitted = admit(state)?;
             invalidate(state, request).await
@@ -124,7 +133,7 @@ async fn route(
             .filter(|raw| !raw.is_empty())
         {
             Some(raw_sn) => {
-                allow(&method, &[Method::GET, Method::DELETE])?;
+                allow(&method, route_methods(SN_ROUTE))?;
                 authorize(state, &request)?;
                 let _admitted = admit(state)?;
                 let sn = sn::decode_path_segment(raw_sn)?;
@@ -139,8 +148,34 @@ async fn route(
     }
 }
 
-/// The methods of the health endpoints.
+/// The methods of the read-only operational endpoints.
 const READ_ONLY: &[Method] = &[Method::GET, Method::HEAD];
+
+/// The route of one SN, as `openapi.yaml` writes it.
+const SN_ROUTE: &str = "/v1/discounts/{sn}";
+
+/// Every route the router knows, with its methods, written as in `openapi.yaml` (a test
+/// checks the two describe the same routes). The router takes each route's methods from here.
+pub const ROUTES: &[(&str, &[Method])] = &[
+    ("/healthz", READ_ONLY),
+    ("/readyz", READ_ONLY),
+    ("/metrics", READ_ONLY),
+    ("/openapi.yaml", READ_ONLY),
+    ("/v1/discounts/lookup", &[Method::POST]),
+    ("/v1/discounts/invalidate", &[Method::POST]),
+    (SN_ROUTE, &[Method::GET, Method::DELETE]),
+];
+
+/// The API description, served at `/openapi.yaml`.
+const OPENAPI: &str = include_str!("../../openapi.yaml");
+
+/// The methods of a route in [`ROUTES`].
+fn route_methods(route: &str) -> &'static [Method] {
+    ROUTES
+        .iter()
+        .find(|(path, _)| *path == route)
+        .map_or(&[], |(_, methods)| methods)
+}
 
 /// Passes `method` if the route takes it; otherwise the 405, its `Allow` built from `allowed`.
 fn allow(method: &Method, allowed: &[Method]) -> Result<(), Error> {

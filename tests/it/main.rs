@@ -16,6 +16,7 @@ mod http_errors;
 mod lifecycle;
 mod lookup;
 mod metrics;
+mod openapi;
 mod redis_faults;
 mod request_ids;
 mod retries;
