@@ -24,6 +24,10 @@ const VERBATIM_KEYS: [&str; 5] = [
     "upstream.url",
 ];
 
+/// `DISCOUNT_PROXY_…` variables that are not config keys: the `warm` client's, which may well
+/// be set in the same shell as a proxy's (`DISCOUNT_PROXY_CLIENT_TOKEN`).
+const CLIENT_KEYS: [&str; 1] = ["client_token"];
+
 /// The file read when no `--config` is given; missing is fine (built-in defaults apply).
 pub const DEFAULT_PATH: &str = "config/default.toml";
 
@@ -338,7 +342,7 @@ impl Config {
             None => {}
         }
         let env = Env::prefixed(env_prefix).split("__");
-        figment = figment.merge(env.ignore(&VERBATIM_KEYS));
+        figment = figment.merge(env.ignore(&VERBATIM_KEYS).ignore(&CLIENT_KEYS));
         for (key, value) in verbatim_env_values(env_prefix) {
             figment = figment.merge(Serialized::default(key, value));
         }
@@ -519,6 +523,18 @@ mod tests {
             jail.set_env("DISCOUNT_PROXY_REDIS__URLL", "redis://x");
             let err = load_in_jail(jail, None).unwrap_err();
             assert!(err.to_string().contains("urll"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_warm_clients_token_variable_is_not_a_config_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("DISCOUNT_PROXY_CLIENT_TOKEN", "tok-1");
+            jail.set_env("DISCOUNT_PROXY_SERVER__MAX_BATCH", "7");
+            let config = load_in_jail(jail, None).unwrap();
+            assert_eq!(config.server.max_batch, 7);
+            assert!(config.server.api_tokens.is_empty());
             Ok(())
         });
     }
