@@ -1,5 +1,6 @@
-//! The command line: `serve` (the default), `simulate-upstream` and `demo`.
+//! The command line: `serve` (the default), `simulate-upstream`, `demo` and `warm`.
 
+use crate::secret::Secret;
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,6 +32,8 @@ pub enum Command {
     SimulateUpstream(SimulateArgs),
     /// The quick start: the proxy and a simulated upstream (500 ms) in one process.
     Demo(ServeArgs),
+    /// Send SNs from a file or stdin to a running proxy in batches, so they are cached.
+    Warm(WarmArgs),
 }
 
 /// Where the config comes from, and the flags that override it.
@@ -79,6 +82,50 @@ pub struct SimulateArgs {
     pub token: Option<String>,
 }
 
+/// What `warm` reads, where it sends it, and how hard it pushes.
+#[derive(Debug, Clone, Args)]
+pub struct WarmArgs {
+    /// The proxy's base URL, like `http://127.0.0.1:8080`.
+    #[arg(long, value_name = "URL", value_parser = parse_proxy_url)]
+    pub proxy: url::Url,
+    /// SNs, one per line, or a CSV with a header whose first column holds them [default: stdin].
+    #[arg(value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// SNs per lookup request.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub batch_size: u32,
+    /// Lookup requests in flight at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub parallel: u32,
+    /// Fetch every SN from the upstream again, even if it is cached (`?refresh=true`).
+    #[arg(long)]
+    pub refresh: bool,
+    /// Sent as `Authorization: Bearer <TOKEN>`, for a proxy with `server.api_tokens` set.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "DISCOUNT_PROXY_CLIENT_TOKEN",
+        hide_env_values = true,
+        value_parser = parse_secret
+    )]
+    pub token: Option<Secret>,
+    /// How long one lookup request may take; keep it above the proxy's `server.request_timeout`.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+fn parse_proxy_url(raw: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(raw).map_err(|err| format!("not a URL: {err}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err("expected http://host:port or https://host:port".to_owned());
+    }
+    Ok(url)
+}
+
+fn parse_secret(raw: &str) -> Result<Secret, std::convert::Infallible> {
+    Ok(Secret::new(raw))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,5 +146,42 @@ mod tests {
         assert!(
             matches!(cli.command, Some(Command::SimulateUpstream(args)) if args.latency == Duration::from_millis(50))
         );
+    }
+
+    #[test]
+    fn warm_has_defaults_and_bounds() {
+        let cli =
+            Cli::try_parse_from(["discount-proxy", "warm", "--proxy", "http://h:1", "sns.txt"])
+                .unwrap();
+        let Some(Command::Warm(args)) = cli.command else {
+            panic!("not warm")
+        };
+        assert_eq!((args.batch_size, args.parallel), (1000, 4));
+        assert_eq!(args.file, Some(PathBuf::from("sns.txt")));
+        assert!(!args.refresh);
+        for bad in [
+            &["--batch-size", "0"][..],
+            &["--batch-size", "10001"],
+            &["--parallel", "65"],
+            &["--proxy", "localhost:8080"],
+        ] {
+            let mut argv = vec!["discount-proxy", "warm", "--proxy", "http://h:1"];
+            argv.extend_from_slice(bad);
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn the_warm_token_never_shows_in_debug_output() {
+        let cli = Cli::try_parse_from([
+            "discount-proxy",
+            "warm",
+            "--proxy",
+            "http://h:1",
+            "--token",
+            "tok-123",
+        ])
+        .unwrap();
+        assert!(!format!("{cli:?}").contains("tok-123"));
     }
 }

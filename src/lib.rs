@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //!
-//! - [`cli`]: command-line parsing (`serve`, `simulate-upstream`, `demo`).
+//! - [`cli`]: command-line parsing (`serve`, `simulate-upstream`, `demo`, `warm`).
 //! - [`config`]: TOML file → `DISCOUNT_PROXY_…` environment → flags, validated before binding.
 //! - [`app`]: wires config into the running parts (cache, upstream, lookup) and serves them.
 //! - [`server`]: accept loop, hyper connections, graceful shutdown, the per-request log line.
@@ -21,6 +21,7 @@
 //! - [`telemetry`]: the tracing subscriber.
 //! - [`secret`]: a string that never shows itself in logs.
 //! - [`tls`]: the crypto provider for TLS to the upstream and Redis.
+//! - [`warm`]: the `warm` command, a client that sends SNs to a running proxy in batches.
 
 pub mod app;
 pub mod cache;
@@ -40,3 +41,4 @@ pub mod sn;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
+pub mod warm;

@@ -8,7 +8,7 @@ use discount_proxy::config::{self, Config, LogFormat};
 use discount_proxy::metrics::Metrics;
 use discount_proxy::secret::Secret;
 use discount_proxy::simulator::Simulator;
-use discount_proxy::telemetry;
+use discount_proxy::{telemetry, warm};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,12 +29,12 @@ fn main() -> ExitCode {
             Some(Command::Serve(args)) => serve(&args).await,
             Some(Command::Demo(args)) => demo(&args).await,
             Some(Command::SimulateUpstream(args)) => simulate(&args).await,
+            // A client, not a server: no config, no logs, and an exit status of its own.
+            Some(Command::Warm(args)) => return Ok(warm::run(&args).await),
         }
+        .map(|()| ExitCode::SUCCESS)
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => fail(&err),
-    }
+    result.unwrap_or_else(|err| fail(&err))
 }
 
 fn fail(err: &anyhow::Error) -> ExitCode {
