@@ -92,10 +92,10 @@ pub struct WarmArgs {
     #[arg(value_name = "FILE")]
     pub file: Option<PathBuf>,
     /// SNs per lookup request.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub batch_size: u32,
     /// Lookup requests in flight at once.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub parallel: u32,
     /// Fetch every SN from the upstream again, even if it is cached (`?refresh=true`).
     #[arg(long)]
@@ -110,7 +110,7 @@ pub struct WarmArgs {
     )]
     pub token: Option<Secret>,
     /// How long one lookup request may take; keep it above the proxy's `server.request_timeout`.
-    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 }
 

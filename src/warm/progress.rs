@@ -40,6 +40,8 @@ impl Progress {
         {
             bar.set_style(style.progress_chars("=> "));
         }
+        // Batches of thousands take seconds: the clock keeps moving between them.
+        bar.enable_steady_tick(Duration::from_millis(250));
         Self::Bar(bar)
     }
 

@@ -24,3 +24,4 @@ mod shedding;
 mod stale;
 mod streaming;
 mod upstream_errors;
+mod warm;

@@ -11,7 +11,7 @@ mod upstream;
 pub use self::app::{TestApp, results};
 pub use self::entries::{seed_found, seed_not_found};
 pub use self::faulty::{Fault, FaultProxy};
-pub use self::process::Process;
+pub use self::process::{Finished, Process, run_to_end};
 pub use self::redis::RedisServer;
 pub use self::upstream::{Reply, StubUpstream};
 

@@ -15,19 +15,8 @@ pub struct Process {
 impl Process {
     /// Runs `discount-proxy` with these arguments and environment variables.
     pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_discount-proxy"));
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        command.env("RUST_LOG", "info").env_remove("RUST_BACKTRACE");
-        for (key, _) in std::env::vars() {
-            if key.starts_with("DISCOUNT_PROXY_") {
-                command.env_remove(key);
-            }
-        }
-        command.envs(envs.iter().copied());
+        let mut command = command(args, envs);
+        command.stdin(Stdio::null());
         let mut child = command.spawn().expect("the discount-proxy binary runs");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let streams = [
@@ -135,6 +124,74 @@ impl Process {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+/// The binary with these arguments, in an environment of our own: no `DISCOUNT_PROXY_…`
+/// variable of the test run's, no backtraces; stdout and stderr piped.
+fn command(args: &[&str], envs: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_discount-proxy"));
+    command
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command.env("RUST_LOG", "info").env_remove("RUST_BACKTRACE");
+    for (key, _) in std::env::vars() {
+        if key.starts_with("DISCOUNT_PROXY_") {
+            command.env_remove(key);
+        }
+    }
+    command.envs(envs.iter().copied());
+    command
+}
+
+/// A run of the binary that has ended: how, and what it printed where.
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Finished {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+}
+
+impl std::fmt::Display for Finished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}\n--- stdout:\n{}\n--- stderr:\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs the binary to its end with `stdin` as its input, stdout and stderr kept apart;
+/// fails the test (and kills it) after `timeout`.
+pub async fn run_to_end(
+    args: &[&str],
+    envs: &[(&str, &str)],
+    stdin: &str,
+    timeout: Duration,
+) -> Finished {
+    use tokio::io::AsyncWriteExt;
+    let mut command = tokio::process::Command::from(command(args, envs));
+    command.stdin(Stdio::piped()).kill_on_drop(true);
+    let mut child = command.spawn().expect("the discount-proxy binary runs");
+    let mut input = child.stdin.take().unwrap();
+    // A command that exits without reading its input closes the pipe: that is not our failure.
+    let _ = input.write_all(stdin.as_bytes()).await;
+    drop(input);
+    let output = tokio::time::timeout(timeout, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("discount-proxy {args:?} still running after {timeout:?}"))
+        .unwrap();
+    Finished {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
 
