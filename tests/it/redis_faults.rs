@@ -294,9 +294,8 @@ async fn a_read_only_replica_still_serves_hits_caches_nothing_new_and_recovers()
     app.lookup(&["RO1"]).await;
     // A master on a port nobody listens on: the sync never succeeds, so Redis keeps its data
     // and serves reads, and refuses every write with READONLY.
-    app.redis
-        .replica_of(Some(crate::support::free_port()))
-        .await;
+    let (_refusing, dead_master) = crate::support::refusing_port();
+    app.redis.replica_of(Some(dead_master)).await;
     let errors_before = app.state.health.redis_errors();
     let body = app.lookup(&["RO1", "RO2"]).await;
     assert_each_ok_with_its_own_discount(&["RO1", "RO2"], &body);

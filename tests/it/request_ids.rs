@@ -1,7 +1,7 @@
 //! Request ids: taken from `X-Request-Id` or generated, echoed, and on every log line of the
 //! request, the upstream fetches and write-backs it starts included.
 
-use crate::support::{Process, RedisServer, Reply, StubUpstream, TestApp, free_port, wait_until};
+use crate::support::{Process, RedisServer, Reply, StubUpstream, TestApp, wait_until};
 use serde_json::Value;
 use std::time::Duration;
 
@@ -63,10 +63,14 @@ async fn json_logs_carry_the_request_id_into_the_upstream_fetch() {
     let redis = RedisServer::start();
     let upstream = StubUpstream::start().await;
     upstream.reply("FAILS", Reply::Status(500, "{}"));
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let proxy = Process::spawn(
-        &["serve", "--listen", &listen, "--redis-url", &redis.url()],
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--redis-url",
+            &redis.url(),
+        ],
         &[
             ("RUST_LOG", "info"),
             ("DISCOUNT_PROXY_LOG__FORMAT", "json"),
@@ -74,16 +78,14 @@ async fn json_logs_carry_the_request_id_into_the_upstream_fetch() {
             ("DISCOUNT_PROXY_UPSTREAM__URL", &upstream.url_template()),
         ],
     );
+    // Port 0: the address is in the JSON `listening` line.
+    let listening = proxy
+        .wait_for_line(r#""message":"listening""#, Duration::from_secs(20))
+        .await;
+    let listening: Value = serde_json::from_str(&listening).unwrap();
+    let listen = listening["fields"]["addr"].as_str().unwrap().to_owned();
     let client = crate::support::http_client();
     let url = format!("http://{listen}/v1/discounts/FAILS");
-    wait_until("the proxy answers", Duration::from_secs(20), || async {
-        client
-            .get(format!("http://{listen}/healthz"))
-            .send()
-            .await
-            .is_ok()
-    })
-    .await;
     let response = client
         .get(&url)
         .header("x-request-id", "trace-me-42")

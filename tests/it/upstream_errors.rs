@@ -101,7 +101,7 @@ async fn single_gets_map_upstream_failures_to_502_and_504() {
 
 #[tokio::test]
 async fn an_unreachable_upstream_is_an_upstream_error() {
-    let port = crate::support::free_port();
+    let (_refusing, port) = crate::support::refusing_port();
     let app = TestApp::spawn_with(|config| {
         config.upstream.url = format!("http://127.0.0.1:{port}/contract/?sn={{sn}}");
     })

@@ -1,6 +1,6 @@
 //! `discount-proxy warm`: the real binary against a `TestApp` (real Redis, stub upstream).
 
-use crate::support::{Finished, Process, Reply, TestApp, free_port, run_to_end};
+use crate::support::{Finished, Process, Reply, TestApp, run_to_end};
 use discount_proxy::secret::Secret;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,11 +10,10 @@ struct InputFile(PathBuf);
 
 impl InputFile {
     fn new(contents: &str) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "dp-warm-{}-{}.txt",
-            std::process::id(),
-            free_port()
-        ));
+        // One name per file in this run: a counter, not a port number that can come twice.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("dp-warm-{}-{n}.txt", std::process::id()));
         std::fs::write(&path, contents).unwrap();
         Self(path)
     }
@@ -247,7 +246,8 @@ async fn a_batch_the_proxy_turns_away_as_overloaded_is_resent() {
 
 #[tokio::test]
 async fn an_unreachable_proxy_makes_every_sn_an_error() {
-    let proxy = format!("http://127.0.0.1:{}", free_port());
+    let (_refusing, port) = crate::support::refusing_port();
+    let proxy = format!("http://127.0.0.1:{port}");
     let run = run_to_end(
         &["warm", "--proxy", &proxy],
         &[],

@@ -74,6 +74,16 @@ async fn json_of(request: reqwest::RequestBuilder) -> serde_json::Value {
     request.send().await.unwrap().json().await.unwrap()
 }
 
+/// A port on 127.0.0.1 that refuses connections for as long as the returned socket lives:
+/// bound, so no other test can take it, but not listening. What [`free_port`] gives may be
+/// taken by another test's server before it is used, so a "nothing there" test needs this.
+pub fn refusing_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    (socket, port)
+}
+
 /// A free TCP port on 127.0.0.1 (free now; the caller binds it right away).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
