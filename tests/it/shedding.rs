@@ -110,12 +110,14 @@ async fn past_max_pending_cold_lookups_are_shed_while_cached_ones_get_through() 
     );
 }
 
-#[tokio::test]
-async fn a_single_sn_lookup_is_not_starved_by_a_big_export() {
-    let app = TestApp::spawn_with(|config| config.upstream.concurrency = 2).await;
+/// Starts a 40-SN export (`<prefix>-0` to `<prefix>-39`, 100 ms each at the upstream) and
+/// returns once it holds both upstream slots of an app with `upstream.concurrency = 2`.
+async fn start_export(
+    app: &TestApp,
+    prefix: &str,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
     app.upstream.set_latency(Duration::from_millis(100));
-    app.upstream.set_latency_for("CURL-1", Duration::ZERO);
-    let export: Vec<String> = (0..40).map(|i| format!("EXPORT-{i}")).collect();
+    let export: Vec<String> = (0..40).map(|i| format!("{prefix}-{i}")).collect();
     let export_lookup = tokio::spawn(
         app.client
             .post(app.url("/v1/discounts/lookup"))
@@ -126,6 +128,14 @@ async fn a_single_sn_lookup_is_not_starved_by_a_big_export() {
         app.upstream.in_flight() == 2
     })
     .await;
+    export_lookup
+}
+
+#[tokio::test]
+async fn a_single_sn_lookup_is_not_starved_by_a_big_export() {
+    let app = TestApp::spawn_with(|config| config.upstream.concurrency = 2).await;
+    app.upstream.set_latency_for("CURL-1", Duration::ZERO);
+    let export_lookup = start_export(&app, "EXPORT").await;
     let single = app.get("/v1/discounts/CURL-1").await;
     assert_eq!(single.status(), 200);
     let export_calls_so_far = app.upstream.total_calls() - 1;
@@ -142,18 +152,7 @@ async fn a_single_sn_lookup_is_not_starved_by_a_big_export() {
 #[tokio::test]
 async fn an_sn_queued_deep_in_an_export_is_fetched_at_once_when_asked_for_alone() {
     let app = TestApp::spawn_with(|config| config.upstream.concurrency = 2).await;
-    app.upstream.set_latency(Duration::from_millis(100));
-    let export: Vec<String> = (0..40).map(|i| format!("QUEUED-{i}")).collect();
-    let export_lookup = tokio::spawn(
-        app.client
-            .post(app.url("/v1/discounts/lookup"))
-            .json(&json!({ "sns": export }))
-            .send(),
-    );
-    wait_until("the export holds both upstream slots", WAIT, || async {
-        app.upstream.in_flight() == 2
-    })
-    .await;
+    let export_lookup = start_export(&app, "QUEUED").await;
     // The last SN of the export: joining its queued fetch must not mean waiting for the 39
     // before it.
     let single = app.get("/v1/discounts/QUEUED-39").await;
