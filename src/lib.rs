@@ -17,6 +17,7 @@
 //! - [`cache`]: the `Cache` trait, the entry format, the Redis and in-memory backends.
 //! - [`upstream`]: the HTTP client for the discount service, with retries and a circuit.
 //! - [`circuit`]: the circuit breaker shared by the upstream client and the Redis cache.
+//! - [`metrics`]: the Prometheus metric families, one set per proxy, served at `/metrics`.
 //! - [`simulator`]: a stand-in for the upstream, for the quick start and benchmarks.
 //! - [`telemetry`]: the tracing subscriber.
 //! - [`secret`]: a string that never shows itself in logs.
