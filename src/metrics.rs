@@ -166,13 +166,13 @@ impl Metrics {
         );
         registry.register_with_unit(
             "redis_command_duration",
-            "Time of one Redis command, pool checkout included, by command",
+            "Time of one Redis command, a connect included when one was needed, by command",
             Unit::Seconds,
             self.redis_duration.clone(),
         );
         registry.register(
             "redis_pool_connections",
-            "Redis pool connections, by state: size, available, waiting (callers queued)",
+            "Shared Redis connections, by state: size (open), available (usable), waiting (callers waiting for a connect)",
             self.redis_pool.clone(),
         );
         registry.register(

@@ -3,6 +3,7 @@
 //! The Redis backend is the shared cache; the in-memory one serves `demo` on a machine without
 //! Redis and is shaped to become the in-process tier in front of Redis.
 
+mod connections;
 mod entry;
 mod memory;
 mod redis;
@@ -23,20 +24,17 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// goes on without the cache.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    /// A connection checkout or a command took longer than `redis.timeout` (a hung Redis).
+    /// A connect or a command took longer than `redis.timeout` (a hung Redis).
     #[error("redis {op} timed out after {timeout:?}")]
     Timeout {
-        /// What timed out: `connection checkout` or the command's name.
+        /// What timed out: `connect` or the command's name.
         op: &'static str,
         /// The bound it ran past.
         timeout: Duration,
     },
-    /// No pooled connection could be had, typically because Redis is down or refusing.
+    /// No connection could be made, typically because Redis is down or refusing.
     #[error("no redis connection: {0}")]
-    Pool(#[source] deadpool_redis::PoolError),
-    /// The connection pool could not be created at start.
-    #[error("the redis connection pool could not be built: {0}")]
-    PoolBuild(#[source] deadpool_redis::BuildError),
+    Connect(#[source] ::redis::RedisError),
     /// `redis.url` is not a URL redis-rs can connect with.
     #[error("redis URL cannot be used: {0}")]
     InvalidUrl(#[source] ::redis::RedisError),

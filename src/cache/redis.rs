@@ -1,13 +1,13 @@
-//! The shared cache: Redis through a deadpool of multiplexed connections, every call bounded,
-//! broken connections dropped instead of pooled, and a circuit breaker that skips a dead
-//! Redis instead of paying its timeout on every request.
+//! The shared cache: Redis through a few shared multiplexed connections, every call bounded,
+//! broken connections replaced, and a circuit breaker that skips a dead Redis instead of
+//! paying its timeout on every request.
 
+use super::connections::Connections;
 use super::{BoxFuture, Cache, CacheError, PoolStatus, Values, Write};
 use crate::circuit::{Circuit, CircuitSettings, CircuitState};
 use crate::metrics::Metrics;
+use ::redis::{self, AsyncConnectionConfig, FromRedisValue};
 use bytes::Bytes;
-use deadpool_redis::redis::{self, AsyncConnectionConfig, FromRedisValue};
-use deadpool_redis::{Connection, Manager, Pool, Runtime};
 use futures_util::future::join_all;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,11 +18,11 @@ use tokio::time::Instant;
 pub struct RedisSettings {
     /// Where Redis is (`redis.url`); `rediss://` connects over TLS.
     pub url: String,
-    /// Most pooled connections (`redis.pool_size`).
+    /// How many multiplexed connections are shared (`redis.pool_size`).
     pub pool_size: usize,
     /// Prepended to every SN to make its key (`redis.key_prefix`).
     pub key_prefix: String,
-    /// Bound on one checkout and, separately, one command (`redis.timeout`).
+    /// Bound on one connect and, separately, one command (`redis.timeout`).
     pub timeout: Duration,
     /// Most keys in one `MGET` or write-back pipeline (`redis.chunk_size`).
     pub chunk_size: usize,
@@ -33,7 +33,7 @@ pub struct RedisSettings {
 /// Redis as a [`Cache`]. Keys are `<key_prefix><sn>`; big batches are split into chunks so one
 /// command never carries thousands of keys and blocks Redis for other clients.
 pub struct RedisCache {
-    pool: Pool,
+    connections: Connections,
     key_prefix: String,
     timeout: Duration,
     chunk_size: usize,
@@ -49,7 +49,10 @@ enum Command<'a> {
 }
 
 impl Command<'_> {
-    async fn query<T: FromRedisValue>(self, conn: &mut Connection) -> redis::RedisResult<T> {
+    async fn query<T: FromRedisValue>(
+        self,
+        conn: &mut redis::aio::MultiplexedConnection,
+    ) -> redis::RedisResult<T> {
         match self {
             Self::Single(cmd) => cmd.query_async(conn).await,
             Self::Pipeline(pipe) => pipe.query_async(conn).await,
@@ -62,8 +65,8 @@ fn command_name(op: &'static str) -> &'static str {
     op.split(' ').next().unwrap_or(op)
 }
 
-/// Whether a connection that failed this way must not go back to the pool: it is broken,
-/// or (`READONLY`) it points at a node that is no longer the primary, so the next connection
+/// Whether a connection that failed this way must be replaced: it is broken, or
+/// (`READONLY`) it points at a node that is no longer the primary, so the next connection
 /// should be made afresh.
 fn poisons_connection(err: &redis::RedisError) -> bool {
     err.is_io_error()
@@ -77,35 +80,27 @@ impl CacheError {
     /// as `OOM`): only these count towards skipping it.
     fn is_unreachable(&self) -> bool {
         match self {
-            Self::Timeout { .. } | Self::Pool(_) => true,
+            Self::Timeout { .. } | Self::Connect(_) => true,
             Self::Command { source, .. } => source.is_io_error() || source.is_connection_dropped(),
-            Self::PoolBuild(_) | Self::InvalidUrl(_) | Self::Skipped => false,
+            Self::InvalidUrl(_) | Self::Skipped => false,
         }
     }
 }
 
 impl RedisCache {
-    /// Builds the pool; connects lazily, so a Redis that is down now is not an error.
+    /// Prepares the connections; connects lazily, so a Redis that is down now is not an error.
     ///
     /// # Errors
     /// A URL redis-rs cannot use.
     pub fn new(settings: &RedisSettings, metrics: Arc<Metrics>) -> Result<Self, CacheError> {
         // Both redis-rs's own timeouts and ours: a hung Redis must never hang a request.
-        let connection = AsyncConnectionConfig::new()
+        let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(settings.timeout))
             .set_response_timeout(Some(settings.timeout));
-        let manager = Manager::new_with_config(settings.url.as_str(), connection)
-            .map_err(CacheError::InvalidUrl)?;
-        let pool = Pool::builder(manager)
-            .max_size(settings.pool_size)
-            .wait_timeout(Some(settings.timeout))
-            .create_timeout(Some(settings.timeout))
-            .recycle_timeout(Some(settings.timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(CacheError::PoolBuild)?;
+        let client = redis::Client::open(settings.url.as_str()).map_err(CacheError::InvalidUrl)?;
+        let connections = Connections::new(client, config, settings.timeout, settings.pool_size);
         Ok(Self {
-            pool,
+            connections,
             key_prefix: settings.key_prefix.clone(),
             timeout: settings.timeout,
             chunk_size: settings.chunk_size.max(1),
@@ -127,7 +122,7 @@ impl RedisCache {
                 .record_redis(name, "skipped", started.elapsed());
             return Err(CacheError::Skipped);
         };
-        let result = self.run_pooled(op, command).await;
+        let result = self.run_shared(op, command).await;
         match &result {
             Err(err) if err.is_unreachable() => ticket.failure(),
             // Redis answered, even if with an error (`OOM`, `READONLY`): it is reachable.
@@ -142,31 +137,26 @@ impl RedisCache {
         result
     }
 
-    /// Runs one command on a pooled connection, bounding the checkout and the command apart.
-    /// A connection that timed out or broke is dropped, not returned: the pool makes a new one.
-    async fn run_pooled<T: FromRedisValue>(
+    /// Runs one command on a shared connection, bounding the connect and the command apart.
+    /// A connection that timed out or broke is discarded: the next caller makes a new one.
+    async fn run_shared<T: FromRedisValue>(
         &self,
         op: &'static str,
         command: Command<'_>,
     ) -> Result<T, CacheError> {
         let timeout = self.timeout;
-        let mut conn = tokio::time::timeout(timeout, self.pool.get())
-            .await
-            .map_err(|_| CacheError::Timeout {
-                op: "connection checkout",
-                timeout,
-            })?
-            .map_err(CacheError::Pool)?;
+        let lease = self.connections.get().await?;
+        let mut conn = lease.conn.clone();
         match tokio::time::timeout(timeout, command.query(&mut conn)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(source)) => {
                 if poisons_connection(&source) {
-                    drop(Connection::take(conn));
+                    self.connections.discard(&lease);
                 }
                 Err(CacheError::Command { op, source })
             }
             Err(_) => {
-                drop(Connection::take(conn));
+                self.connections.discard(&lease);
                 Err(CacheError::Timeout { op, timeout })
             }
         }
@@ -281,11 +271,6 @@ impl Cache for RedisCache {
     }
 
     fn pool(&self) -> Option<PoolStatus> {
-        let status = self.pool.status();
-        Some(PoolStatus {
-            size: status.size,
-            available: status.available,
-            waiting: status.waiting,
-        })
+        Some(self.connections.status())
     }
 }

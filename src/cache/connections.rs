@@ -1,0 +1,146 @@
+//! A small, fixed set of multiplexed Redis connections shared by every request.
+//!
+//! Why not a pool: a pooled checkout of a reused connection costs a recycle check (`UNWATCH` +
+//! `PING`), one more round trip per command, and each command then has the connection to
+//! itself. A multiplexed connection pipelines whatever concurrent requests send on it, so
+//! under load many lookups share one `write` and one `read` to Redis. A few of them, taken in
+//! turn, keep one slow reply from queueing everything behind it.
+//!
+//! A connection that broke (or timed out) is discarded by the caller that saw it fail; the
+//! next caller of that slot connects afresh, and callers of one slot wait for the same connect
+//! instead of stampeding Redis with their own.
+
+use super::{CacheError, PoolStatus};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+/// The shared connections, connected lazily: a Redis that is down at start is not an error.
+pub(super) struct Connections {
+    client: Client,
+    config: AsyncConnectionConfig,
+    connect_timeout: Duration,
+    slots: Box<[Slot]>,
+    next: AtomicUsize,
+    generations: AtomicU64,
+    waiting: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// Held only to clone or replace the connection, never across an `.await`.
+    current: Mutex<Option<Lease>>,
+    /// Held while connecting, so one caller connects and the others of this slot wait for it.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl Slot {
+    fn current(&self) -> Option<Lease> {
+        self.current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// A connection handed out for one command, and when it was made, so a failure discards it
+/// and older ones but never a replacement made since.
+#[derive(Clone)]
+pub(super) struct Lease {
+    pub(super) conn: MultiplexedConnection,
+    generation: u64,
+}
+
+impl Connections {
+    /// `count` connections (at least one) to the Redis `client` points at.
+    pub(super) fn new(
+        client: Client,
+        config: AsyncConnectionConfig,
+        connect_timeout: Duration,
+        count: usize,
+    ) -> Self {
+        Self {
+            client,
+            config,
+            connect_timeout,
+            slots: (0..count.max(1)).map(|_| Slot::default()).collect(),
+            next: AtomicUsize::new(0),
+            generations: AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    /// The next connection in turn, connecting it first if it is not open.
+    ///
+    /// # Errors
+    /// The connect failed or took longer than the timeout.
+    pub(super) async fn get(&self) -> Result<Lease, CacheError> {
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+        let slot = &self.slots[index];
+        if let Some(lease) = slot.current() {
+            return Ok(lease);
+        }
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let connected = self.connect(index).await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        connected
+    }
+
+    async fn connect(&self, index: usize) -> Result<Lease, CacheError> {
+        let slot = &self.slots[index];
+        let _connecting = slot.connecting.lock().await;
+        // Whoever held the lock before may have connected this slot already.
+        if let Some(lease) = slot.current() {
+            return Ok(lease);
+        }
+        let connect = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config);
+        let conn = tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| CacheError::Timeout {
+                op: "connect",
+                timeout: self.connect_timeout,
+            })?
+            .map_err(CacheError::Connect)?;
+        let lease = Lease {
+            conn,
+            generation: self.generations.fetch_add(1, Ordering::Relaxed),
+        };
+        *slot.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(lease.clone());
+        Ok(lease)
+    }
+
+    /// Drops a connection that broke or hung, and every connection made before it: whatever
+    /// broke it (a Redis restart, a failover, a cut network) most likely broke those too, and
+    /// finding that out one failed command per connection would keep the circuit breaker's
+    /// probes failing. Connections made after it are kept.
+    pub(super) fn discard(&self, lease: &Lease) {
+        for slot in &self.slots {
+            let mut current = slot.current.lock().unwrap_or_else(PoisonError::into_inner);
+            if current
+                .as_ref()
+                .is_some_and(|held| held.generation <= lease.generation)
+            {
+                *current = None;
+            }
+        }
+    }
+
+    /// Open connections (each serves any number of callers at once) and callers waiting for
+    /// a connect.
+    pub(super) fn status(&self) -> PoolStatus {
+        let open = self
+            .slots
+            .iter()
+            .filter(|slot| slot.current().is_some())
+            .count();
+        PoolStatus {
+            size: open,
+            available: open,
+            waiting: self.waiting.load(Ordering::Relaxed),
+        }
+    }
+}
