@@ -1,6 +1,6 @@
 //! Wires the configuration into the running parts and serves them until shutdown.
 
-use crate::cache::{Cache, MemoryCache, RedisCache, RedisSettings};
+use crate::cache::{Cache, MemoryCache, RedisCache, RedisSettings, TieredCache};
 use crate::config::{Config, redacted_url};
 use crate::health::Health;
 use crate::lookup::{Lifetimes, Lookup, LookupSettings};
@@ -88,7 +88,7 @@ impl AppState {
                 let metrics = Arc::new(Metrics::new());
                 let redis =
                     RedisCache::new(&RedisSettings::from(&config.redis), Arc::clone(&metrics))?;
-                (Arc::new(redis), metrics)
+                (with_local_tier(config, redis, &metrics), metrics)
             }
             CacheChoice::Memory => (
                 Arc::new(MemoryCache::new(config.cache.memory_max_entries)),
@@ -132,6 +132,21 @@ impl AppState {
             metrics,
         }))
     }
+}
+
+/// Redis, with the in-process tier in front when `cache.local.enabled`.
+fn with_local_tier(config: &Config, redis: RedisCache, metrics: &Arc<Metrics>) -> Arc<dyn Cache> {
+    let local = &config.cache.local;
+    if !local.enabled {
+        return Arc::new(redis);
+    }
+    Arc::new(TieredCache::new(
+        Arc::new(redis),
+        &config.redis.key_prefix,
+        local.max_bytes,
+        local.ttl,
+        Arc::clone(metrics),
+    ))
 }
 
 /// Binds `server.listen`. Everything that can fail in the config has failed before this.
@@ -190,6 +205,15 @@ async fn log_dependencies(config: &Config, state: &AppState) {
             max_entries = config.cache.memory_max_entries,
             "cache: in-process"
         ),
+    }
+    let local = &config.cache.local;
+    if local.enabled && cache.kind() == "redis" {
+        info!(
+            max_bytes = local.max_bytes,
+            ttl = ?local.ttl,
+            channel = %format!("{}invalidations", config.redis.key_prefix),
+            "cache: in-process tier in front of redis"
+        );
     }
     info!(
         url = %redacted_url(&config.upstream.url),

@@ -36,6 +36,10 @@ pub struct Metrics {
     redis_pool: Family<Label, Gauge>,
     load_shed: Family<Label, Counter>,
     circuit_state: Family<Label, Gauge>,
+    local_lookups: Family<Label, Counter>,
+    local_bytes: Gauge,
+    invalidation_messages: Family<Label, Counter>,
+    invalidation_channel: Gauge,
 }
 
 /// Buckets from 0.5 ms to about 33 s: a Redis round trip at the bottom, a slow upstream at
@@ -62,6 +66,21 @@ pub enum SnOutcome {
 }
 
 impl SnOutcome {
+    /// Every outcome, in the order of [`SnOutcome::index`].
+    pub const ALL: [Self; 6] = [
+        Self::Hit,
+        Self::Miss,
+        Self::Stale,
+        Self::NotFound,
+        Self::Invalid,
+        Self::Error,
+    ];
+
+    /// The outcome's place in [`SnOutcome::ALL`], for counting in an array.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Self::Hit => "hit",
@@ -100,6 +119,10 @@ impl Metrics {
             redis_pool: Family::default(),
             load_shed: Family::default(),
             circuit_state: Family::default(),
+            local_lookups: Family::default(),
+            local_bytes: Gauge::default(),
+            invalidation_messages: Family::default(),
+            invalidation_channel: Gauge::default(),
         };
         metrics.register();
         metrics
@@ -185,6 +208,27 @@ impl Metrics {
             "Circuit breaker state by dependency: 0 closed, 1 half-open, 2 open",
             self.circuit_state.clone(),
         );
+        registry.register(
+            "local_cache_lookups",
+            "SNs looked up in the in-process tier, by result: hit, miss",
+            self.local_lookups.clone(),
+        );
+        registry.register_with_unit(
+            "local_cache",
+            "Bytes the in-process tier holds, as its bound counts them",
+            Unit::Bytes,
+            self.local_bytes.clone(),
+        );
+        registry.register(
+            "invalidation_messages",
+            "Invalidation messages on the Redis pub/sub channel, by event: published, publish_failed, received",
+            self.invalidation_messages.clone(),
+        );
+        registry.register(
+            "invalidation_channel_up",
+            "1 while this instance is subscribed to the invalidation channel, else 0",
+            self.invalidation_channel.clone(),
+        );
     }
 
     /// The OpenMetrics text of every family.
@@ -207,9 +251,17 @@ impl Metrics {
 
     /// One distinct SN of a lookup came to `outcome`.
     pub fn record_sn(&self, outcome: SnOutcome) {
-        self.sns
-            .get_or_create(&[("outcome", outcome.as_str())])
-            .inc();
+        self.record_sns(outcome, 1);
+    }
+
+    /// `count` distinct SNs came to `outcome`: one update per outcome, not one per SN, on
+    /// the hit path that counts a hundred SNs per request.
+    pub fn record_sns(&self, outcome: SnOutcome, count: u64) {
+        if count > 0 {
+            self.sns
+                .get_or_create(&[("outcome", outcome.as_str())])
+                .inc_by(count);
+        }
     }
 
     /// One upstream request ended with `outcome` after `took`.
@@ -254,6 +306,29 @@ impl Metrics {
         }
     }
 
+    /// SNs the in-process tier had (`hits`) and lacked (`misses`) in one read.
+    pub fn record_local_lookups(&self, hits: usize, misses: usize) {
+        for (result, count) in [("hit", hits), ("miss", misses)] {
+            if count > 0 {
+                self.local_lookups
+                    .get_or_create(&[("result", result)])
+                    .inc_by(count as u64);
+            }
+        }
+    }
+
+    /// One invalidation message `event`: published, publish_failed or received.
+    pub fn record_invalidation_message(&self, event: &'static str) {
+        self.invalidation_messages
+            .get_or_create(&[("event", event)])
+            .inc();
+    }
+
+    /// Whether the instance follows the invalidation channel now.
+    pub fn set_invalidation_channel_up(&self, up: bool) {
+        self.invalidation_channel.set(i64::from(up));
+    }
+
     /// A request was shed for `reason`.
     pub fn record_shed(&self, reason: &'static str) {
         self.load_shed.get_or_create(&[("reason", reason)]).inc();
@@ -262,6 +337,8 @@ impl Metrics {
     /// The values read at scrape time: pool, pending fetches, circuits.
     pub fn set_current(&self, current: &Current) {
         self.pending_fetches.set(gauge(current.pending_fetches));
+        self.local_bytes
+            .set(i64::try_from(current.local_bytes).unwrap_or(i64::MAX));
         for (state, value) in [
             ("size", current.pool_size),
             ("available", current.pool_available),
@@ -302,6 +379,8 @@ pub struct Current {
     pub upstream_circuit: crate::circuit::CircuitState,
     /// Redis's circuit.
     pub redis_circuit: crate::circuit::CircuitState,
+    /// Bytes the in-process tier holds (0 when it is off).
+    pub local_bytes: u64,
 }
 
 fn gauge(value: usize) -> i64 {

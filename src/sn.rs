@@ -48,6 +48,10 @@ pub fn validate(sn: &str) -> Result<(), SnError> {
     if sn.len() > MAX_SN_BYTES {
         return Err(SnError::TooLong(sn.len()));
     }
+    // The common case, checked a byte at a time: printable ASCII, no space.
+    if sn.bytes().all(|byte| byte.is_ascii_graphic()) {
+        return Ok(());
+    }
     for ch in sn.chars() {
         if ch.is_control() {
             return Err(SnError::ControlCharacter);

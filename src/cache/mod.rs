@@ -1,16 +1,22 @@
 //! The cache tiers behind one trait, and the entry format they all store.
 //!
-//! The Redis backend is the shared cache; the in-memory one serves `demo` on a machine without
-//! Redis and is shaped to become the in-process tier in front of Redis.
+//! The Redis backend is the shared cache; [`TieredCache`] puts the in-process tier
+//! ([`LocalTier`]) in front of it when `cache.local.enabled`; the in-memory one serves `demo`
+//! on a machine without Redis.
 
 mod connections;
 mod entry;
+mod invalidation_channel;
+mod local;
 mod memory;
 mod redis;
+mod tiered;
 
 pub use self::entry::{Entry, EntryError, EntryKind};
+pub use self::local::LocalTier;
 pub use self::memory::MemoryCache;
 pub use self::redis::{RedisCache, RedisSettings};
+pub use self::tiered::TieredCache;
 
 use bytes::Bytes;
 use std::future::Future;
@@ -108,6 +114,11 @@ pub trait Cache: Send + Sync + 'static {
     /// The connection pool's state, for `/metrics`; `None` without a pool.
     fn pool(&self) -> Option<PoolStatus> {
         None
+    }
+
+    /// Bytes held by an in-process tier in front of the backend, for `/metrics`.
+    fn local_bytes(&self) -> u64 {
+        0
     }
 }
 

@@ -207,6 +207,22 @@ impl RedisCache {
         self.run("SET pipeline", Command::Pipeline(&pipe)).await
     }
 
+    /// Publishes `message` on `channel`; returns how many subscribers received it.
+    ///
+    /// # Errors
+    /// Redis could not be reached or refused the command.
+    pub async fn publish(&self, channel: &str, message: &[u8]) -> Result<u64, CacheError> {
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(channel).arg(message);
+        self.run("PUBLISH", Command::Single(&cmd)).await
+    }
+
+    /// A client for connections of its own, such as a pub/sub subscription, which cannot
+    /// share the multiplexed ones.
+    pub fn client(&self) -> &redis::Client {
+        self.connections.client()
+    }
+
     async fn delete_chunk(&self, sns: &[&str]) -> Result<u64, CacheError> {
         let cmd = self.keyed("DEL", sns);
         self.run("DEL", Command::Single(&cmd)).await

@@ -133,11 +133,12 @@ impl Default for ServerConfig {
 pub struct RedisConfig {
     /// Where the shared cache is: `redis://[user:password@]host:port/db`, `rediss://` for TLS.
     pub url: String,
-    /// How many pooled (multiplexed) connections the proxy keeps to Redis.
+    /// How many multiplexed connections the proxy shares between all its requests. Each one
+    /// pipelines whatever is sent on it concurrently, so a couple per core is plenty.
     pub pool_size: usize,
     /// Prefix of every key; bump its version to start from an empty cache.
     pub key_prefix: String,
-    /// Bounds one pool checkout and, separately, one command; a lookup makes up to two Redis
+    /// Bounds one connect and, separately, one command; a lookup makes up to two Redis
     /// calls (read, write-back), so a hung Redis costs it a few times this, never more.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
@@ -156,7 +157,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379/0".to_owned(),
-            pool_size: 16,
+            pool_size: 2,
             key_prefix: "discount:v1:".to_owned(),
             timeout: Duration::from_millis(250),
             chunk_size: 500,
@@ -185,6 +186,34 @@ pub struct CacheConfig {
     pub early_refresh: f64,
     /// Entries kept by the in-memory cache used when Redis is not available (`demo`).
     pub memory_max_entries: usize,
+    /// The in-process tier in front of Redis.
+    pub local: LocalCacheConfig,
+}
+
+/// A small, short-lived copy of hot entries in the proxy's own memory, so they are answered
+/// without a Redis round trip. Invalidations reach every instance's copy over Redis pub/sub;
+/// if that channel is down, a copy is at most `ttl` out of date.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalCacheConfig {
+    /// Whether the tier is used at all (off by default: one more place a value lives).
+    pub enabled: bool,
+    /// Most bytes of keys and values held; the least useful entries are evicted past it.
+    pub max_bytes: usize,
+    /// How long a copy is kept: the most a value can be out of date when an invalidation
+    /// cannot be delivered, or when another instance refreshed it.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+impl Default for LocalCacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            max_bytes: 16 * 1024 * 1024,
+            ttl: Duration::from_secs(2),
+        }
+    }
 }
 
 impl Default for CacheConfig {
@@ -195,6 +224,7 @@ impl Default for CacheConfig {
             stale_ttl: Duration::from_secs(3600),
             early_refresh: 0.1,
             memory_max_entries: 100_000,
+            local: LocalCacheConfig::default(),
         }
     }
 }

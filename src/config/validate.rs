@@ -55,6 +55,14 @@ impl Config {
         )?;
         fraction(self.cache.early_refresh, "cache.early_refresh")?;
         at_least(self.cache.memory_max_entries, 1, "cache.memory_max_entries")?;
+        at_least(self.cache.local.max_bytes, 4096, "cache.local.max_bytes")?;
+        // Minutes at most: it bounds how out of date a copy can be when invalidations are lost.
+        within(
+            self.cache.local.ttl,
+            Duration::from_millis(1),
+            Duration::from_secs(600),
+            "cache.local.ttl",
+        )?;
         validate_upstream_url(&self.upstream.url)?;
         validate_upstream_token(self.upstream.token.as_ref())?;
         at_least(self.upstream.concurrency, 1, "upstream.concurrency")?;

@@ -4,7 +4,7 @@
 use super::flights::{Answer, Stage};
 use super::outcome::summarize;
 use super::{Batch, ItemError, Outcome, Source};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, SnOutcome};
 use crate::upstream::{Fetched, UpstreamError};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
@@ -105,8 +105,12 @@ impl Resolving {
             .into_iter()
             .map(|outcome| outcome.unwrap_or(Outcome::Failed(ItemError::DeadlineExceeded)))
             .collect();
+        let mut counts = [0u64; SnOutcome::ALL.len()];
         for outcome in &outcomes {
-            self.metrics.record_sn(outcome.metric());
+            counts[outcome.metric().index()] += 1;
+        }
+        for (outcome, count) in SnOutcome::ALL.into_iter().zip(counts) {
+            self.metrics.record_sns(outcome, count);
         }
         let summary = summarize(
             self.order.len(),

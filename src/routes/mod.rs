@@ -249,6 +249,7 @@ fn metrics(state: &AppState) -> Response<Body> {
         pool_waiting: pool.waiting,
         upstream_circuit: state.lookup.upstream_circuit(),
         redis_circuit: cache.circuit(),
+        local_bytes: cache.local_bytes(),
     });
     let mut response = Response::new(full(state.metrics.encode()));
     response.headers_mut().insert(

@@ -14,6 +14,7 @@ mod commands;
 mod garbage_input;
 mod http_errors;
 mod lifecycle;
+mod local_tier;
 mod lookup;
 mod metrics;
 mod openapi;

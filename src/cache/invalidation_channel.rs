@@ -1,0 +1,183 @@
+//! The Redis pub/sub channel that carries invalidations to every instance's in-process tier.
+//!
+//! Each instance subscribes on a connection of its own and drops the copies each message
+//! names. The subscription is checked with a `PING` every second; when it is lost, the tier is
+//! emptied on the way back (a message may have been missed meanwhile), and while it is down
+//! no copy outlives `cache.local.ttl`: that is the staleness bound.
+
+use super::LocalTier;
+use crate::metrics::Metrics;
+use futures_util::StreamExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// How often the subscription is checked, and how long its `PING` may take.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// Bounds on the wait between two attempts to subscribe.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The channel of one key prefix: instances that share a cache share its invalidations.
+pub(super) struct InvalidationChannel {
+    name: String,
+}
+
+/// A message: the SNs, one per line (a valid SN holds no whitespace).
+pub(super) fn encode(sns: &[&str]) -> Vec<u8> {
+    sns.join("\n").into_bytes()
+}
+
+/// What a message asks for: dropping these SNs, or (a message this proxy did not write)
+/// dropping everything, since there is no telling what it meant.
+#[derive(Debug, PartialEq)]
+enum Invalidate<'a> {
+    These(Vec<&'a str>),
+    All,
+}
+
+fn decode(message: &[u8]) -> Invalidate<'_> {
+    match std::str::from_utf8(message) {
+        Ok(text) => Invalidate::These(text.split('\n').filter(|sn| !sn.is_empty()).collect()),
+        Err(_) => Invalidate::All,
+    }
+}
+
+impl InvalidationChannel {
+    pub(super) fn new(key_prefix: &str) -> Self {
+        Self {
+            name: format!("{key_prefix}invalidations"),
+        }
+    }
+
+    pub(super) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Follows the channel in a task of its own, resubscribing whenever the subscription is
+    /// lost, until the returned token is cancelled.
+    pub(super) fn follow(
+        &self,
+        client: redis::Client,
+        local: Arc<LocalTier>,
+        metrics: Arc<Metrics>,
+    ) -> CancellationToken {
+        let stop = CancellationToken::new();
+        let follower = Follower {
+            client,
+            channel: self.name.clone(),
+            local,
+            metrics,
+        };
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = follower.run() => {}
+                () = stopped.cancelled() => {}
+            }
+        });
+        stop
+    }
+}
+
+struct Follower {
+    client: redis::Client,
+    channel: String,
+    local: Arc<LocalTier>,
+    metrics: Arc<Metrics>,
+}
+
+impl Follower {
+    async fn run(self) {
+        let mut retry = RETRY_MIN;
+        loop {
+            let started = Instant::now();
+            let lost = self.session().await;
+            self.metrics.set_invalidation_channel_up(false);
+            // A subscription that lasted was a good one: the next attempt starts quick again.
+            if started.elapsed() > RETRY_MAX * 2 {
+                retry = RETRY_MIN;
+            }
+            warn!(
+                channel = %self.channel, error = %lost, retry_in = ?retry,
+                "not following invalidations; local copies expire within cache.local.ttl meanwhile"
+            );
+            tokio::time::sleep(retry).await;
+            retry = (retry * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// Subscribes and applies messages until the subscription is lost; returns why.
+    async fn session(&self) -> String {
+        let subscribe = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(&self.channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        let pubsub = match tokio::time::timeout(HEARTBEAT * 5, subscribe).await {
+            Ok(Ok(pubsub)) => pubsub,
+            Ok(Err(err)) => return err.to_string(),
+            Err(_) => return "subscribing timed out".to_owned(),
+        };
+        // Whatever was copied while not subscribed may have missed its invalidation.
+        self.local.clear();
+        self.metrics.set_invalidation_channel_up(true);
+        info!(channel = %self.channel, "following invalidations");
+        let (mut sink, mut messages) = pubsub.split();
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + HEARTBEAT, HEARTBEAT);
+        loop {
+            tokio::select! {
+                message = messages.next() => match message {
+                    Some(message) => self.apply(message.get_payload_bytes()),
+                    None => return "the subscription connection closed".to_owned(),
+                },
+                _ = heartbeat.tick() => {
+                    // Subscribed, Redis answers a PING with `["pong", ""]`: any answer will do.
+                    let ping = sink.ping::<redis::Value>();
+                    match tokio::time::timeout(HEARTBEAT, ping).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(err)) => return err.to_string(),
+                        Err(_) => return "the subscription stopped answering".to_owned(),
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply(&self, message: &[u8]) {
+        self.metrics.record_invalidation_message("received");
+        match decode(message) {
+            Invalidate::These(sns) => {
+                debug!(sns = sns.len(), "invalidation received");
+                self.local.invalidate(sns);
+            }
+            Invalidate::All => {
+                warn!("unreadable invalidation message; dropping every local copy");
+                self.local.clear();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_carry_sns_one_per_line() {
+        let message = encode(&["A-1", "B\u{e9}", "C"]);
+        assert_eq!(
+            decode(&message),
+            Invalidate::These(vec!["A-1", "B\u{e9}", "C"])
+        );
+        assert_eq!(decode(b""), Invalidate::These(vec![]));
+    }
+
+    #[test]
+    fn an_unreadable_message_drops_everything() {
+        assert_eq!(decode(&[0xff, 0xfe, b'A']), Invalidate::All);
+    }
+}
