@@ -59,7 +59,13 @@ struct Queue {
     flights: Arc<Flights>,
     /// Cancelled when the lookup that queued these went away (a streaming client that left).
     cancel: Option<CancellationToken>,
+    /// More flights to come, from a streamed lookup that reads the cache a window at a time;
+    /// the queue ends when this closes too.
+    more: Option<Feed>,
 }
+
+/// Where a streamed lookup sends the flights of each window it reads to its one fetch task.
+pub(super) type Feed = tokio::sync::mpsc::UnboundedReceiver<Vec<Arc<Flight>>>;
 
 impl Queue {
     fn lead(&self, flight: Arc<Flight>) -> Lead {
@@ -73,9 +79,44 @@ impl Queue {
     /// abandoned and removed); those another lookup waits for are left for that lookup's own
     /// task, which queued them too.
     fn drop_unwanted(&mut self) {
+        self.close_feed();
         for flight in std::mem::take(&mut self.waiting) {
             if flight.waiters() == 0 && flight.claim() {
                 drop(self.lead(flight));
+            }
+        }
+    }
+}
+
+impl Queue {
+    /// Takes in what was fed and not yet received, and accepts no more: a flight left in the
+    /// channel would never be claimed, nor settled for its waiters.
+    fn close_feed(&mut self) {
+        if let Some(mut more) = self.more.take() {
+            more.close();
+            while let Ok(flights) = more.try_recv() {
+                self.waiting.extend(flights);
+            }
+        }
+    }
+
+    /// The next flight to fetch, waiting for more to be fed when the queue has run dry.
+    async fn next_lead(&mut self) -> Option<Lead> {
+        loop {
+            if let Some(lead) = self.next() {
+                return Some(lead);
+            }
+            let cancelled = self
+                .cancel
+                .as_ref()
+                .is_some_and(CancellationToken::is_cancelled);
+            let more = match self.more.as_mut() {
+                Some(more) if !cancelled => more.recv().await,
+                _ => None,
+            };
+            match more {
+                Some(flights) => self.waiting.extend(flights),
+                None => return None,
             }
         }
     }
@@ -108,6 +149,7 @@ impl Iterator for Queue {
 
 impl Drop for Queue {
     fn drop(&mut self) {
+        self.close_feed();
         // Claiming makes a Lead, whose drop settles the flight and removes it.
         while let Some(flight) = self.waiting.pop_front() {
             if flight.claim() {
@@ -125,27 +167,38 @@ impl Fetcher {
     /// a task only queues its next fetch when one of its own finishes, so a single-SN
     /// lookup waits for one free slot, not behind the whole of a 10,000-SN export (and if it
     /// wants an SN the export has queued, it claims and fetches that SN itself).
+    ///
+    /// With `more`, flights keep coming from a streamed lookup until it closes the feed.
     pub(super) async fn run(
         self,
         flights: Vec<Arc<Flight>>,
         retry_until: Instant,
         cancel: Option<CancellationToken>,
+        more: Option<Feed>,
     ) {
         let per_request = self.upstream.concurrency();
         let queue = Queue {
             waiting: flights.into(),
             flights: Arc::clone(&self.flights),
             cancel,
+            more,
         };
-        let mut answers = futures_util::stream::iter(queue)
-            .map(|lead| {
-                let upstream = &self.upstream;
-                async move {
-                    let answer = upstream.fetch(&lead.flight.sn, retry_until).await;
-                    (lead, answer)
-                }
-            })
-            .buffer_unordered(per_request);
+        let leads = futures_util::stream::unfold(queue, |mut queue| async move {
+            let lead = queue.next_lead().await?;
+            Some((lead, queue))
+        });
+        // Boxed, so it can be dropped (its queue settling what is left) before the writes end.
+        let mut answers = Box::pin(
+            leads
+                .map(|lead| {
+                    let upstream = &self.upstream;
+                    async move {
+                        let answer = upstream.fetch(&lead.flight.sn, retry_until).await;
+                        (lead, answer)
+                    }
+                })
+                .buffer_unordered(per_request),
+        );
         let mut writes = PendingWrites::new(self.writer(), self.tasks.clone(), self.write_batch);
         while let Some((lead, answer)) = next_answer(&mut answers, &mut writes).await {
             self.record(&lead.flight.sn, &answer);

@@ -49,6 +49,11 @@ pub struct LookupSettings {
 
 /// The lookup service, shared by every request.
 pub struct Lookup {
+    core: Arc<Core>,
+}
+
+/// What lookups share; a streamed lookup holds on to it to read its later windows.
+struct Core {
     cache: Arc<dyn Cache>,
     upstream: Arc<UpstreamClient>,
     health: Arc<Health>,
@@ -71,7 +76,7 @@ impl Lookup {
         metrics: Arc<Metrics>,
         settings: LookupSettings,
     ) -> Self {
-        Self {
+        let core = Core {
             cache,
             upstream,
             health,
@@ -80,27 +85,30 @@ impl Lookup {
             settings,
             invalidations: Arc::default(),
             tasks: TaskTracker::new(),
+        };
+        Self {
+            core: Arc::new(core),
         }
     }
 
     /// The cache lookups read and write, for `/readyz` and start-up logs.
     pub fn cache(&self) -> &Arc<dyn Cache> {
-        &self.cache
+        &self.core.cache
     }
 
     /// The upstream circuit's state, for `/readyz`.
     pub fn upstream_circuit(&self) -> CircuitState {
-        self.upstream.circuit_state()
+        self.core.upstream.circuit_state()
     }
 
     /// Upstream fetches queued, in flight or finishing their write-back.
     pub fn pending_fetches(&self) -> usize {
-        self.flights.pending()
+        self.core.flights.pending()
     }
 
     /// Lookups of an SN that joined a fetch already under way, since start.
     pub fn coalesced_joins(&self) -> u64 {
-        self.flights.joins()
+        self.core.flights.joins()
     }
 
     /// Resolves a batch for a request that arrived at `arrived` (its deadline counts from
@@ -130,6 +138,53 @@ impl Lookup {
     /// # Errors
     /// [`Overloaded`], as for [`Lookup::resolve`].
     pub async fn start(
+        &self,
+        requested: Vec<String>,
+        refresh: bool,
+        arrived: Instant,
+        cancel: Option<CancellationToken>,
+    ) -> Result<Resolving, Overloaded> {
+        self.core.start(requested, refresh, arrived, cancel).await
+    }
+
+    /// Starts a lookup to be streamed: like [`Lookup::start`], but the cache is read a window
+    /// (`redis.chunk_size` SNs) at a time as the stream is consumed, and each line's discount
+    /// is let go once it is out, so a 100,000-SN stream never holds its whole response. The
+    /// next window is read once the previous one's hits are out and fewer than
+    /// `2 × upstream.concurrency` of its fetches are outstanding, so the upstream stays busy.
+    ///
+    /// # Errors
+    /// [`Overloaded`] for the first window's misses; later windows wait for room instead.
+    pub async fn stream(
+        &self,
+        requested: Vec<String>,
+        refresh: bool,
+        arrived: Instant,
+        cancel: CancellationToken,
+    ) -> Result<Resolving, Overloaded> {
+        Core::stream(&self.core, requested, refresh, arrived, cancel).await
+    }
+
+    /// Removes SNs from the cache; returns how many were cached.
+    ///
+    /// # Errors
+    /// The cache could not be reached: the caller must not claim they were removed.
+    pub async fn invalidate(&self, sns: &[&str]) -> Result<u64, crate::cache::CacheError> {
+        self.core.invalidate(sns).await
+    }
+
+    /// Stops taking new background work and waits (up to `grace`) for what is under way.
+    /// Returns whether everything finished.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        self.core.tasks.close();
+        tokio::time::timeout(grace, self.core.tasks.wait())
+            .await
+            .is_ok()
+    }
+}
+
+impl Core {
+    async fn start(
         &self,
         requested: Vec<String>,
         refresh: bool,
@@ -171,13 +226,64 @@ impl Lookup {
             cursor: 0,
             expired: false,
             expired_cursor: 0,
+            reader: None,
+            last_reported: None,
         })
+    }
+
+    async fn stream(
+        core: &Arc<Self>,
+        requested: Vec<String>,
+        refresh: bool,
+        arrived: Instant,
+        cancel: CancellationToken,
+    ) -> Result<Resolving, Overloaded> {
+        let deadline = arrived + core.settings.request_timeout;
+        let (distinct, order) = dedup(requested);
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; distinct.len()];
+        let mut unread = std::collections::VecDeque::with_capacity(distinct.len());
+        for (index, sn) in distinct.iter().enumerate() {
+            match sn::validate(sn) {
+                Ok(()) => unread.push_back(index),
+                Err(err) => outcomes[index] = Some(Outcome::Invalid(err)),
+            }
+        }
+        let reader = resolving::Reader {
+            core: Arc::clone(core),
+            unread,
+            unjoined: Vec::new(),
+            refresh,
+            feed: None,
+            cancel: cancel.clone(),
+            window: core.settings.write_batch.max(1),
+            max_outstanding: (2 * core.upstream.concurrency()).max(core.settings.write_batch),
+            span: tracing::Span::current(),
+        };
+        let mut resolving = Resolving {
+            distinct,
+            order,
+            outcomes,
+            answers: FuturesUnordered::new(),
+            settling: Vec::new(),
+            arrived,
+            deadline,
+            upstream_fetches: 0,
+            metrics: Arc::clone(&core.metrics),
+            cancel_on_drop: Some(cancel.drop_guard()),
+            cursor: 0,
+            expired: false,
+            expired_cursor: 0,
+            reader: Some(reader),
+            last_reported: None,
+        };
+        resolving.read_first_window().await?;
+        Ok(resolving)
     }
 
     /// Fills in the hits (fresh or stale) and starts the background refreshes they call for;
     /// returns the indices still to fetch. A cache failure is logged and counted, and then
     /// its SNs are misses: the upstream answers instead.
-    async fn read_cache(
+    pub(super) async fn read_cache(
         &self,
         distinct: &[String],
         candidates: Vec<usize>,
@@ -262,7 +368,7 @@ impl Lookup {
         let span = info_span!("refresh", sns = flights.len());
         self.tasks.spawn(
             self.fetcher()
-                .run(flights, retry_until, None)
+                .run(flights, retry_until, None, None)
                 .instrument(span),
         );
     }
@@ -285,7 +391,7 @@ impl Lookup {
             let span = info_span!("upstream_fetch", sns = joined.unclaimed.len());
             self.tasks.spawn(
                 self.fetcher()
-                    .run(joined.unclaimed, deadline, cancel)
+                    .run(joined.unclaimed, deadline, cancel, None)
                     .instrument(span),
             );
         }
@@ -296,7 +402,7 @@ impl Lookup {
             .collect())
     }
 
-    fn fetcher(&self) -> Fetcher {
+    pub(super) fn fetcher(&self) -> Fetcher {
         Fetcher {
             cache: Arc::clone(&self.cache),
             upstream: Arc::clone(&self.upstream),
@@ -310,11 +416,7 @@ impl Lookup {
         }
     }
 
-    /// Removes SNs from the cache; returns how many were cached.
-    ///
-    /// # Errors
-    /// The cache could not be reached: the caller must not claim they were removed.
-    pub async fn invalidate(&self, sns: &[&str]) -> Result<u64, crate::cache::CacheError> {
+    async fn invalidate(&self, sns: &[&str]) -> Result<u64, crate::cache::CacheError> {
         // Before the delete: a fetch under way must not write its older answer back after it,
         // and a lookup from now on must not join that fetch.
         self.invalidations.record(sns);
@@ -324,13 +426,6 @@ impl Lookup {
                 self.health.record_redis_error();
             }
         })
-    }
-
-    /// Stops taking new background work and waits (up to `grace`) for what is under way.
-    /// Returns whether everything finished.
-    pub async fn drain(&self, grace: Duration) -> bool {
-        self.tasks.close();
-        tokio::time::timeout(grace, self.tasks.wait()).await.is_ok()
     }
 }
 

@@ -1,18 +1,23 @@
 //! A lookup past its cache read: some SNs resolved, the rest waiting on their fetches. It is
 //! either finished whole (a JSON response) or walked SN by SN as each resolves (NDJSON).
 
-use super::flights::{Answer, Stage};
+use super::Core;
+use super::flights::{Answer, Flight, Overloaded, Stage};
 use super::outcome::summarize;
 use super::{Batch, ItemError, Outcome, Source};
 use crate::metrics::{Metrics, SnOutcome};
 use crate::upstream::{Fetched, UpstreamError};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
+use std::collections::VecDeque;
 use std::sync::Arc;
-use tokio::sync::watch;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tokio_util::sync::DropGuard;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::{Instrument, Span, info_span};
 
 /// An answer for the SN at an index, and the channel to wait on for its write-back.
 pub(super) type Waiting = BoxFuture<'static, (usize, Answer, watch::Receiver<Stage>)>;
@@ -37,6 +42,33 @@ pub struct Resolving {
     pub(super) expired: bool,
     /// Where the scan for SNs left unresolved at the deadline goes on from.
     pub(super) expired_cursor: usize,
+    /// A streamed lookup's cache reads still to come; `None` when it was all read at start.
+    pub(super) reader: Option<Reader>,
+    /// The SN reported last, whose discount a streamed lookup lets go of on the next call.
+    pub(super) last_reported: Option<usize>,
+}
+
+/// How long a window whose misses could not be queued (`upstream.max_pending` reached by
+/// other lookups, and none of this one's fetches outstanding) waits before trying again.
+const ROOM_RETRY: Duration = Duration::from_millis(25);
+
+/// What a streamed lookup still has to read from the cache, and how it feeds its fetch task.
+pub(super) struct Reader {
+    pub(super) core: Arc<Core>,
+    /// Valid SNs not read yet, in request order.
+    pub(super) unread: VecDeque<usize>,
+    /// Misses read but not yet joined to a flight: there was no room under `max_pending`.
+    pub(super) unjoined: Vec<usize>,
+    pub(super) refresh: bool,
+    /// The lookup's one fetch task, started with its first misses; closed once all is read.
+    pub(super) feed: Option<mpsc::UnboundedSender<Vec<Arc<Flight>>>>,
+    pub(super) cancel: CancellationToken,
+    /// SNs per cache read.
+    pub(super) window: usize,
+    /// Fetches waited on past which no further window is read.
+    pub(super) max_outstanding: usize,
+    /// The request's span, parent of the fetch task's.
+    pub(super) span: Span,
 }
 
 impl Resolving {
@@ -50,11 +82,18 @@ impl Resolving {
     /// order, then the fetched ones as their answers come, then, once the deadline passes,
     /// the rest as `deadline_exceeded`. `None` when every SN has been reported.
     pub async fn next_resolved(&mut self) -> Option<usize> {
-        while self.cursor < self.outcomes.len() {
-            let index = self.cursor;
-            self.cursor += 1;
-            if self.outcomes[index].is_some() {
-                return Some(index);
+        self.let_go_of_last_reported();
+        loop {
+            let read_up_to = self.read_up_to();
+            while self.cursor < read_up_to {
+                let index = self.cursor;
+                self.cursor += 1;
+                if self.outcomes[index].is_some() {
+                    return self.report(index);
+                }
+            }
+            if !self.read_step().await {
+                break;
             }
         }
         if !self.expired {
@@ -62,13 +101,10 @@ impl Resolving {
                 Ok(Some((index, answer, stage))) => {
                     self.outcomes[index] = Some(fetched_outcome(answer));
                     self.settling.push(stage);
-                    return Some(index);
+                    return self.report(index);
                 }
                 Ok(None) => return None,
-                Err(_) => {
-                    self.expired = true;
-                    self.answers = FuturesUnordered::new();
-                }
+                Err(_) => self.expire(),
             }
         }
         // Past the deadline: whatever is left is reported as such, each once.
@@ -78,7 +114,143 @@ impl Resolving {
                 .position(Option::is_none)?;
         self.expired_cursor = index + 1;
         self.outcomes[index] = Some(Outcome::Failed(ItemError::DeadlineExceeded));
+        self.report(index)
+    }
+
+    fn report(&mut self, index: usize) -> Option<usize> {
+        if self.reader.is_some() {
+            self.last_reported = Some(index);
+        }
         Some(index)
+    }
+
+    /// A streamed line is out: its discount bytes are not needed any more (its kind and
+    /// source stay, for the summary).
+    fn let_go_of_last_reported(&mut self) {
+        if let Some(index) = self.last_reported.take()
+            && let Some(Some(Outcome::Found { discount, .. })) = self.outcomes.get_mut(index)
+        {
+            *discount = Bytes::new();
+        }
+    }
+
+    /// The deadline passed: nothing more is read or waited for; the rest is reported as
+    /// `deadline_exceeded`, after every SN resolved before it.
+    fn expire(&mut self) {
+        self.expired = true;
+        self.answers = FuturesUnordered::new();
+        if let Some(reader) = &mut self.reader {
+            reader.unread.clear();
+            reader.unjoined.clear();
+            reader.feed = None;
+        }
+    }
+
+    /// SNs before this index have been read from the cache (or need no read).
+    fn read_up_to(&self) -> usize {
+        self.reader
+            .as_ref()
+            .and_then(|reader| reader.unread.front().copied())
+            .unwrap_or(self.outcomes.len())
+    }
+
+    /// Takes the next step of a streamed lookup's reading: joins the misses that found no
+    /// room before, or reads the next window if few enough fetches are outstanding. `false`
+    /// when there is nothing to do but report and wait on what is outstanding.
+    async fn read_step(&mut self) -> bool {
+        let Some(reader) = &self.reader else {
+            return false;
+        };
+        if self.expired {
+            return false;
+        }
+        if !reader.unjoined.is_empty() {
+            if self.join_unjoined().is_ok() {
+                return true;
+            }
+            // No room under upstream.max_pending: our own answers make some; else wait.
+            if !self.answers.is_empty() {
+                return false;
+            }
+            if Instant::now() >= self.deadline {
+                self.expire();
+                return true;
+            }
+            tokio::time::sleep_until((Instant::now() + ROOM_RETRY).min(self.deadline)).await;
+            return true;
+        }
+        if !reader.unread.is_empty() && self.answers.len() < reader.max_outstanding {
+            // A later window without room keeps its misses for the next step.
+            let _ = self.read_window().await;
+            return true;
+        }
+        self.close_feed_if_all_read();
+        false
+    }
+
+    /// Reads the first window; its misses must find room at once, or nothing is started.
+    pub(super) async fn read_first_window(&mut self) -> Result<(), Overloaded> {
+        self.read_window().await?;
+        self.close_feed_if_all_read();
+        Ok(())
+    }
+
+    /// Reads the next window of the cache, fills in its hits and joins its misses.
+    async fn read_window(&mut self) -> Result<(), Overloaded> {
+        let Some(reader) = &mut self.reader else {
+            return Ok(());
+        };
+        let take = reader.window.min(reader.unread.len());
+        let window: Vec<usize> = reader.unread.drain(..take).collect();
+        let misses = if reader.refresh {
+            window
+        } else {
+            let core = Arc::clone(&reader.core);
+            core.read_cache(&self.distinct, window, self.deadline, &mut self.outcomes)
+                .await
+        };
+        if let Some(reader) = &mut self.reader {
+            reader.unjoined.extend(misses);
+        }
+        self.join_unjoined()
+    }
+
+    /// Joins the misses read but not joined yet, and queues the new ones in the fetch task.
+    fn join_unjoined(&mut self) -> Result<(), Overloaded> {
+        let Some(reader) = &mut self.reader else {
+            return Ok(());
+        };
+        if reader.unjoined.is_empty() {
+            return Ok(());
+        }
+        let distinct = &self.distinct;
+        let joined = reader.core.flights.join(
+            reader
+                .unjoined
+                .iter()
+                .map(|&index| (index, distinct[index].as_str())),
+        )?;
+        self.upstream_fetches += reader.unjoined.len();
+        reader.unjoined.clear();
+        if !joined.unclaimed.is_empty() {
+            reader.queue(joined.unclaimed, self.deadline);
+        }
+        for (index, flight) in joined.all {
+            self.answers
+                .push(wait_for_answer(index, flight.subscribe()));
+        }
+        Ok(())
+    }
+
+    /// Once every window is read and joined, the fetch task is told no more is coming, so it
+    /// ends (and writes back) when its queue is done.
+    fn close_feed_if_all_read(&mut self) {
+        if let Some(reader) = &mut self.reader
+            && reader.unread.is_empty()
+            && reader.unjoined.is_empty()
+        {
+            reader.feed = None;
+        }
     }
 
     /// The SN at `index` and its outcome, once [`Resolving::next_resolved`] returned it.
@@ -124,6 +296,26 @@ impl Resolving {
             order: std::mem::take(&mut self.order),
             summary,
         }
+    }
+}
+
+impl Reader {
+    /// Sends flights to the lookup's fetch task, starting it with the first ones.
+    fn queue(&mut self, flights: Vec<Arc<Flight>>, deadline: Instant) {
+        if let Some(feed) = &self.feed
+            && feed.send(flights.clone()).is_ok()
+        {
+            return;
+        }
+        let (feed, more) = mpsc::unbounded_channel();
+        self.feed = Some(feed);
+        let span = info_span!(parent: &self.span, "upstream_fetch", streamed = true);
+        self.core.tasks.spawn(
+            self.core
+                .fetcher()
+                .run(flights, deadline, Some(self.cancel.clone()), Some(more))
+                .instrument(span),
+        );
     }
 }
 

@@ -329,7 +329,8 @@ fn wants_ndjson(request: &Request<Incoming>) -> bool {
 
 /// The NDJSON answer: each distinct SN once, in the order it resolves (what needed no fetch
 /// first), then `{"summary": ...}`. Lines are made as the client reads them, so a slow reader
-/// holds back the proxy instead of making it buffer; a client that goes away cancels the
+/// holds back the proxy instead of making it buffer, and the cache is read a window at a time
+/// as they go (see [`crate::lookup::Lookup::stream`]); a client that goes away cancels the
 /// fetches this lookup queued but had not started (those under way finish and are written).
 /// The admission permit is held until the last line.
 async fn lookup_stream(
@@ -339,10 +340,9 @@ async fn lookup_stream(
     arrived: Instant,
     admitted: OwnedSemaphorePermit,
 ) -> Result<Response<Body>, Error> {
-    let cancel = CancellationToken::new();
     let resolving = state
         .lookup
-        .start(sns, refresh, arrived, Some(cancel))
+        .stream(sns, refresh, arrived, CancellationToken::new())
         .await;
     let resolving = resolving.map_err(|Overloaded| {
         state.metrics.record_shed("pending");

@@ -70,28 +70,16 @@ async fn source_of(app: &TestApp, sn: &str) -> String {
     results(&body)[0]["source"].as_str().unwrap().to_owned()
 }
 
-async fn mget_calls(redis: &RedisServer) -> u64 {
-    let info = match redis.command(&["INFO", "commandstats"]).await {
-        redis::Value::BulkString(bytes) => String::from_utf8(bytes).unwrap(),
-        redis::Value::VerbatimString { text, .. } => text,
-        other => panic!("INFO answered {other:?}"),
-    };
-    info.lines()
-        .find_map(|line| line.strip_prefix("cmdstat_mget:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |calls| calls.parse().unwrap())
-}
-
 #[tokio::test]
 async fn hot_sns_are_answered_from_memory_without_a_redis_read() {
     let app = TestApp::spawn_with(local_tier(LONG_TTL)).await;
     assert_eq!(source_of(&app, "HOT1").await, "upstream");
-    let reads = mget_calls(&app.redis).await;
+    let reads = app.redis.command_calls("mget").await;
     for _ in 0..5 {
         assert_eq!(source_of(&app, "HOT1").await, "cache");
     }
     assert_eq!(
-        mget_calls(&app.redis).await,
+        app.redis.command_calls("mget").await,
         reads,
         "Redis was read for a hot SN"
     );
@@ -128,9 +116,13 @@ async fn a_delete_on_one_instance_drops_the_copy_held_by_the_other() {
     assert_eq!(source_of(&first, "SHARED").await, "upstream");
     // The second instance copies it from Redis, then answers from its copy.
     assert_eq!(source_of(&second, "SHARED").await, "cache");
-    let reads = mget_calls(&first.redis).await;
+    let reads = first.redis.command_calls("mget").await;
     assert_eq!(source_of(&second, "SHARED").await, "cache");
-    assert_eq!(mget_calls(&first.redis).await, reads, "no copy was made");
+    assert_eq!(
+        first.redis.command_calls("mget").await,
+        reads,
+        "no copy was made"
+    );
 
     let deleted = first.delete("/v1/discounts/SHARED").await;
     assert!(deleted.status().is_success(), "{}", deleted.status());
@@ -244,10 +236,10 @@ async fn an_unreadable_message_on_the_channel_drops_every_copy_and_nothing_else(
         .unwrap();
     received(&app, 1.0).await;
 
-    let reads = mget_calls(&app.redis).await;
+    let reads = app.redis.command_calls("mget").await;
     let body = app.lookup(&["U1", "U2"]).await;
     // Read from Redis again (one MGET), still cached there: nothing was deleted.
-    assert_eq!(mget_calls(&app.redis).await, reads + 1);
+    assert_eq!(app.redis.command_calls("mget").await, reads + 1);
     assert!(
         results(&body).iter().all(|item| item["source"] == "cache"),
         "{body}"

@@ -176,3 +176,112 @@ async fn without_the_ndjson_accept_header_the_answer_is_one_json_document() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["results"][0]["sn"], "J-1");
 }
+
+/// Every line of a stream up to the summary, which is returned apart.
+async fn all_lines(mut lines: Lines) -> (Vec<Value>, Value) {
+    let mut items = Vec::new();
+    while let Some(line) = lines.next().await {
+        if line.get("summary").is_some() {
+            assert!(lines.next().await.is_none(), "a line after the summary");
+            return (items, line);
+        }
+        items.push(line);
+    }
+    panic!("the stream ended without its summary");
+}
+
+#[tokio::test]
+async fn a_stream_longer_than_one_window_reports_each_sn_once_with_its_source() {
+    let app = TestApp::spawn_with(|config| config.redis.chunk_size = 10).await;
+    let cached: Vec<String> = (0..20).map(|i| format!("W-HIT-{i}")).collect();
+    let cached: Vec<&str> = cached.iter().map(String::as_str).collect();
+    app.lookup(&cached).await;
+    let reads_before = app.redis.command_calls("mget").await;
+    let mut sns: Vec<String> = Vec::new();
+    for i in 0..35 {
+        sns.push(match i % 7 {
+            0 => format!("W-COLD-{i}"),
+            1 => "bad sn".to_owned(),
+            _ => format!("W-HIT-{}", i % 20),
+        });
+    }
+    let sns: Vec<&str> = sns.iter().map(String::as_str).collect();
+    let (items, summary) = all_lines(stream(&app, &sns).await).await;
+
+    let mut distinct: Vec<&str> = sns.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let mut reported: Vec<&str> = items
+        .iter()
+        .map(|item| item["sn"].as_str().unwrap())
+        .collect();
+    reported.sort_unstable();
+    assert_eq!(reported, distinct, "each distinct SN exactly once");
+    let valid = distinct.iter().filter(|sn| **sn != "bad sn").count();
+    assert_eq!(
+        app.redis.command_calls("mget").await - reads_before,
+        valid.div_ceil(10) as u64,
+        "one MGET per window of redis.chunk_size SNs"
+    );
+    for item in &items {
+        let sn = item["sn"].as_str().unwrap();
+        match sn {
+            "bad sn" => assert_eq!(item["status"], "invalid"),
+            _ if sn.starts_with("W-COLD") => assert_eq!(item["source"], "upstream", "{item}"),
+            _ => assert_eq!(item["source"], "cache", "{item}"),
+        }
+        if item["status"] == "ok" {
+            assert_eq!(item["discount"], StubUpstream::discount_for(sn));
+        }
+    }
+    assert_eq!(summary["summary"]["requested"], 35);
+    assert_eq!(summary["summary"]["unique"], distinct.len());
+    let hits = distinct.iter().filter(|sn| sn.starts_with("W-HIT")).count();
+    let cold = distinct
+        .iter()
+        .filter(|sn| sn.starts_with("W-COLD"))
+        .count();
+    assert_eq!(summary["summary"]["cache_hits"], hits);
+    assert_eq!(summary["summary"]["upstream_fetches"], cold);
+    assert_eq!(summary["summary"]["invalid"], 1);
+}
+
+#[tokio::test]
+async fn a_later_window_without_room_under_max_pending_waits_for_it_instead_of_failing() {
+    let app = TestApp::spawn_with(|config| {
+        config.server.max_batch = 10;
+        config.upstream.max_pending = 10;
+        config.redis.chunk_size = 4;
+    })
+    .await;
+    app.upstream.hold();
+    // Another lookup holds 5 of the 10 pending fetches.
+    let other: Vec<String> = (0..5).map(|i| format!("ROOM-OTHER-{i}")).collect();
+    let other_lookup = {
+        let (client, url) = (app.client.clone(), app.url("/v1/discounts/lookup"));
+        tokio::spawn(async move { client.post(url).json(&json!({ "sns": other })).send().await })
+    };
+    wait_until("the other lookup's fetches are pending", WAIT, || async {
+        app.state.lookup.pending_fetches() == 5
+    })
+    .await;
+    let sns: Vec<String> = (0..10).map(|i| format!("ROOM-{i}")).collect();
+    let sns: Vec<&str> = sns.iter().map(String::as_str).collect();
+    let streamed = tokio::spawn(all_lines(stream(&app, &sns).await));
+    // The first window of 4 fits (9 pending); the second would not, so it waits.
+    wait_until("the first window's fetches are pending", WAIT, || async {
+        app.state.lookup.pending_fetches() == 9
+    })
+    .await;
+    assert!(!streamed.is_finished());
+    app.upstream.release();
+
+    let (items, summary) = streamed.await.unwrap();
+    assert_eq!(items.len(), 10);
+    assert!(items.iter().all(|item| item["status"] == "ok"), "{items:?}");
+    assert_eq!(summary["summary"]["upstream_fetches"], 10);
+    for sn in &sns {
+        assert_eq!(app.upstream.calls(sn), 1, "{sn}");
+    }
+    assert_eq!(other_lookup.await.unwrap().unwrap().status(), 200);
+}

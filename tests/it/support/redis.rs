@@ -106,6 +106,21 @@ impl RedisServer {
             .unwrap_or_else(|err| panic!("redis {args:?} failed: {err}"))
     }
 
+    /// How many times `command` (lower case, like `mget`) ran since start, from
+    /// `INFO commandstats`.
+    pub async fn command_calls(&self, command: &str) -> u64 {
+        let info = match self.command(&["INFO", "commandstats"]).await {
+            redis::Value::BulkString(bytes) => String::from_utf8(bytes).unwrap(),
+            redis::Value::VerbatimString { text, .. } => text,
+            other => panic!("INFO answered {other:?}"),
+        };
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|line| line.strip_prefix(prefix.as_str()))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |calls| calls.parse().unwrap())
+    }
+
     /// `CONFIG SET parameter value`, e.g. `maxmemory 1` to make every write fail with `OOM`.
     pub async fn config_set(&self, parameter: &str, value: &str) {
         self.command(&["CONFIG", "SET", parameter, value]).await;
