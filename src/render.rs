@@ -107,6 +107,16 @@ fn error_field_into(buf: &mut Vec<u8>, code: &str, message: &str) {
 }
 
 fn string_into(buf: &mut Vec<u8>, value: &str) {
+    // The common SN needs no escaping: printable ASCII without quotes or backslashes.
+    if value
+        .bytes()
+        .all(|byte| byte.is_ascii_graphic() && byte != b'"' && byte != b'\\')
+    {
+        buf.push(b'"');
+        buf.extend_from_slice(value.as_bytes());
+        buf.push(b'"');
+        return;
+    }
     // Writing a &str into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *buf, value);
 }
@@ -161,6 +171,16 @@ mod tests {
         assert_eq!(results[3]["error"]["code"], "invalid_sn");
         assert_eq!(results[4]["error"]["code"], "deadline_exceeded");
         assert_eq!(body["summary"]["requested"], 5);
+    }
+
+    #[test]
+    fn strings_are_escaped_only_when_they_need_it() {
+        for value in ["SN-001", "a\\b", "q\"uote", "caf\u{e9}", "tab\there", "</script>"] {
+            let mut buf = Vec::new();
+            string_into(&mut buf, value);
+            let back: String = serde_json::from_slice(&buf).unwrap();
+            assert_eq!(back, value);
+        }
     }
 
     #[test]
