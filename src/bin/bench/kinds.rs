@@ -1,0 +1,77 @@
+//! What each process of a run is configured as: the simulators' latencies and the proxy
+//! kinds, each set up for the scenarios that use it.
+
+use crate::scenarios::Scale;
+use std::time::Duration;
+
+/// The simulated upstreams, by latency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upstream {
+    /// 500 ms, like the real service: the cold-path scenarios.
+    Slow,
+    /// 50 ms: the throughput and overload scenarios.
+    Normal,
+}
+
+impl Upstream {
+    /// The simulator's `--latency`.
+    pub fn latency(self) -> Duration {
+        match self {
+            Self::Slow => Duration::from_millis(500),
+            Self::Normal => Duration::from_millis(50),
+        }
+    }
+}
+
+/// The proxies of a run, each configured for its scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyKind {
+    /// Redis only: P1, P3.
+    RedisOnly,
+    /// With the in-process tier: P2, P3.
+    LocalTier,
+    /// On the 500 ms upstream: P4, P6.
+    Cold,
+    /// Concurrency 256 on the 50 ms upstream: P5.
+    Wide,
+}
+
+impl ProxyKind {
+    /// A short name for logs and the RSS rows.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::RedisOnly => "redis-only",
+            Self::LocalTier => "local-tier",
+            Self::Cold => "cold (500 ms)",
+            Self::Wide => "wide (256)",
+        }
+    }
+
+    /// The simulator it fronts.
+    pub fn upstream(self) -> Upstream {
+        match self {
+            Self::Cold => Upstream::Slow,
+            _ => Upstream::Normal,
+        }
+    }
+
+    /// The `DISCOUNT_PROXY_…` variables that make this kind (besides listen, Redis, upstream).
+    pub fn env(self, scale: &Scale) -> Vec<(&'static str, String)> {
+        let (concurrency, max_pending, max_batch) = match self {
+            Self::Wide => (256, 100_000, scale.p5_sns.max(10_000)),
+            _ => (128, 100_000, 10_000),
+        };
+        let mut env = vec![
+            ("UPSTREAM__CONCURRENCY", concurrency.to_string()),
+            ("UPSTREAM__MAX_PENDING", max_pending.to_string()),
+            ("SERVER__MAX_BATCH", max_batch.to_string()),
+            ("SERVER__MAX_BODY_BYTES", (16 << 20).to_string()),
+        ];
+        if self == Self::LocalTier {
+            env.push(("CACHE__LOCAL__ENABLED", "true".to_owned()));
+            env.push(("CACHE__LOCAL__TTL", "5m".to_owned()));
+            env.push(("CACHE__LOCAL__MAX_BYTES", (32 << 20).to_string()));
+        }
+        env
+    }
+}

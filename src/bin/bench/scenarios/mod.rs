@@ -1,0 +1,190 @@
+//! The scenarios P1–P8 and their references, run in an order that keeps them apart: the hit
+//! paths first, then the cold paths, memory, and overload last.
+
+mod cold;
+mod hits;
+mod references;
+
+use crate::lab::Lab;
+use crate::report::{Report, Row};
+use anyhow::{Result, bail};
+use references::References;
+use std::time::Duration;
+
+/// Sizes and durations of a run: the full one, or `--quick`, scaled down to finish in under
+/// two minutes.
+#[derive(Debug, Clone, Copy)]
+pub struct Scale {
+    /// A scaled-down run; its rows say so.
+    pub quick: bool,
+    /// How long each `wrk` run lasts.
+    pub wrk: Duration,
+    /// SNs in P5's batch (10,000 in the target).
+    pub p5_sns: usize,
+    /// SNs in P7's streamed lookup (100,000 in the target).
+    pub p7_sns: usize,
+    /// How long P8's overload lasts.
+    pub p8: Duration,
+    /// `redis-benchmark -n` for MGET.
+    pub mget_requests: u64,
+    /// `redis-benchmark -n` for GET.
+    pub get_requests: u64,
+}
+
+impl Scale {
+    /// The full run (about two and a half minutes on a quiet 2-core machine).
+    pub fn full() -> Self {
+        Self {
+            quick: false,
+            wrk: Duration::from_secs(10),
+            p5_sns: 10_000,
+            p7_sns: 100_000,
+            p8: Duration::from_secs(5),
+            mget_requests: 200_000,
+            get_requests: 500_000,
+        }
+    }
+
+    /// The quick run.
+    pub fn quick() -> Self {
+        Self {
+            quick: true,
+            wrk: Duration::from_secs(3),
+            p5_sns: 2_560,
+            p7_sns: 20_000,
+            p8: Duration::from_secs(2),
+            mget_requests: 50_000,
+            get_requests: 100_000,
+        }
+    }
+
+    /// `label`, marked as scaled down from `full` when this run is quick.
+    fn label(&self, label: &str, full: &str) -> String {
+        if self.quick {
+            format!("{label} (scaled from {full})")
+        } else {
+            label.to_owned()
+        }
+    }
+}
+
+/// Which of P1–P8 to run (`--only P1,P3`; all by default).
+#[derive(Debug, Clone, Copy)]
+pub struct Selection([bool; 8]);
+
+impl Selection {
+    /// Every scenario.
+    pub fn all() -> Self {
+        Self([true; 8])
+    }
+
+    /// Parses `P1,P3` (case-insensitive).
+    ///
+    /// # Errors
+    /// A name that is not P1–P8.
+    pub fn parse(list: &str) -> Result<Self> {
+        let mut chosen = [false; 8];
+        for name in list
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+        {
+            let number = name
+                .strip_prefix(['P', 'p'])
+                .and_then(|number| number.parse::<usize>().ok());
+            match number {
+                Some(n @ 1..=8) => chosen[n - 1] = true,
+                _ => bail!("--only: {name:?} is not one of P1–P8"),
+            }
+        }
+        if !chosen.contains(&true) {
+            bail!("--only: no scenario named");
+        }
+        Ok(Self(chosen))
+    }
+
+    fn wants(&self, n: usize) -> bool {
+        self.0.get(n - 1).copied().unwrap_or(false)
+    }
+}
+
+/// One step of a run.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    P1,
+    P2,
+    P3,
+    P4,
+    P5,
+    P6,
+}
+
+/// The steps in the order they run: the hit paths first, while nothing else loads the
+/// machine.
+const ORDER: [Step; 6] = [Step::P1, Step::P2, Step::P3, Step::P4, Step::P5, Step::P6];
+
+impl Step {
+    /// The target the step measures (its rows' group).
+    fn target(self) -> u8 {
+        match self {
+            Self::P1 => 1,
+            Self::P2 => 2,
+            Self::P3 => 3,
+            Self::P4 => 4,
+            Self::P5 => 5,
+            Self::P6 => 6,
+        }
+    }
+
+    /// What the step does, for the progress lines.
+    fn title(self) -> &'static str {
+        match self {
+            Self::P1 => "P1: batches of 100 hits, Redis only",
+            Self::P2 => "P2: batches of 100 hits, local tier",
+            Self::P3 => "P3: single-SN hits",
+            Self::P4 => "P4: 100 cold SNs",
+            Self::P5 => "P5: one wide cold batch",
+            Self::P6 => "P6: 1,000 concurrent GETs of one cold SN",
+        }
+    }
+
+    async fn run(
+        self,
+        lab: &mut Lab,
+        refs: &mut References,
+        report: &mut Report,
+    ) -> Result<Vec<Row>> {
+        match self {
+            Self::P1 => hits::p1(lab, refs, report).await,
+            Self::P2 => hits::p2(lab, refs, report).await,
+            Self::P3 => hits::p3(lab, refs, report).await,
+            Self::P4 => cold::p4(lab, report).await,
+            Self::P5 => cold::p5(lab, report).await,
+            Self::P6 => cold::p6(lab).await,
+        }
+    }
+}
+
+/// Runs the selected scenarios, adding their rows to `report`. A scenario that fails is a
+/// failed row with the error in the notes; the run goes on.
+pub async fn run(lab: &mut Lab, only: Selection, report: &mut Report) {
+    let mut refs = References::default();
+    for step in ORDER {
+        let target = step.target();
+        if only.wants(usize::from(target)) {
+            eprintln!("bench: {}", step.title());
+            let rows = step.run(lab, &mut refs, report).await;
+            record(report, target, rows);
+        }
+    }
+}
+
+fn record(report: &mut Report, group: u8, rows: Result<Vec<Row>>) {
+    match rows {
+        Ok(rows) => rows.into_iter().for_each(|row| report.push(row)),
+        Err(err) => report.error(
+            Row::new(group, format!("P{group}"), "see PERFORMANCE.md"),
+            &err,
+        ),
+    }
+}
