@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 /// The `summary` object of a lookup response (the fields the targets are judged on).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Summary {
+    /// SNs in the request.
+    pub requested: u64,
     /// Fresh answers served from a cache tier.
     pub cache_hits: u64,
     /// SNs sent to the upstream.
@@ -29,6 +31,7 @@ impl Summary {
                 .with_context(|| format!("summary has no numeric {name:?}: {summary}"))
         };
         Ok(Self {
+            requested: field("requested")?,
             cache_hits: field("cache_hits")?,
             upstream_fetches: field("upstream_fetches")?,
             errors: field("errors")?,
@@ -64,6 +67,11 @@ impl Api {
             .build()
             .context("building the HTTP client")?;
         Ok(Self { http })
+    }
+
+    /// The underlying client, for streamed requests.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
     }
 
     /// `GET /healthz`, so the pooled connection is open before a timed request.

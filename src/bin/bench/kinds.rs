@@ -11,6 +11,8 @@ pub enum Upstream {
     Slow,
     /// 50 ms: the throughput and overload scenarios.
     Normal,
+    /// No delay: only for warming the P7 key set quickly.
+    Fast,
 }
 
 impl Upstream {
@@ -19,6 +21,7 @@ impl Upstream {
         match self {
             Self::Slow => Duration::from_millis(500),
             Self::Normal => Duration::from_millis(50),
+            Self::Fast => Duration::ZERO,
         }
     }
 }
@@ -34,6 +37,10 @@ pub enum ProxyKind {
     Cold,
     /// Concurrency 256 on the 50 ms upstream: P5.
     Wide,
+    /// On the instant upstream: fills Redis for P7's stream.
+    Warmer,
+    /// Batches of 100,000, streamed: P7.
+    Stream,
 }
 
 impl ProxyKind {
@@ -44,6 +51,8 @@ impl ProxyKind {
             Self::LocalTier => "local-tier",
             Self::Cold => "cold (500 ms)",
             Self::Wide => "wide (256)",
+            Self::Warmer => "warmer",
+            Self::Stream => "stream",
         }
     }
 
@@ -51,6 +60,7 @@ impl ProxyKind {
     pub fn upstream(self) -> Upstream {
         match self {
             Self::Cold => Upstream::Slow,
+            Self::Warmer | Self::Stream => Upstream::Fast,
             _ => Upstream::Normal,
         }
     }
@@ -59,6 +69,8 @@ impl ProxyKind {
     pub fn env(self, scale: &Scale) -> Vec<(&'static str, String)> {
         let (concurrency, max_pending, max_batch) = match self {
             Self::Wide => (256, 100_000, scale.p5_sns.max(10_000)),
+            Self::Warmer => (256, 100_000, 10_000),
+            Self::Stream => (128, 100_000, 100_000),
             _ => (128, 100_000, 10_000),
         };
         let mut env = vec![

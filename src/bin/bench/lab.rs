@@ -30,6 +30,8 @@ pub struct ProxyRef {
     pub kind: ProxyKind,
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Its process id, for `/proc/<pid>/status`.
+    pub pid: u32,
 }
 
 /// The external programs the reference rows need; `Err` says why one is unavailable.
@@ -175,9 +177,18 @@ impl Lab {
             }
             return Err(err);
         }
-        let proxy = ProxyRef { kind, addr };
+        let proxy = ProxyRef {
+            kind,
+            addr,
+            pid: service.pid(),
+        };
         self.proxies.push((proxy, service));
         Ok(Ok(proxy))
+    }
+
+    /// Every proxy started so far, in start order.
+    pub fn proxies(&self) -> Vec<ProxyRef> {
+        self.proxies.iter().map(|(proxy, _)| *proxy).collect()
     }
 
     fn proxy_command(&self, kind: ProxyKind, addr: SocketAddr, upstream: SocketAddr) -> Command {

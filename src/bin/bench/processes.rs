@@ -47,6 +47,11 @@ impl Service {
         })
     }
 
+    /// The process id, for `/proc/<pid>/status`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The exit status if the process has already ended.
     pub fn exited(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
@@ -193,6 +198,41 @@ impl Drop for TempDir {
 pub fn free_port() -> Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
     listener.local_addr().context("reading a bound port")
+}
+
+/// A process's memory as the kernel reports it.
+#[derive(Debug, Clone, Copy)]
+pub struct Memory {
+    /// Resident set size now, in bytes (`VmRSS`).
+    pub rss: u64,
+    /// The highest resident set size so far, in bytes (`VmHWM`).
+    pub hwm: u64,
+}
+
+/// Reads `VmRSS` and `VmHWM` from `/proc/<pid>/status`.
+///
+/// # Errors
+/// The file cannot be read (the process is gone) or lacks the fields.
+pub fn memory(pid: u32) -> Result<Memory> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let field = |name: &str| -> Result<u64> {
+        let line = status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .with_context(|| format!("{path} has no {name}"))?;
+        let kib: u64 = line
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .with_context(|| format!("{path}: {name} is not a number of kB"))?;
+        Ok(kib * 1024)
+    };
+    Ok(Memory {
+        rss: field("VmRSS:")?,
+        hwm: field("VmHWM:")?,
+    })
 }
 
 /// Finds a program on `PATH`, or in the system directories a non-root or trimmed `PATH`

@@ -216,6 +216,12 @@ pub fn count(value: u64) -> String {
     out
 }
 
+/// Bytes in MiB: `12.3 MiB`.
+pub fn mib(bytes: u64) -> String {
+    let mib = bytes as f64 / f64::from(1 << 20);
+    format!("{mib:.1} MiB")
+}
+
 /// A ratio: `0.52×`.
 pub fn ratio(value: f64) -> String {
     format!("{value:.2}×")
@@ -247,6 +253,7 @@ mod tests {
         assert_eq!(rate(4_150_000.0), "4.15 M");
         assert_eq!(rate(64_000.0), "64.0 k");
         assert_eq!(duration(Duration::from_micros(4210)), "4.21 ms");
+        assert_eq!(mib(3 << 20), "3.0 MiB");
         assert_eq!(count(10_000), "10,000");
         assert_eq!(count(999), "999");
         assert_eq!(count(1_234_567), "1,234,567");

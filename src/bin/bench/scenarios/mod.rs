@@ -3,6 +3,7 @@
 
 mod cold;
 mod hits;
+mod memory;
 mod references;
 
 use crate::lab::Lab;
@@ -116,12 +117,23 @@ enum Step {
     P3,
     P4,
     P5,
+    Rss,
     P6,
+    Stream,
 }
 
-/// The steps in the order they run: the hit paths first, while nothing else loads the
-/// machine.
-const ORDER: [Step; 6] = [Step::P1, Step::P2, Step::P3, Step::P4, Step::P5, Step::P6];
+/// The steps in the order they run: the hit paths first (nothing else loads the machine),
+/// memory after P1–P5 as the target says.
+const ORDER: [Step; 8] = [
+    Step::P1,
+    Step::P2,
+    Step::P3,
+    Step::P4,
+    Step::P5,
+    Step::Rss,
+    Step::P6,
+    Step::Stream,
+];
 
 impl Step {
     /// The target the step measures (its rows' group).
@@ -133,6 +145,7 @@ impl Step {
             Self::P4 => 4,
             Self::P5 => 5,
             Self::P6 => 6,
+            Self::Rss | Self::Stream => 7,
         }
     }
 
@@ -144,7 +157,9 @@ impl Step {
             Self::P3 => "P3: single-SN hits",
             Self::P4 => "P4: 100 cold SNs",
             Self::P5 => "P5: one wide cold batch",
+            Self::Rss => "P7: memory after P1–P5",
             Self::P6 => "P6: 1,000 concurrent GETs of one cold SN",
+            Self::Stream => "P7: a huge streamed lookup",
         }
     }
 
@@ -160,7 +175,9 @@ impl Step {
             Self::P3 => hits::p3(lab, refs, report).await,
             Self::P4 => cold::p4(lab, report).await,
             Self::P5 => cold::p5(lab, report).await,
+            Self::Rss => Ok(memory::rss(lab)),
             Self::P6 => cold::p6(lab).await,
+            Self::Stream => memory::stream(lab).await,
         }
     }
 }
