@@ -41,6 +41,8 @@ pub enum ProxyKind {
     Warmer,
     /// Batches of 100,000, streamed: P7.
     Stream,
+    /// Concurrency 64, 128 pending, on the 50 ms upstream: P8.
+    Overload,
 }
 
 impl ProxyKind {
@@ -53,6 +55,7 @@ impl ProxyKind {
             Self::Wide => "wide (256)",
             Self::Warmer => "warmer",
             Self::Stream => "stream",
+            Self::Overload => "overload",
         }
     }
 
@@ -71,6 +74,8 @@ impl ProxyKind {
             Self::Wide => (256, 100_000, scale.p5_sns.max(10_000)),
             Self::Warmer => (256, 100_000, 10_000),
             Self::Stream => (128, 100_000, 100_000),
+            // max_pending must admit one whole batch; P8 sends single GETs only.
+            Self::Overload => (64, 128, 128),
             _ => (128, 100_000, 10_000),
         };
         let mut env = vec![

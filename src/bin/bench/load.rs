@@ -1,10 +1,11 @@
 //! Load shapes `wrk` cannot make: a burst of requests released together on connections
-//! opened beforehand (P6).
+//! opened beforehand (P6), and an open-loop schedule that sends at fixed times whatever the
+//! answers do (P8).
 
 use crate::http1::Conn;
 use anyhow::{Context, Result};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::Barrier;
 use tokio::task::JoinSet;
@@ -17,8 +18,17 @@ const CONNECT_WAVE: usize = 100;
 pub struct Sample {
     /// The status, or the transport error.
     pub status: Result<u16, String>,
-    /// From the moment the request was sent to the whole response read.
+    /// From the moment the request was sent (connection included) to the whole response
+    /// read.
     pub latency: Duration,
+    /// When the response was complete, since the load started (for a burst: since that
+    /// request was sent).
+    pub done_at: Duration,
+    /// From the moment the request was due to the moment it was sent: the load
+    /// generator's own delay past its schedule, not part of `latency`.
+    pub lag: Duration,
+    /// The response carried `Retry-After`.
+    pub retry_after: bool,
 }
 
 /// Opens `count` keep-alive connections (each proven with `GET /healthz`), then sends
@@ -42,12 +52,8 @@ pub async fn burst(
             barrier.wait().await;
             let start = Instant::now();
             let reply = conn.get(&path, limit).await;
-            Sample {
-                status: reply
-                    .map(|reply| reply.status)
-                    .map_err(|err| format!("{err:#}")),
-                latency: start.elapsed(),
-            }
+            let reply = reply.map(|reply| (reply.status, false));
+            sample(reply, start, start, Duration::ZERO)
         });
     }
     barrier.wait().await;
@@ -77,6 +83,99 @@ async fn open(addr: SocketAddr, count: usize) -> Result<Vec<Conn>> {
         }
     }
     Ok(conns)
+}
+
+/// An open-loop load: requests due at fixed times, whatever became of the earlier ones.
+pub struct OpenLoop {
+    /// Requests per second.
+    pub rate: f64,
+    /// How long requests are sent for.
+    pub duration: Duration,
+    /// Connections opened before the start; more are opened when all are busy.
+    pub connections: usize,
+    /// The longest one request may take.
+    pub limit: Duration,
+}
+
+/// Idle keep-alive connections shared by the open-loop tasks. The lock is never held
+/// across an `.await`.
+type Pool = Arc<Mutex<Vec<Conn>>>;
+
+impl OpenLoop {
+    /// Sends `GET path(i)` for request i at `start + i / rate`, each on its own task, so a
+    /// slow answer never delays the schedule.
+    ///
+    /// # Errors
+    /// The first connections cannot be opened.
+    pub async fn run(
+        &self,
+        addr: SocketAddr,
+        path: impl Fn(usize) -> String,
+    ) -> Result<Vec<Sample>> {
+        let pool: Pool = Arc::new(Mutex::new(open(addr, self.connections).await?));
+        let total = (self.rate * self.duration.as_secs_f64()).round() as usize;
+        let mut tasks = JoinSet::new();
+        let start = Instant::now();
+        for i in 0..total {
+            let due = start + Duration::from_secs_f64(i as f64 / self.rate);
+            tokio::time::sleep_until(due.into()).await;
+            tasks.spawn(send(
+                addr,
+                path(i),
+                Arc::clone(&pool),
+                due,
+                start,
+                self.limit,
+            ));
+        }
+        collect(tasks).await
+    }
+}
+
+/// One open-loop request. Its latency counts from when this task got to send it, and the
+/// generator's own delay past the schedule (timer ticks, CPU) is kept apart as `lag`, so the
+/// table can show the server's share and the user's view (latency + lag) side by side.
+async fn send(
+    addr: SocketAddr,
+    path: String,
+    pool: Pool,
+    due: Instant,
+    start: Instant,
+    limit: Duration,
+) -> Sample {
+    let sent = Instant::now();
+    let lag = sent.saturating_duration_since(due);
+    let idle = pool.lock().unwrap_or_else(PoisonError::into_inner).pop();
+    let conn = match idle {
+        Some(conn) => Ok(conn),
+        None => Conn::connect(addr, limit).await,
+    };
+    let reply = match conn {
+        Ok(mut conn) => conn.get(&path, limit).await.map(|reply| {
+            if !reply.close {
+                pool.lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(conn);
+            }
+            (reply.status, reply.header("retry-after").is_some())
+        }),
+        Err(err) => Err(err),
+    };
+    sample(reply, sent, start, lag)
+}
+
+fn sample(reply: Result<(u16, bool)>, sent: Instant, start: Instant, lag: Duration) -> Sample {
+    let (status, retry_after) = match reply {
+        Ok((status, retry_after)) => (Ok(status), retry_after),
+        Err(err) => (Err(format!("{err:#}")), false),
+    };
+    Sample {
+        status,
+        latency: sent.elapsed(),
+        done_at: start.elapsed(),
+        lag,
+        retry_after,
+    }
 }
 
 async fn collect(mut tasks: JoinSet<Sample>) -> Result<Vec<Sample>> {

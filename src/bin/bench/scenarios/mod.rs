@@ -4,6 +4,7 @@
 mod cold;
 mod hits;
 mod memory;
+mod overload;
 mod references;
 
 use crate::lab::Lab;
@@ -120,11 +121,12 @@ enum Step {
     Rss,
     P6,
     Stream,
+    P8,
 }
 
 /// The steps in the order they run: the hit paths first (nothing else loads the machine),
-/// memory after P1–P5 as the target says.
-const ORDER: [Step; 8] = [
+/// memory after P1–P5 as the target says, overload last.
+const ORDER: [Step; 9] = [
     Step::P1,
     Step::P2,
     Step::P3,
@@ -133,6 +135,7 @@ const ORDER: [Step; 8] = [
     Step::Rss,
     Step::P6,
     Step::Stream,
+    Step::P8,
 ];
 
 impl Step {
@@ -146,6 +149,7 @@ impl Step {
             Self::P5 => 5,
             Self::P6 => 6,
             Self::Rss | Self::Stream => 7,
+            Self::P8 => 8,
         }
     }
 
@@ -160,6 +164,7 @@ impl Step {
             Self::Rss => "P7: memory after P1–P5",
             Self::P6 => "P6: 1,000 concurrent GETs of one cold SN",
             Self::Stream => "P7: a huge streamed lookup",
+            Self::P8 => "P8: overload",
         }
     }
 
@@ -178,6 +183,7 @@ impl Step {
             Self::Rss => Ok(memory::rss(lab)),
             Self::P6 => cold::p6(lab).await,
             Self::Stream => memory::stream(lab).await,
+            Self::P8 => overload::p8(lab, report).await,
         }
     }
 }
