@@ -175,7 +175,14 @@ mod tests {
 
     #[test]
     fn strings_are_escaped_only_when_they_need_it() {
-        for value in ["SN-001", "a\\b", "q\"uote", "caf\u{e9}", "tab\there", "</script>"] {
+        for value in [
+            "SN-001",
+            "a\\b",
+            "q\"uote",
+            "caf\u{e9}",
+            "tab\there",
+            "</script>",
+        ] {
             let mut buf = Vec::new();
             string_into(&mut buf, value);
             let back: String = serde_json::from_slice(&buf).unwrap();

@@ -18,7 +18,7 @@ use self::fetch::Fetcher;
 use self::flights::{Flight, Flights};
 use self::freshness::Freshness;
 use self::invalidations::Invalidations;
-use crate::cache::{Cache, Entry, EntryKind};
+use crate::cache::{Cache, Entry};
 use crate::circuit::CircuitState;
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -354,7 +354,7 @@ impl Core {
             Freshness::Fresh | Freshness::RefreshEarly => Source::Cache,
             Freshness::Stale => Source::Stale,
         };
-        Some((cached(&entry, source), freshness))
+        Some((cached(entry, source), freshness))
     }
 
     /// Refreshes stale or nearly expired entries without anyone waiting. A failed refresh
@@ -429,10 +429,10 @@ impl Core {
     }
 }
 
-fn cached(entry: &Entry, source: Source) -> Outcome {
-    match (entry.kind(), entry.discount()) {
-        (EntryKind::Found, Some(discount)) => Outcome::Found { discount, source },
-        _ => Outcome::NotFound { source },
+fn cached(entry: Entry, source: Source) -> Outcome {
+    match entry.into_discount() {
+        Some(discount) => Outcome::Found { discount, source },
+        None => Outcome::NotFound { source },
     }
 }
 

@@ -186,7 +186,7 @@ async fn check_nothing_wrong_is_cached(app: &TestApp) -> usize {
             .unwrap();
         let entry = Entry::decode(value.into()).unwrap();
         assert_eq!(entry.kind(), EntryKind::Found);
-        let discount: Value = serde_json::from_slice(&entry.discount().unwrap()).unwrap();
+        let discount: Value = serde_json::from_slice(&entry.into_discount().unwrap()).unwrap();
         assert_eq!(discount, StubUpstream::discount_for(sn), "{key}");
         let ttl: i64 = redis::cmd("PTTL")
             .arg(key)

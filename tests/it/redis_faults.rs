@@ -513,7 +513,7 @@ async fn assert_cached_only_as_its_own_discount(app: &TestApp, sn: &str) {
     };
     let entry = Entry::decode(raw.into()).expect("a well-formed entry");
     assert_eq!(entry.kind(), EntryKind::Found, "{sn}");
-    let discount: Value = serde_json::from_slice(&entry.discount().unwrap()).unwrap();
+    let discount: Value = serde_json::from_slice(&entry.into_discount().unwrap()).unwrap();
     assert_eq!(discount, StubUpstream::discount_for(sn));
     assert!(app.pttl(sn).await > 0, "{sn} has no TTL");
 }
