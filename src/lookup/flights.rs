@@ -53,15 +53,19 @@ pub struct Flight {
     pub started: Instant,
     /// Whether a task has started fetching it.
     claimed: AtomicBool,
+    /// Started to refresh a value still being served (stale, or nearly expired): a lookup
+    /// must read that value rather than wait for this.
+    refresh: bool,
 }
 
 impl Flight {
-    fn new(sn: &str) -> Arc<Self> {
+    fn new(sn: &str, refresh: bool) -> Arc<Self> {
         Arc::new(Self {
             sn: sn.to_owned(),
             stage: watch::Sender::new(Stage::Pending),
             started: Instant::now(),
             claimed: AtomicBool::new(false),
+            refresh,
         })
     }
 
@@ -165,7 +169,7 @@ impl Flights {
                     self.metrics.record_join();
                     Arc::clone(running.get())
                 }
-                Entry::Vacant(vacant) => Arc::clone(vacant.insert(Flight::new(sn))),
+                Entry::Vacant(vacant) => Arc::clone(vacant.insert(Flight::new(sn, false))),
             };
             if !flight.is_claimed() {
                 joined.unclaimed.push(Arc::clone(&flight));
@@ -175,13 +179,31 @@ impl Flights {
         Ok(joined)
     }
 
+    /// Splits `candidates` into the SNs being fetched for lookups that missed them, which a
+    /// cache read would only find missing too (1,000 requests for one cold SN make one Redis
+    /// read, not 1,000), and the rest, to read from the cache. A refresh does not count: the
+    /// value it refreshes is still there to serve.
+    pub fn split_fetching<'a>(
+        &self,
+        candidates: Vec<usize>,
+        sn_of: impl Fn(usize) -> &'a str,
+    ) -> (Vec<usize>, Vec<usize>) {
+        let map = self.lock();
+        if map.is_empty() {
+            return (Vec::new(), candidates);
+        }
+        candidates
+            .into_iter()
+            .partition(|&index| map.get(sn_of(index)).is_some_and(|flight| !flight.refresh))
+    }
+
     /// Starts a background refresh of `sn` unless one is under way or the proxy is full.
     pub fn start_refresh(&self, sn: &str) -> Option<Arc<Flight>> {
         let mut map = self.lock();
         if map.len() >= self.max_pending || map.contains_key(sn) {
             return None;
         }
-        let flight = Flight::new(sn);
+        let flight = Flight::new(sn, true);
         map.insert(sn.to_owned(), Arc::clone(&flight));
         Some(flight)
     }

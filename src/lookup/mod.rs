@@ -281,8 +281,9 @@ impl Core {
     }
 
     /// Fills in the hits (fresh or stale) and starts the background refreshes they call for;
-    /// returns the indices still to fetch. A cache failure is logged and counted, and then
-    /// its SNs are misses: the upstream answers instead.
+    /// returns the indices still to fetch, in order. SNs already being fetched for a lookup
+    /// that missed them are not read: they are joined. A cache failure is logged and counted,
+    /// and then its SNs are misses: the upstream answers instead.
     pub(super) async fn read_cache(
         &self,
         distinct: &[String],
@@ -290,9 +291,26 @@ impl Core {
         deadline: Instant,
         outcomes: &mut [Option<Outcome>],
     ) -> Vec<usize> {
+        let (fetching, candidates) = self
+            .flights
+            .split_fetching(candidates, |index| distinct[index].as_str());
         if candidates.is_empty() {
-            return candidates;
+            return fetching;
         }
+        let misses = self
+            .read_hits(distinct, candidates, deadline, outcomes)
+            .await;
+        in_order(misses, fetching)
+    }
+
+    /// [`Core::read_cache`] of the SNs not being fetched.
+    async fn read_hits(
+        &self,
+        distinct: &[String],
+        candidates: Vec<usize>,
+        deadline: Instant,
+        outcomes: &mut [Option<Outcome>],
+    ) -> Vec<usize> {
         let sns: Vec<&str> = candidates.iter().map(|&i| distinct[i].as_str()).collect();
         let read = self
             .cache
@@ -427,6 +445,15 @@ impl Core {
             }
         })
     }
+}
+
+/// Two ascending index lists as one.
+fn in_order(mut misses: Vec<usize>, fetching: Vec<usize>) -> Vec<usize> {
+    if !fetching.is_empty() {
+        misses.extend(fetching);
+        misses.sort_unstable();
+    }
+    misses
 }
 
 fn cached(entry: Entry, source: Source) -> Outcome {

@@ -169,3 +169,32 @@ async fn a_lookup_right_after_a_fetch_reads_the_cache_instead_of_joining() {
     );
     assert_eq!(app.upstream.total_calls(), 2);
 }
+
+#[tokio::test]
+async fn lookups_of_an_sn_being_fetched_join_it_without_reading_redis() {
+    let app = patient_app().await;
+    app.upstream.hold();
+    let first = tokio::spawn(app.client.get(app.url("/v1/discounts/HERD-1")).send());
+    wait_until("the first lookup's fetch is under way", WAIT, || async {
+        app.upstream.in_flight() == 1
+    })
+    .await;
+    let reads = app.redis.command_calls("mget").await;
+    let herd: Vec<_> = (0..200)
+        .map(|_| tokio::spawn(app.client.get(app.url("/v1/discounts/HERD-1")).send()))
+        .collect();
+    wait_until("the herd joined the fetch", WAIT, || async {
+        app.state.lookup.coalesced_joins() == 200
+    })
+    .await;
+    assert_eq!(
+        app.redis.command_calls("mget").await,
+        reads,
+        "a lookup read Redis for an SN already being fetched"
+    );
+    app.upstream.release();
+    for request in herd.into_iter().chain([first]) {
+        assert_eq!(request.await.unwrap().unwrap().status(), 200);
+    }
+    assert_eq!(app.upstream.calls("HERD-1"), 1);
+}
