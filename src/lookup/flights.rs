@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 use crate::upstream::{Fetched, UpstreamError};
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -125,6 +125,9 @@ pub struct Joined {
 #[derive(Debug)]
 pub struct Flights {
     map: Mutex<HashMap<String, Arc<Flight>>>,
+    /// The map's size, readable without its lock: the hit path checks it on every lookup,
+    /// and when nothing is being fetched it need not take the lock at all.
+    size: AtomicUsize,
     max_pending: usize,
     joins: AtomicU64,
     metrics: Arc<Metrics>,
@@ -135,6 +138,7 @@ impl Flights {
     pub fn new(max_pending: usize, metrics: Arc<Metrics>) -> Self {
         Self {
             map: Mutex::new(HashMap::new()),
+            size: AtomicUsize::new(0),
             max_pending,
             joins: AtomicU64::new(0),
             metrics,
@@ -176,6 +180,7 @@ impl Flights {
             }
             joined.all.push((index, flight));
         }
+        self.size.store(map.len(), Ordering::Relaxed);
         Ok(joined)
     }
 
@@ -188,10 +193,10 @@ impl Flights {
         candidates: Vec<usize>,
         sn_of: impl Fn(usize) -> &'a str,
     ) -> (Vec<usize>, Vec<usize>) {
-        let map = self.lock();
-        if map.is_empty() {
+        if self.size.load(Ordering::Relaxed) == 0 {
             return (Vec::new(), candidates);
         }
+        let map = self.lock();
         candidates
             .into_iter()
             .partition(|&index| map.get(sn_of(index)).is_some_and(|flight| !flight.refresh))
@@ -205,6 +210,7 @@ impl Flights {
         }
         let flight = Flight::new(sn, true);
         map.insert(sn.to_owned(), Arc::clone(&flight));
+        self.size.store(map.len(), Ordering::Relaxed);
         Some(flight)
     }
 
@@ -216,6 +222,7 @@ impl Flights {
             .is_some_and(|current| Arc::ptr_eq(current, flight))
         {
             map.remove(&flight.sn);
+            self.size.store(map.len(), Ordering::Relaxed);
         }
     }
 
@@ -226,11 +233,12 @@ impl Flights {
         for sn in sns {
             map.remove(*sn);
         }
+        self.size.store(map.len(), Ordering::Relaxed);
     }
 
     /// Fetches queued, in flight, or waiting for their write-back.
     pub fn pending(&self) -> usize {
-        self.lock().len()
+        self.size.load(Ordering::Relaxed)
     }
 
     /// Lookups that joined a fetch another request had started, since start.
