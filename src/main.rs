@@ -119,33 +119,11 @@ fn init_telemetry(format: LogFormat) -> anyhow::Result<()> {
 
 /// Resolves on the first SIGTERM or Ctrl-C; a second one exits at once.
 async fn shutdown_signal() {
-    wait_for_signal().await;
+    app::termination_signal().await;
     info!("signal received; draining (send another to exit at once)");
     tokio::spawn(async {
-        wait_for_signal().await;
+        app::termination_signal().await;
         warn!("second signal: exiting now");
         std::process::exit(130);
     });
-}
-
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
 }

@@ -48,7 +48,7 @@ async fn main() -> ExitCode {
     // and removes the temp dir.
     let outcome = tokio::select! {
         outcome = run(&args) => outcome,
-        () = interrupted() => Err(anyhow::anyhow!("interrupted; everything started was stopped")),
+        () = discount_proxy::app::termination_signal() => Err(anyhow::anyhow!("interrupted; everything started was stopped")),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -189,22 +189,6 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + u64::from(month <= 2);
     (year, month, day)
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn interrupted() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
-    }
 }
 
 #[cfg(test)]

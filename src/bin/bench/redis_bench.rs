@@ -29,14 +29,8 @@ pub async fn run(
     requests: u64,
     command: &[String],
 ) -> Result<BenchResult> {
-    let mut process = Command::new(tool);
+    let mut process = aimed_at(tool, redis);
     process
-        .args([
-            "-h",
-            &redis.ip().to_string(),
-            "-p",
-            &redis.port().to_string(),
-        ])
         .args(["-c", "32", "-n", &requests.to_string(), "--csv"])
         .args(command)
         .kill_on_drop(true);
@@ -44,19 +38,25 @@ pub async fn run(
     parse_csv(&stdout).with_context(|| format!("unexpected redis-benchmark output:\n{stdout}"))
 }
 
+/// `redis-benchmark` or `redis-cli` pointed at the bench's Redis.
+fn aimed_at(tool: &Path, redis: SocketAddr) -> Command {
+    let mut command = Command::new(tool);
+    command.args([
+        "-h",
+        &redis.ip().to_string(),
+        "-p",
+        &redis.port().to_string(),
+    ]);
+    command
+}
+
 /// The keys matching `pattern`, found with `SCAN` (`redis-cli --scan`), sorted.
 ///
 /// # Errors
 /// redis-cli fails or overruns.
 pub async fn scan(cli: &Path, redis: SocketAddr, pattern: &str) -> Result<Vec<String>> {
-    let mut process = Command::new(cli);
+    let mut process = aimed_at(cli, redis);
     process
-        .args([
-            "-h",
-            &redis.ip().to_string(),
-            "-p",
-            &redis.port().to_string(),
-        ])
         .args(["--scan", "--pattern", pattern])
         .kill_on_drop(true);
     let stdout = output(process).await?;
@@ -70,16 +70,8 @@ pub async fn scan(cli: &Path, redis: SocketAddr, pattern: &str) -> Result<Vec<St
 /// # Errors
 /// redis-cli fails or answers something else than a number.
 pub async fn strlen(cli: &Path, redis: SocketAddr, key: &str) -> Result<u64> {
-    let mut process = Command::new(cli);
-    process
-        .args([
-            "-h",
-            &redis.ip().to_string(),
-            "-p",
-            &redis.port().to_string(),
-        ])
-        .args(["STRLEN", key])
-        .kill_on_drop(true);
+    let mut process = aimed_at(cli, redis);
+    process.args(["STRLEN", key]).kill_on_drop(true);
     let stdout = output(process).await?;
     stdout
         .trim()
