@@ -92,11 +92,12 @@ impl Resolving {
                     return self.report(index);
                 }
             }
-            if !self.read_step().await {
+            if self.read_step().await {
+                continue;
+            }
+            if self.expired {
                 break;
             }
-        }
-        if !self.expired {
             match tokio::time::timeout_at(self.deadline, self.answers.next()).await {
                 Ok(Some((index, answer, stage))) => {
                     self.outcomes[index] = Some(fetched_outcome(answer));
@@ -104,6 +105,8 @@ impl Resolving {
                     return self.report(index);
                 }
                 Ok(None) => return None,
+                // Round again: what was resolved but not reported yet goes first, so the scan
+                // below, which starts only once the cursor is at the end, reports each SN once.
                 Err(_) => self.expire(),
             }
         }

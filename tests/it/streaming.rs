@@ -285,3 +285,42 @@ async fn a_later_window_without_room_under_max_pending_waits_for_it_instead_of_f
     }
     assert_eq!(other_lookup.await.unwrap().unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn at_the_deadline_unread_windows_are_reported_once_each() {
+    let app = TestApp::spawn_with(|config| {
+        config.upstream.concurrency = 1;
+        config.upstream.timeout = Duration::from_secs(60);
+        config.redis.chunk_size = 2;
+        config.server.request_timeout = Duration::from_secs(1);
+    })
+    .await;
+    app.upstream.hold();
+    // One upstream slot: the first window's two fetches are all a stream may wait on, so the
+    // later windows are still unread when the deadline passes.
+    let sns = ["LATE-1", "LATE-2", "LATE-3", "bad sn", "LATE-4", "LATE-1"];
+    let (items, summary) = all_lines(stream(&app, &sns).await).await;
+    app.upstream.release();
+
+    let mut reported: Vec<&str> = items
+        .iter()
+        .map(|item| item["sn"].as_str().unwrap())
+        .collect();
+    reported.sort_unstable();
+    assert_eq!(reported, ["LATE-1", "LATE-2", "LATE-3", "LATE-4", "bad sn"]);
+    for item in &items {
+        let expected = if item["sn"] == "bad sn" {
+            "invalid_sn"
+        } else {
+            "deadline_exceeded"
+        };
+        assert_eq!(item["error"]["code"], expected, "{item}");
+    }
+    assert_eq!(summary["summary"]["errors"], 4);
+    assert_eq!(summary["summary"]["invalid"], 1);
+    assert_eq!(
+        app.upstream.calls("LATE-3"),
+        0,
+        "an unread window is never fetched"
+    );
+}
