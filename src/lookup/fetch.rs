@@ -86,9 +86,7 @@ impl Queue {
             }
         }
     }
-}
 
-impl Queue {
     /// Takes in what was fed and not yet received, and accepts no more: a flight left in the
     /// channel would never be claimed, nor settled for its waiters.
     fn close_feed(&mut self) {
