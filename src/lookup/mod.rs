@@ -7,6 +7,7 @@ mod flights;
 mod freshness;
 mod invalidations;
 mod outcome;
+mod read;
 mod resolving;
 
 pub use self::flights::Overloaded;
@@ -15,10 +16,9 @@ pub use self::outcome::{Batch, ItemError, Outcome, Source, Summary};
 pub use self::resolving::Resolving;
 
 use self::fetch::Fetcher;
-use self::flights::{Flight, Flights};
-use self::freshness::Freshness;
+use self::flights::Flights;
 use self::invalidations::Invalidations;
-use crate::cache::{Cache, Entry};
+use crate::cache::Cache;
 use crate::circuit::CircuitState;
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -27,11 +27,11 @@ use crate::upstream::UpstreamClient;
 use futures_util::stream::FuturesUnordered;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, debug_span, info_span, warn};
+use tracing::{Instrument, info_span};
 
 /// How long answers are kept, how long a lookup may take, how much may wait, how writes
 /// are grouped.
@@ -191,44 +191,26 @@ impl Core {
         arrived: Instant,
         cancel: Option<CancellationToken>,
     ) -> Result<Resolving, Overloaded> {
-        let deadline = arrived + self.settings.request_timeout;
-        let (distinct, order) = dedup(requested);
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; distinct.len()];
-        let mut valid = Vec::with_capacity(distinct.len());
-        for (index, sn) in distinct.iter().enumerate() {
-            match sn::validate(sn) {
-                Ok(()) => valid.push(index),
-                Err(err) => outcomes[index] = Some(Outcome::Invalid(err)),
-            }
-        }
+        let (mut resolving, valid) = self.begin(requested, arrived);
+        let deadline = resolving.deadline;
         let misses = if refresh {
             valid
         } else {
-            self.read_cache(&distinct, valid, deadline, &mut outcomes)
-                .await
+            self.read_cache(
+                &resolving.distinct,
+                valid,
+                deadline,
+                &mut resolving.outcomes,
+            )
+            .await
         };
-        let answers = if misses.is_empty() {
-            FuturesUnordered::new()
-        } else {
-            self.join_fetches(&distinct, &misses, deadline, cancel.clone())?
-        };
-        Ok(Resolving {
-            distinct,
-            order,
-            outcomes,
-            answers,
-            settling: Vec::new(),
-            arrived,
-            deadline,
-            upstream_fetches: misses.len(),
-            metrics: Arc::clone(&self.metrics),
-            cancel_on_drop: cancel.map(CancellationToken::drop_guard),
-            cursor: 0,
-            expired: false,
-            expired_cursor: 0,
-            reader: None,
-            last_reported: None,
-        })
+        if !misses.is_empty() {
+            resolving.answers =
+                self.join_fetches(&resolving.distinct, &misses, deadline, cancel.clone())?;
+        }
+        resolving.upstream_fetches = misses.len();
+        resolving.cancel_on_drop = cancel.map(CancellationToken::drop_guard);
+        Ok(resolving)
     }
 
     async fn stream(
@@ -238,157 +220,53 @@ impl Core {
         arrived: Instant,
         cancel: CancellationToken,
     ) -> Result<Resolving, Overloaded> {
-        let deadline = arrived + core.settings.request_timeout;
-        let (distinct, order) = dedup(requested);
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; distinct.len()];
-        let mut unread = std::collections::VecDeque::with_capacity(distinct.len());
-        for (index, sn) in distinct.iter().enumerate() {
-            match sn::validate(sn) {
-                Ok(()) => unread.push_back(index),
-                Err(err) => outcomes[index] = Some(Outcome::Invalid(err)),
-            }
-        }
-        let reader = resolving::Reader {
+        let (mut resolving, valid) = core.begin(requested, arrived);
+        resolving.cancel_on_drop = Some(cancel.clone().drop_guard());
+        resolving.reader = Some(resolving::Reader {
             core: Arc::clone(core),
-            unread,
+            unread: valid.into(),
             unjoined: Vec::new(),
             refresh,
             feed: None,
-            cancel: cancel.clone(),
+            cancel,
             window: core.settings.write_batch.max(1),
             max_outstanding: (2 * core.upstream.concurrency()).max(core.settings.write_batch),
             span: tracing::Span::current(),
-        };
-        let mut resolving = Resolving {
+        });
+        resolving.read_first_window().await?;
+        Ok(resolving)
+    }
+
+    /// A lookup with its SNs deduplicated and validated (the invalid ones resolved), nothing
+    /// read or fetched yet; and the indices of the valid SNs, in order.
+    fn begin(&self, requested: Vec<String>, arrived: Instant) -> (Resolving, Vec<usize>) {
+        let (distinct, order) = dedup(requested);
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; distinct.len()];
+        let mut valid = Vec::with_capacity(distinct.len());
+        for (index, sn) in distinct.iter().enumerate() {
+            match sn::validate(sn) {
+                Ok(()) => valid.push(index),
+                Err(err) => outcomes[index] = Some(Outcome::Invalid(err)),
+            }
+        }
+        let resolving = Resolving {
             distinct,
             order,
             outcomes,
             answers: FuturesUnordered::new(),
             settling: Vec::new(),
             arrived,
-            deadline,
+            deadline: arrived + self.settings.request_timeout,
             upstream_fetches: 0,
-            metrics: Arc::clone(&core.metrics),
-            cancel_on_drop: Some(cancel.drop_guard()),
+            metrics: Arc::clone(&self.metrics),
+            cancel_on_drop: None,
             cursor: 0,
             expired: false,
             expired_cursor: 0,
-            reader: Some(reader),
+            reader: None,
             last_reported: None,
         };
-        resolving.read_first_window().await?;
-        Ok(resolving)
-    }
-
-    /// Fills in the hits (fresh or stale) and starts the background refreshes they call for;
-    /// returns the indices still to fetch, in order. SNs already being fetched for a lookup
-    /// that missed them are not read: they are joined. A cache failure is logged and counted,
-    /// and then its SNs are misses: the upstream answers instead.
-    pub(super) async fn read_cache(
-        &self,
-        distinct: &[String],
-        candidates: Vec<usize>,
-        deadline: Instant,
-        outcomes: &mut [Option<Outcome>],
-    ) -> Vec<usize> {
-        let (fetching, candidates) = self
-            .flights
-            .split_fetching(candidates, |index| distinct[index].as_str());
-        if candidates.is_empty() {
-            return fetching;
-        }
-        let misses = self
-            .read_hits(distinct, candidates, deadline, outcomes)
-            .await;
-        in_order(misses, fetching)
-    }
-
-    /// [`Core::read_cache`] of the SNs not being fetched.
-    async fn read_hits(
-        &self,
-        distinct: &[String],
-        candidates: Vec<usize>,
-        deadline: Instant,
-        outcomes: &mut [Option<Outcome>],
-    ) -> Vec<usize> {
-        let sns: Vec<&str> = candidates.iter().map(|&i| distinct[i].as_str()).collect();
-        let read = self
-            .cache
-            .get_many(&sns)
-            .instrument(debug_span!("cache_read", sns = sns.len()));
-        let read = tokio::time::timeout_at(deadline, read).await;
-        let Ok(read) = read else {
-            // The request's own deadline ran out, not Redis's timeout: Redis is not to blame.
-            debug!(sns = sns.len(), "the deadline passed during the cache read");
-            return candidates;
-        };
-        // A failed chunk leaves only its own keys as misses; the rest are still hits.
-        for err in &read.failures {
-            if err.is_skipped() {
-                debug!("redis is skipped while its circuit is open; fetching from the upstream");
-                continue;
-            }
-            self.health.record_redis_error();
-            warn!(error = %err, "cache read failed for part of the batch; fetching it from the upstream");
-        }
-        let now = SystemTime::now();
-        let mut misses = Vec::new();
-        let mut refreshes = Vec::new();
-        for (index, value) in candidates.into_iter().zip(read.values) {
-            let sn = &distinct[index];
-            let Some((outcome, freshness)) = self.usable(sn, value, now) else {
-                misses.push(index);
-                continue;
-            };
-            if freshness != Freshness::Fresh
-                && let Some(flight) = self.flights.start_refresh(sn)
-            {
-                refreshes.push(flight);
-            }
-            outcomes[index] = Some(outcome);
-        }
-        self.refresh_in_background(refreshes);
-        misses
-    }
-
-    /// What a stored value is worth now: an outcome to serve and how fresh it is, or `None`
-    /// for a miss (nothing stored, unreadable, or past its stale period).
-    fn usable(
-        &self,
-        sn: &str,
-        value: Option<bytes::Bytes>,
-        now: SystemTime,
-    ) -> Option<(Outcome, Freshness)> {
-        let entry = match Entry::decode(value?) {
-            Ok(entry) => entry,
-            Err(err) => {
-                warn!(sn = %sn, error = %err, "unreadable cache entry; refetching");
-                return None;
-            }
-        };
-        let freshness = self.settings.lifetimes.classify(&entry, now);
-        let source = match freshness {
-            Freshness::Gone => return None,
-            Freshness::Fresh | Freshness::RefreshEarly => Source::Cache,
-            Freshness::Stale => Source::Stale,
-        };
-        Some((cached(entry, source), freshness))
-    }
-
-    /// Refreshes stale or nearly expired entries without anyone waiting. A failed refresh
-    /// leaves the entry as it was, so it goes on being served stale (serve-stale-on-error).
-    fn refresh_in_background(&self, flights: Vec<Arc<Flight>>) {
-        if flights.is_empty() {
-            return;
-        }
-        debug!(sns = flights.len(), "refreshing in the background");
-        let retry_until = Instant::now() + self.settings.request_timeout;
-        let span = info_span!("refresh", sns = flights.len());
-        self.tasks.spawn(
-            self.fetcher()
-                .run(flights, retry_until, None, None)
-                .instrument(span),
-        );
+        (resolving, valid)
     }
 
     /// Joins (or starts) the flights of the misses, queues the ones no task has started in
@@ -444,22 +322,6 @@ impl Core {
                 self.health.record_redis_error();
             }
         })
-    }
-}
-
-/// Two ascending index lists as one.
-fn in_order(mut misses: Vec<usize>, fetching: Vec<usize>) -> Vec<usize> {
-    if !fetching.is_empty() {
-        misses.extend(fetching);
-        misses.sort_unstable();
-    }
-    misses
-}
-
-fn cached(entry: Entry, source: Source) -> Outcome {
-    match entry.into_discount() {
-        Some(discount) => Outcome::Found { discount, source },
-        None => Outcome::NotFound { source },
     }
 }
 

@@ -1,0 +1,140 @@
+//! Reading the cache for a lookup: hits (fresh or stale) filled in, stale ones refreshed in
+//! the background, SNs already being fetched joined instead of read.
+
+use super::flights::Flight;
+use super::freshness::Freshness;
+use super::{Core, Outcome, Source};
+use crate::cache::Entry;
+use std::sync::Arc;
+use std::time::SystemTime;
+use tokio::time::Instant;
+use tracing::{Instrument, debug, debug_span, info_span, warn};
+
+impl Core {
+    /// Fills in the hits (fresh or stale) and starts the background refreshes they call for;
+    /// returns the indices still to fetch, in order. SNs already being fetched for a lookup
+    /// that missed them are not read: they are joined. A cache failure is logged and counted,
+    /// and then its SNs are misses: the upstream answers instead.
+    pub(super) async fn read_cache(
+        &self,
+        distinct: &[String],
+        candidates: Vec<usize>,
+        deadline: Instant,
+        outcomes: &mut [Option<Outcome>],
+    ) -> Vec<usize> {
+        let (fetching, candidates) = self
+            .flights
+            .split_fetching(candidates, |index| distinct[index].as_str());
+        if candidates.is_empty() {
+            return fetching;
+        }
+        let misses = self
+            .read_hits(distinct, candidates, deadline, outcomes)
+            .await;
+        in_order(misses, fetching)
+    }
+
+    /// [`Core::read_cache`] of the SNs not being fetched.
+    async fn read_hits(
+        &self,
+        distinct: &[String],
+        candidates: Vec<usize>,
+        deadline: Instant,
+        outcomes: &mut [Option<Outcome>],
+    ) -> Vec<usize> {
+        let sns: Vec<&str> = candidates.iter().map(|&i| distinct[i].as_str()).collect();
+        let read = self
+            .cache
+            .get_many(&sns)
+            .instrument(debug_span!("cache_read", sns = sns.len()));
+        let read = tokio::time::timeout_at(deadline, read).await;
+        let Ok(read) = read else {
+            // The request's own deadline ran out, not Redis's timeout: Redis is not to blame.
+            debug!(sns = sns.len(), "the deadline passed during the cache read");
+            return candidates;
+        };
+        // A failed chunk leaves only its own keys as misses; the rest are still hits.
+        for err in &read.failures {
+            if err.is_skipped() {
+                debug!("redis is skipped while its circuit is open; fetching from the upstream");
+                continue;
+            }
+            self.health.record_redis_error();
+            warn!(error = %err, "cache read failed for part of the batch; fetching it from the upstream");
+        }
+        let now = SystemTime::now();
+        let mut misses = Vec::new();
+        let mut refreshes = Vec::new();
+        for (index, value) in candidates.into_iter().zip(read.values) {
+            let sn = &distinct[index];
+            let Some((outcome, freshness)) = self.usable(sn, value, now) else {
+                misses.push(index);
+                continue;
+            };
+            if freshness != Freshness::Fresh
+                && let Some(flight) = self.flights.start_refresh(sn)
+            {
+                refreshes.push(flight);
+            }
+            outcomes[index] = Some(outcome);
+        }
+        self.refresh_in_background(refreshes);
+        misses
+    }
+
+    /// What a stored value is worth now: an outcome to serve and how fresh it is, or `None`
+    /// for a miss (nothing stored, unreadable, or past its stale period).
+    fn usable(
+        &self,
+        sn: &str,
+        value: Option<bytes::Bytes>,
+        now: SystemTime,
+    ) -> Option<(Outcome, Freshness)> {
+        let entry = match Entry::decode(value?) {
+            Ok(entry) => entry,
+            Err(err) => {
+                warn!(sn = %sn, error = %err, "unreadable cache entry; refetching");
+                return None;
+            }
+        };
+        let freshness = self.settings.lifetimes.classify(&entry, now);
+        let source = match freshness {
+            Freshness::Gone => return None,
+            Freshness::Fresh | Freshness::RefreshEarly => Source::Cache,
+            Freshness::Stale => Source::Stale,
+        };
+        Some((cached(entry, source), freshness))
+    }
+
+    /// Refreshes stale or nearly expired entries without anyone waiting. A failed refresh
+    /// leaves the entry as it was, so it goes on being served stale (serve-stale-on-error).
+    fn refresh_in_background(&self, flights: Vec<Arc<Flight>>) {
+        if flights.is_empty() {
+            return;
+        }
+        debug!(sns = flights.len(), "refreshing in the background");
+        let retry_until = Instant::now() + self.settings.request_timeout;
+        let span = info_span!("refresh", sns = flights.len());
+        self.tasks.spawn(
+            self.fetcher()
+                .run(flights, retry_until, None, None)
+                .instrument(span),
+        );
+    }
+}
+
+/// Two ascending index lists as one.
+fn in_order(mut misses: Vec<usize>, fetching: Vec<usize>) -> Vec<usize> {
+    if !fetching.is_empty() {
+        misses.extend(fetching);
+        misses.sort_unstable();
+    }
+    misses
+}
+
+fn cached(entry: Entry, source: Source) -> Outcome {
+    match entry.into_discount() {
+        Some(discount) => Outcome::Found { discount, source },
+        None => Outcome::NotFound { source },
+    }
+}
