@@ -57,15 +57,17 @@ impl Drop for Lead {
 struct Queue {
     waiting: std::collections::VecDeque<Arc<Flight>>,
     flights: Arc<Flights>,
-    /// Cancelled when the lookup that queued these went away (a streaming client that left).
-    cancel: Option<CancellationToken>,
-    /// More flights to come, from a streamed lookup that reads the cache a window at a time;
-    /// the queue ends when this closes too.
-    more: Option<Feed>,
+    /// Set for a streamed lookup's task; taken once its feed is closed.
+    streamed: Option<Streamed>,
 }
 
-/// Where a streamed lookup sends the flights of each window it reads to its one fetch task.
-pub(super) type Feed = tokio::sync::mpsc::UnboundedReceiver<Vec<Arc<Flight>>>;
+/// What ties a fetch task to the streamed lookup it fetches for.
+pub(super) struct Streamed {
+    /// Cancelled when the lookup went away (a client that left).
+    pub(super) cancel: CancellationToken,
+    /// The flights of each window the lookup reads; the queue ends when this closes.
+    pub(super) more: tokio::sync::mpsc::UnboundedReceiver<Vec<Arc<Flight>>>,
+}
 
 impl Queue {
     fn lead(&self, flight: Arc<Flight>) -> Lead {
@@ -90,7 +92,7 @@ impl Queue {
     /// Takes in what was fed and not yet received, and accepts no more: a flight left in the
     /// channel would never be claimed, nor settled for its waiters.
     fn close_feed(&mut self) {
-        if let Some(mut more) = self.more.take() {
+        if let Some(Streamed { mut more, .. }) = self.streamed.take() {
             more.close();
             while let Ok(flights) = more.try_recv() {
                 self.waiting.extend(flights);
@@ -104,12 +106,8 @@ impl Queue {
             if let Some(lead) = self.next() {
                 return Some(lead);
             }
-            let cancelled = self
-                .cancel
-                .as_ref()
-                .is_some_and(CancellationToken::is_cancelled);
-            let more = match self.more.as_mut() {
-                Some(more) if !cancelled => more.recv().await,
+            let more = match self.streamed.as_mut() {
+                Some(streamed) if !streamed.cancel.is_cancelled() => streamed.more.recv().await,
                 _ => None,
             };
             match more {
@@ -125,9 +123,9 @@ impl Iterator for Queue {
 
     fn next(&mut self) -> Option<Lead> {
         if self
-            .cancel
+            .streamed
             .as_ref()
-            .is_some_and(CancellationToken::is_cancelled)
+            .is_some_and(|streamed| streamed.cancel.is_cancelled())
         {
             debug!(
                 queued = self.waiting.len(),
@@ -166,20 +164,19 @@ impl Fetcher {
     /// lookup waits for one free slot, not behind the whole of a 10,000-SN export (and if it
     /// wants an SN the export has queued, it claims and fetches that SN itself).
     ///
-    /// With `more`, flights keep coming from a streamed lookup until it closes the feed.
+    /// For a streamed lookup, flights keep coming until it closes the feed, and those not
+    /// started are dropped if it is cancelled.
     pub(super) async fn run(
         self,
         flights: Vec<Arc<Flight>>,
         retry_until: Instant,
-        cancel: Option<CancellationToken>,
-        more: Option<Feed>,
+        streamed: Option<Streamed>,
     ) {
         let per_request = self.upstream.concurrency();
         let queue = Queue {
             waiting: flights.into(),
             flights: Arc::clone(&self.flights),
-            cancel,
-            more,
+            streamed,
         };
         let leads = futures_util::stream::unfold(queue, |mut queue| async move {
             let lead = queue.next_lead().await?;

@@ -112,7 +112,9 @@ impl Lookup {
     }
 
     /// Resolves a batch for a request that arrived at `arrived` (its deadline counts from
-    /// then). With `refresh`, the cache is not read, every SN is fetched.
+    /// then): validates, reads the cache, joins or starts the fetches of the misses, and
+    /// waits for them and their write-backs. With `refresh`, the cache is not read, every SN
+    /// is fetched.
     ///
     /// # Errors
     /// [`Overloaded`]: the misses would need more new upstream fetches than may be pending.
@@ -123,35 +125,36 @@ impl Lookup {
         refresh: bool,
         arrived: Instant,
     ) -> Result<Batch, Overloaded> {
-        Ok(self
-            .start(requested, refresh, arrived, None)
-            .await?
-            .finish()
-            .await)
+        let core = &self.core;
+        let (mut resolving, valid) = core.begin(requested, arrived);
+        let deadline = resolving.deadline;
+        let misses = if refresh {
+            valid
+        } else {
+            core.read_cache(
+                &resolving.distinct,
+                valid,
+                deadline,
+                &mut resolving.outcomes,
+            )
+            .await
+        };
+        if !misses.is_empty() {
+            resolving.answers = core.join_fetches(&resolving.distinct, &misses, deadline)?;
+        }
+        resolving.upstream_fetches = misses.len();
+        Ok(resolving.finish().await)
     }
 
-    /// Starts a lookup: validates, reads the cache, joins or starts the fetches of the
-    /// misses, and returns it for the caller to walk as its SNs resolve. With `cancel`, the
-    /// fetches this lookup queued but did not start are dropped when it is cancelled (unless
-    /// another lookup waits for them); those under way still finish and are written back.
-    ///
-    /// # Errors
-    /// [`Overloaded`], as for [`Lookup::resolve`].
-    pub async fn start(
-        &self,
-        requested: Vec<String>,
-        refresh: bool,
-        arrived: Instant,
-        cancel: Option<CancellationToken>,
-    ) -> Result<Resolving, Overloaded> {
-        self.core.start(requested, refresh, arrived, cancel).await
-    }
-
-    /// Starts a lookup to be streamed: like [`Lookup::start`], but the cache is read a window
-    /// (`redis.chunk_size` SNs) at a time as the stream is consumed, and each line's discount
-    /// is let go once it is out, so a 100,000-SN stream never holds its whole response. The
-    /// next window is read once the previous one's hits are out and fewer than
-    /// `2 × upstream.concurrency` of its fetches are outstanding, so the upstream stays busy.
+    /// Starts a lookup to be streamed, for the caller to walk as its SNs resolve. Unlike
+    /// [`Lookup::resolve`], the cache is read a window (`redis.chunk_size` SNs) at a time as
+    /// the stream is consumed, and each line's discount is let go once it is out, so a
+    /// 100,000-SN stream never holds its whole response. The next window is read once the
+    /// previous one's hits are out and fewer than `2 × upstream.concurrency` of its fetches
+    /// are outstanding, so the upstream stays busy. When `cancel` fires (or the lookup is
+    /// dropped before its end: a client that went away), the fetches it queued but did not
+    /// start are dropped, unless another lookup waits for them; those under way still finish
+    /// and are written back.
     ///
     /// # Errors
     /// [`Overloaded`] for the first window's misses; later windows wait for room instead.
@@ -162,64 +165,7 @@ impl Lookup {
         arrived: Instant,
         cancel: CancellationToken,
     ) -> Result<Resolving, Overloaded> {
-        Core::stream(&self.core, requested, refresh, arrived, cancel).await
-    }
-
-    /// Removes SNs from the cache; returns how many were cached.
-    ///
-    /// # Errors
-    /// The cache could not be reached: the caller must not claim they were removed.
-    pub async fn invalidate(&self, sns: &[&str]) -> Result<u64, crate::cache::CacheError> {
-        self.core.invalidate(sns).await
-    }
-
-    /// Stops taking new background work and waits (up to `grace`) for what is under way.
-    /// Returns whether everything finished.
-    pub async fn drain(&self, grace: Duration) -> bool {
-        self.core.tasks.close();
-        tokio::time::timeout(grace, self.core.tasks.wait())
-            .await
-            .is_ok()
-    }
-}
-
-impl Core {
-    async fn start(
-        &self,
-        requested: Vec<String>,
-        refresh: bool,
-        arrived: Instant,
-        cancel: Option<CancellationToken>,
-    ) -> Result<Resolving, Overloaded> {
-        let (mut resolving, valid) = self.begin(requested, arrived);
-        let deadline = resolving.deadline;
-        let misses = if refresh {
-            valid
-        } else {
-            self.read_cache(
-                &resolving.distinct,
-                valid,
-                deadline,
-                &mut resolving.outcomes,
-            )
-            .await
-        };
-        if !misses.is_empty() {
-            resolving.answers =
-                self.join_fetches(&resolving.distinct, &misses, deadline, cancel.clone())?;
-        }
-        resolving.upstream_fetches = misses.len();
-        resolving.cancel_on_drop = cancel.map(CancellationToken::drop_guard);
-        Ok(resolving)
-    }
-
-    async fn stream(
-        core: &Arc<Self>,
-        requested: Vec<String>,
-        refresh: bool,
-        arrived: Instant,
-        cancel: CancellationToken,
-    ) -> Result<Resolving, Overloaded> {
+        let core = &self.core;
         let (mut resolving, valid) = core.begin(requested, arrived);
         resolving.cancel_on_drop = Some(cancel.clone().drop_guard());
         resolving.reader = Some(resolving::Reader {
@@ -237,6 +183,34 @@ impl Core {
         Ok(resolving)
     }
 
+    /// Removes SNs from the cache; returns how many were cached.
+    ///
+    /// # Errors
+    /// The cache could not be reached: the caller must not claim they were removed.
+    pub async fn invalidate(&self, sns: &[&str]) -> Result<u64, crate::cache::CacheError> {
+        let core = &self.core;
+        // Before the delete: a fetch under way must not write its older answer back after it,
+        // and a lookup from now on must not join that fetch.
+        core.invalidations.record(sns);
+        core.flights.detach(sns);
+        core.cache.delete_many(sns).await.inspect_err(|err| {
+            if !err.is_skipped() {
+                core.health.record_redis_error();
+            }
+        })
+    }
+
+    /// Stops taking new background work and waits (up to `grace`) for what is under way.
+    /// Returns whether everything finished.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        self.core.tasks.close();
+        tokio::time::timeout(grace, self.core.tasks.wait())
+            .await
+            .is_ok()
+    }
+}
+
+impl Core {
     /// A lookup with its SNs deduplicated and validated (the invalid ones resolved), nothing
     /// read or fetched yet; and the indices of the valid SNs, in order.
     fn begin(&self, requested: Vec<String>, arrived: Instant) -> (Resolving, Vec<usize>) {
@@ -276,7 +250,6 @@ impl Core {
         distinct: &[String],
         misses: &[usize],
         deadline: Instant,
-        cancel: Option<CancellationToken>,
     ) -> Result<FuturesUnordered<resolving::Waiting>, Overloaded> {
         let joined = self
             .flights
@@ -287,7 +260,7 @@ impl Core {
             let span = info_span!("upstream_fetch", sns = joined.unclaimed.len());
             self.tasks.spawn(
                 self.fetcher()
-                    .run(joined.unclaimed, deadline, cancel, None)
+                    .run(joined.unclaimed, deadline, None)
                     .instrument(span),
             );
         }
@@ -310,18 +283,6 @@ impl Core {
             flights: Arc::clone(&self.flights),
             tasks: self.tasks.clone(),
         }
-    }
-
-    async fn invalidate(&self, sns: &[&str]) -> Result<u64, crate::cache::CacheError> {
-        // Before the delete: a fetch under way must not write its older answer back after it,
-        // and a lookup from now on must not join that fetch.
-        self.invalidations.record(sns);
-        self.flights.detach(sns);
-        self.cache.delete_many(sns).await.inspect_err(|err| {
-            if !err.is_skipped() {
-                self.health.record_redis_error();
-            }
-        })
     }
 }
 

@@ -4,7 +4,8 @@
 use super::flights::Flight;
 use super::freshness::Freshness;
 use super::{Core, Outcome, Source};
-use crate::cache::Entry;
+use crate::cache::{CacheError, Entry};
+use bytes::Bytes;
 use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::time::Instant;
@@ -28,33 +29,25 @@ impl Core {
         if candidates.is_empty() {
             return fetching;
         }
-        let misses = self
-            .read_hits(distinct, candidates, deadline, outcomes)
-            .await;
-        in_order(misses, fetching)
-    }
-
-    /// [`Core::read_cache`] of the SNs not being fetched.
-    async fn read_hits(
-        &self,
-        distinct: &[String],
-        candidates: Vec<usize>,
-        deadline: Instant,
-        outcomes: &mut [Option<Outcome>],
-    ) -> Vec<usize> {
         let sns: Vec<&str> = candidates.iter().map(|&i| distinct[i].as_str()).collect();
         let read = self
             .cache
             .get_many(&sns)
             .instrument(debug_span!("cache_read", sns = sns.len()));
-        let read = tokio::time::timeout_at(deadline, read).await;
-        let Ok(read) = read else {
+        let Ok(read) = tokio::time::timeout_at(deadline, read).await else {
             // The request's own deadline ran out, not Redis's timeout: Redis is not to blame.
             debug!(sns = sns.len(), "the deadline passed during the cache read");
-            return candidates;
+            return in_order(candidates, fetching);
         };
-        // A failed chunk leaves only its own keys as misses; the rest are still hits.
-        for err in &read.failures {
+        self.note_failures(&read.failures);
+        let misses = self.fill_hits(distinct, candidates, read.values, outcomes);
+        in_order(misses, fetching)
+    }
+
+    /// A failed chunk leaves only its own keys as misses (the rest are still hits); each
+    /// failure is logged and counted, unless Redis was skipped on purpose.
+    fn note_failures(&self, failures: &[CacheError]) {
+        for err in failures {
             if err.is_skipped() {
                 debug!("redis is skipped while its circuit is open; fetching from the upstream");
                 continue;
@@ -62,10 +55,21 @@ impl Core {
             self.health.record_redis_error();
             warn!(error = %err, "cache read failed for part of the batch; fetching it from the upstream");
         }
+    }
+
+    /// Fills in the outcome of every usable value read and starts the refreshes they call
+    /// for; returns the indices that were misses.
+    fn fill_hits(
+        &self,
+        distinct: &[String],
+        candidates: Vec<usize>,
+        values: Vec<Option<Bytes>>,
+        outcomes: &mut [Option<Outcome>],
+    ) -> Vec<usize> {
         let now = SystemTime::now();
         let mut misses = Vec::new();
         let mut refreshes = Vec::new();
-        for (index, value) in candidates.into_iter().zip(read.values) {
+        for (index, value) in candidates.into_iter().zip(values) {
             let sn = &distinct[index];
             let Some((outcome, freshness)) = self.usable(sn, value, now) else {
                 misses.push(index);
@@ -87,7 +91,7 @@ impl Core {
     fn usable(
         &self,
         sn: &str,
-        value: Option<bytes::Bytes>,
+        value: Option<Bytes>,
         now: SystemTime,
     ) -> Option<(Outcome, Freshness)> {
         let entry = match Entry::decode(value?) {
@@ -117,7 +121,7 @@ impl Core {
         let span = info_span!("refresh", sns = flights.len());
         self.tasks.spawn(
             self.fetcher()
-                .run(flights, retry_until, None, None)
+                .run(flights, retry_until, None)
                 .instrument(span),
         );
     }

@@ -2,6 +2,7 @@
 //! either finished whole (a JSON response) or walked SN by SN as each resolves (NDJSON).
 
 use super::Core;
+use super::fetch::Streamed;
 use super::flights::{Answer, Flight, Overloaded, Stage};
 use super::outcome::summarize;
 use super::{Batch, ItemError, Outcome, Source};
@@ -316,7 +317,14 @@ impl Reader {
         self.core.tasks.spawn(
             self.core
                 .fetcher()
-                .run(flights, deadline, Some(self.cancel.clone()), Some(more))
+                .run(
+                    flights,
+                    deadline,
+                    Some(Streamed {
+                        cancel: self.cancel.clone(),
+                        more,
+                    }),
+                )
                 .instrument(span),
         );
     }
