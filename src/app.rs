@@ -140,13 +140,20 @@ fn with_local_tier(config: &Config, redis: RedisCache, metrics: &Arc<Metrics>) -
     if !local.enabled {
         return Arc::new(redis);
     }
-    Arc::new(TieredCache::new(
+    let tiered = TieredCache::new(
         Arc::new(redis),
         &config.redis.key_prefix,
         local.max_bytes,
         local.ttl,
         Arc::clone(metrics),
-    ))
+    );
+    info!(
+        max_bytes = local.max_bytes,
+        ttl = ?local.ttl,
+        channel = tiered.channel(),
+        "cache: in-process tier in front of redis"
+    );
+    Arc::new(tiered)
 }
 
 /// Binds `server.listen`. Everything that can fail in the config has failed before this.
@@ -205,15 +212,6 @@ async fn log_dependencies(config: &Config, state: &AppState) {
             max_entries = config.cache.memory_max_entries,
             "cache: in-process"
         ),
-    }
-    let local = &config.cache.local;
-    if local.enabled && cache.kind() == "redis" {
-        info!(
-            max_bytes = local.max_bytes,
-            ttl = ?local.ttl,
-            channel = %format!("{}invalidations", config.redis.key_prefix),
-            "cache: in-process tier in front of redis"
-        );
     }
     info!(
         url = %redacted_url(&config.upstream.url),

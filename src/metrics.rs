@@ -249,11 +249,6 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// One distinct SN of a lookup came to `outcome`.
-    pub fn record_sn(&self, outcome: SnOutcome) {
-        self.record_sns(outcome, 1);
-    }
-
     /// `count` distinct SNs came to `outcome`: one update per outcome, not one per SN, on
     /// the hit path that counts a hundred SNs per request.
     pub fn record_sns(&self, outcome: SnOutcome, count: u64) {
@@ -395,7 +390,7 @@ mod tests {
     fn families_are_named_with_units_and_counters_end_in_total() {
         let metrics = Metrics::new();
         metrics.record_lookup("batch", 200, Duration::from_millis(3));
-        metrics.record_sn(SnOutcome::Hit);
+        metrics.record_sns(SnOutcome::Hit, 1);
         metrics.record_upstream("ok", Duration::from_millis(500));
         metrics.record_redis("MGET", "ok", Duration::from_micros(300));
         let text = metrics.encode();

@@ -45,12 +45,12 @@ impl Slot {
     }
 }
 
-/// A connection handed out for one command, and when it was made, so a failure discards it
-/// and older ones but never a replacement made since.
+/// A connection handed out for one command, and when it was made (its generation), so a
+/// failure discards it and older ones but never a replacement made since.
 #[derive(Clone)]
 pub(super) struct Lease {
     pub(super) conn: MultiplexedConnection,
-    generation: u64,
+    pub(super) generation: u64,
 }
 
 impl Connections {
@@ -122,12 +122,12 @@ impl Connections {
     /// broke it (a Redis restart, a failover, a cut network) most likely broke those too, and
     /// finding that out one failed command per connection would keep the circuit breaker's
     /// probes failing. Connections made after it are kept.
-    pub(super) fn discard(&self, lease: &Lease) {
+    pub(super) fn discard(&self, generation: u64) {
         for slot in &self.slots {
             let mut current = slot.current.lock().unwrap_or_else(PoisonError::into_inner);
             if current
                 .as_ref()
-                .is_some_and(|held| held.generation <= lease.generation)
+                .is_some_and(|held| held.generation <= generation)
             {
                 *current = None;
             }

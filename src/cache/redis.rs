@@ -2,7 +2,7 @@
 //! broken connections replaced, and a circuit breaker that skips a dead Redis instead of
 //! paying its timeout on every request.
 
-use super::connections::Connections;
+use super::connections::{Connections, Lease};
 use super::{BoxFuture, Cache, CacheError, PoolStatus, Values, Write};
 use crate::circuit::{Circuit, CircuitSettings, CircuitState};
 use crate::metrics::Metrics;
@@ -145,18 +145,20 @@ impl RedisCache {
         command: Command<'_>,
     ) -> Result<T, CacheError> {
         let timeout = self.timeout;
-        let lease = self.connections.get().await?;
-        let mut conn = lease.conn.clone();
+        let Lease {
+            mut conn,
+            generation,
+        } = self.connections.get().await?;
         match tokio::time::timeout(timeout, command.query(&mut conn)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(source)) => {
                 if poisons_connection(&source) {
-                    self.connections.discard(&lease);
+                    self.connections.discard(generation);
                 }
                 Err(CacheError::Command { op, source })
             }
             Err(_) => {
-                self.connections.discard(&lease);
+                self.connections.discard(generation);
                 Err(CacheError::Timeout { op, timeout })
             }
         }

@@ -49,6 +49,11 @@ impl TieredCache {
         }
     }
 
+    /// The pub/sub channel invalidations go over.
+    pub fn channel(&self) -> &str {
+        self.channel.name()
+    }
+
     /// Tells the other instances to drop their copies of `sns`. A failure is logged and
     /// counted, not returned: their copies then expire within the local TTL anyway.
     async fn announce(&self, sns: &[&str]) {
