@@ -2,7 +2,7 @@
 //! carried to every instance over Redis pub/sub, and copies that never outlive the local TTL
 //! when that channel is down. Two proxy instances share one Redis and one upstream here.
 
-use crate::support::{RedisServer, StubUpstream, TestApp, results, wait_until};
+use crate::support::{RedisServer, Reply, StubUpstream, TestApp, results, wait_until};
 use discount_proxy::app::CacheChoice;
 use discount_proxy::config::Config;
 use serde_json::json;
@@ -245,4 +245,38 @@ async fn an_unreadable_message_on_the_channel_drops_every_copy_and_nothing_else(
         "{body}"
     );
     assert_eq!(app.upstream.calls("U1"), 1);
+}
+
+#[tokio::test]
+async fn with_the_tier_single_gets_keep_their_cache_headers_and_errors_are_never_copied() {
+    let app = TestApp::spawn_with(local_tier(LONG_TTL)).await;
+    app.upstream
+        .queue_replies("FLAKY", vec![Reply::Status(503, r#"{"detail":"busy"}"#)]);
+    let failed = app.get("/v1/discounts/FLAKY").await;
+    assert_eq!(failed.status(), 502);
+    // The failure was not copied: the next GET asks the upstream again, and gets the value.
+    let fetched = app.get("/v1/discounts/FLAKY").await;
+    assert_eq!(fetched.status(), 200);
+    assert_eq!(fetched.headers()["x-cache"], "MISS");
+    let hit = app.get("/v1/discounts/FLAKY").await;
+    assert_eq!(hit.headers()["x-cache"], "HIT");
+    let reads = app.redis.command_calls("mget").await;
+    let again = app.get("/v1/discounts/FLAKY").await;
+    assert_eq!(again.headers()["x-cache"], "HIT");
+    assert_eq!(
+        app.redis.command_calls("mget").await,
+        reads,
+        "served by the tier"
+    );
+    assert_eq!(app.upstream.calls("FLAKY"), 2);
+
+    // A not-found answer is copied too, and still a 404 with its header.
+    app.upstream
+        .reply("NF-LOCAL", Reply::Status(404, r#"{"detail":"not found"}"#));
+    for expected in ["MISS", "HIT", "HIT"] {
+        let missing = app.get("/v1/discounts/NF-LOCAL").await;
+        assert_eq!(missing.status(), 404);
+        assert_eq!(missing.headers()["x-cache"], expected);
+    }
+    assert_eq!(app.upstream.calls("NF-LOCAL"), 1);
 }
