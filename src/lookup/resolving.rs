@@ -306,11 +306,14 @@ impl Resolving {
 impl Reader {
     /// Sends flights to the lookup's fetch task, starting it with the first ones.
     fn queue(&mut self, flights: Vec<Arc<Flight>>, deadline: Instant) {
-        if let Some(feed) = &self.feed
-            && feed.send(flights.clone()).is_ok()
-        {
-            return;
-        }
+        // A task that ended (its lookup was cancelled) hands the flights back for a new one.
+        let flights = match &self.feed {
+            Some(feed) => match feed.send(flights) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(flights)) => flights,
+            },
+            None => flights,
+        };
         let (feed, more) = mpsc::unbounded_channel();
         self.feed = Some(feed);
         let span = info_span!(parent: &self.span, "upstream_fetch", streamed = true);
