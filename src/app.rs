@@ -1,5 +1,6 @@
 //! Wires the configuration into the running parts and serves them until shutdown.
 
+use crate::admission::Admission;
 use crate::cache::{Cache, MemoryCache, RedisCache, RedisSettings, TieredCache};
 use crate::config::{Config, redacted_url};
 use crate::health::Health;
@@ -11,7 +12,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 /// Everything a request handler needs, shared by all connections.
@@ -34,9 +34,14 @@ pub struct AppState {
     pub header_read_timeout: Duration,
     /// After SIGTERM, how long to keep serving while `/readyz` says 503 (`server.drain_delay`).
     pub drain_delay: Duration,
-    /// One permit per `/v1/*` request being answered (`server.max_in_flight`); none left
-    /// means `503 overloaded`.
-    pub admission: Arc<Semaphore>,
+    /// One slot per `/v1/*` request being answered, until its response is written
+    /// (`server.max_in_flight`); none left means `503 overloaded`.
+    pub admission: Admission,
+    /// One place per open client connection (`server.max_connections`).
+    pub connections: Admission,
+    /// A response the client takes no bytes of for this long is abandoned and its
+    /// connection closed (`server.write_timeout`).
+    pub write_timeout: Duration,
     /// Every metric family, served at `/metrics`.
     pub metrics: Arc<Metrics>,
 }
@@ -128,7 +133,9 @@ impl AppState {
             shutdown_grace: config.server.shutdown_grace,
             header_read_timeout: config.server.header_read_timeout,
             drain_delay: config.server.drain_delay,
-            admission: Arc::new(Semaphore::new(config.server.max_in_flight)),
+            admission: Admission::new(config.server.max_in_flight),
+            connections: Admission::new(config.server.max_connections),
+            write_timeout: config.server.write_timeout,
             metrics,
         }))
     }

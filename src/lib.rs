@@ -5,6 +5,8 @@
 //!
 //! - [`cli`]: command-line parsing (`serve`, `simulate-upstream`, `demo`, `warm`).
 //! - [`config`]: TOML file → `DISCOUNT_PROXY_…` environment → flags, validated before binding.
+//! - [`admission`]: how much is taken on at once: connections, and requests until their
+//!   responses are written.
 //! - [`app`]: wires config into the running parts (cache, upstream, lookup) and serves them.
 //! - [`server`]: accept loop, hyper connections, graceful shutdown, the per-request log line.
 //! - [`routes`]: method + path → handler; JSON in, JSON out.
@@ -24,6 +26,7 @@
 //! - [`tls`]: the crypto provider for TLS to the upstream and Redis.
 //! - [`warm`]: the `warm` command, a client that sends SNs to a running proxy in batches.
 
+pub mod admission;
 pub mod app;
 pub mod cache;
 pub mod circuit;

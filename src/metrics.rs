@@ -40,6 +40,8 @@ pub struct Metrics {
     local_bytes: Gauge,
     invalidation_messages: Family<Label, Counter>,
     invalidation_channel: Gauge,
+    connections_open: Gauge,
+    write_timeouts: Counter,
 }
 
 /// Buckets from 0.5 ms to about 33 s: a Redis round trip at the bottom, a slow upstream at
@@ -123,6 +125,8 @@ impl Metrics {
             local_bytes: Gauge::default(),
             invalidation_messages: Family::default(),
             invalidation_channel: Gauge::default(),
+            connections_open: Gauge::default(),
+            write_timeouts: Counter::default(),
         };
         metrics.register();
         metrics
@@ -229,6 +233,16 @@ impl Metrics {
             "1 while this instance is subscribed to the invalidation channel, else 0",
             self.invalidation_channel.clone(),
         );
+        registry.register(
+            "connections_open",
+            "Client connections open (at the last scrape); at most server.max_connections",
+            self.connections_open.clone(),
+        );
+        registry.register(
+            "write_timeouts",
+            "Responses abandoned because the client took no bytes for server.write_timeout",
+            self.write_timeouts.clone(),
+        );
     }
 
     /// The OpenMetrics text of every family.
@@ -324,6 +338,11 @@ impl Metrics {
         self.invalidation_channel.set(i64::from(up));
     }
 
+    /// A response was abandoned: its client stopped reading.
+    pub fn record_write_timeout(&self) {
+        self.write_timeouts.inc();
+    }
+
     /// A request was shed for `reason`.
     pub fn record_shed(&self, reason: &'static str) {
         self.load_shed.get_or_create(&[("reason", reason)]).inc();
@@ -332,6 +351,7 @@ impl Metrics {
     /// The values read at scrape time: pool, pending fetches, circuits.
     pub fn set_current(&self, current: &Current) {
         self.pending_fetches.set(gauge(current.pending_fetches));
+        self.connections_open.set(gauge(current.connections_open));
         self.local_bytes
             .set(i64::try_from(current.local_bytes).unwrap_or(i64::MAX));
         for (state, value) in [
@@ -376,6 +396,8 @@ pub struct Current {
     pub redis_circuit: crate::circuit::CircuitState,
     /// Bytes the in-process tier holds (0 when it is off).
     pub local_bytes: u64,
+    /// Client connections open.
+    pub connections_open: usize,
 }
 
 fn gauge(value: usize) -> i64 {

@@ -3,6 +3,7 @@
 mod input;
 
 use self::input::{BodyLimits, read_sns, refresh_requested};
+use crate::admission::{AdmittedBody, Slot, Unflushed};
 use crate::app::AppState;
 use crate::circuit::CircuitState;
 use crate::error::Error;
@@ -19,7 +20,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use std::convert::Infallible;
 use std::sync::Arc;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -119,14 +119,15 @@ async fn route(
         "/v1/discounts/lookup" => {
             allow(&method, route_methods(path))?;
             authorize(state, &request)?;
-            let admitted = admit(state)?;
-            lookup_batch(state, request, arrived, admitted).await
+            let admitted = admit(state, &request)?;
+            let response = lookup_batch(state, request, arrived).await;
+            Ok(admitted.hold(response?))
         }
         "/v1/discounts/invalidate" => {
             allow(&method, route_methods(path))?;
             authorize(state, &request)?;
-            let _admitted = admit(state)?;
-            invalidate(state, request).await
+            let admitted = admit(state, &request)?;
+            Ok(admitted.hold(invalidate(state, request).await?))
         }
         _ => match path
             .strip_prefix(SN_PATH_PREFIX)
@@ -135,13 +136,14 @@ async fn route(
             Some(raw_sn) => {
                 allow(&method, route_methods(SN_ROUTE))?;
                 authorize(state, &request)?;
-                let _admitted = admit(state)?;
+                let admitted = admit(state, &request)?;
                 let sn = sn::decode_path_segment(raw_sn)?;
-                if method == Method::DELETE {
+                let response = if method == Method::DELETE {
                     delete_one(state, &sn).await
                 } else {
                     lookup_one(state, sn, refresh_requested(&request)?, arrived).await
-                }
+                };
+                Ok(admitted.hold(response?))
             }
             None => Err(Error::RouteNotFound(format!("{method} {path}"))),
         },
@@ -218,15 +220,30 @@ fn authorize(state: &AppState, request: &Request<Incoming>) -> Result<(), Error>
 /// What `Retry-After` tells a client turned away as overloaded.
 const OVERLOADED_RETRY_AFTER_SECS: u64 = 1;
 
-/// A slot among `server.max_in_flight`, held until the response is built; none free is
-/// `503 overloaded`, decided before the body is read, so shedding costs next to nothing.
-fn admit(state: &AppState) -> Result<OwnedSemaphorePermit, Error> {
-    Arc::clone(&state.admission)
-        .try_acquire_owned()
-        .map_err(|_| {
-            state.metrics.record_shed("in_flight");
-            Error::Overloaded(OVERLOADED_RETRY_AFTER_SECS)
-        })
+/// A request admitted among `server.max_in_flight`, with the connection its response goes
+/// out on.
+struct Admitted {
+    slot: Slot,
+    unflushed: Option<Arc<Unflushed>>,
+}
+
+impl Admitted {
+    /// The response, its body holding the slot until it is written to the socket (see
+    /// [`crate::admission`]); an error response built from `?` frees it at once instead.
+    fn hold(self, response: Response<Body>) -> Response<Body> {
+        response.map(|body| AdmittedBody::new(body, self.slot, self.unflushed).boxed_unsync())
+    }
+}
+
+/// A slot among `server.max_in_flight`; none free is `503 overloaded`, decided before the
+/// body is read, so shedding costs next to nothing.
+fn admit(state: &AppState, request: &Request<Incoming>) -> Result<Admitted, Error> {
+    let Some(slot) = state.admission.try_admit() else {
+        state.metrics.record_shed("in_flight");
+        return Err(Error::Overloaded(OVERLOADED_RETRY_AFTER_SECS));
+    };
+    let unflushed = request.extensions().get::<Arc<Unflushed>>().cloned();
+    Ok(Admitted { slot, unflushed })
 }
 
 /// The lookup's outcome, or `503 overloaded` when its fetches would pass
@@ -250,6 +267,7 @@ fn metrics(state: &AppState) -> Response<Body> {
         upstream_circuit: state.lookup.upstream_circuit(),
         redis_circuit: cache.circuit(),
         local_bytes: cache.local_bytes(),
+        connections_open: state.connections.in_use(),
     });
     let mut response = Response::new(full(state.metrics.encode()));
     response.headers_mut().insert(
@@ -296,13 +314,12 @@ async fn lookup_batch(
     state: &AppState,
     request: Request<Incoming>,
     arrived: Instant,
-    admitted: OwnedSemaphorePermit,
 ) -> Result<Response<Body>, Error> {
     let refresh = refresh_requested(&request)?;
     let streaming = wants_ndjson(&request);
     let sns = read_sns(request, &body_limits(state)).await?;
     if streaming {
-        return lookup_stream(state, sns, refresh, arrived, admitted).await;
+        return lookup_stream(state, sns, refresh, arrived).await;
     }
     let batch = self::admitted(state, state.lookup.resolve(sns, refresh, arrived).await)?;
     let stats = LookupStats::from(&batch.summary);
@@ -332,13 +349,11 @@ fn wants_ndjson(request: &Request<Incoming>) -> bool {
 /// holds back the proxy instead of making it buffer, and the cache is read a window at a time
 /// as they go (see [`crate::lookup::Lookup::stream`]); a client that goes away cancels the
 /// fetches this lookup queued but had not started (those under way finish and are written).
-/// The admission permit is held until the last line.
 async fn lookup_stream(
     state: &AppState,
     sns: Vec<String>,
     refresh: bool,
     arrived: Instant,
-    admitted: OwnedSemaphorePermit,
 ) -> Result<Response<Body>, Error> {
     let resolving = state
         .lookup
@@ -348,17 +363,16 @@ async fn lookup_stream(
         state.metrics.record_shed("pending");
         Error::Overloaded(OVERLOADED_RETRY_AFTER_SECS)
     })?;
-    let lines = futures_util::stream::unfold(Some((resolving, admitted)), |state| async move {
-        let (mut resolving, admitted) = state?;
+    let lines = futures_util::stream::unfold(Some(resolving), |resolving| async move {
+        let mut resolving = resolving?;
         let line = match resolving.next_resolved().await {
             Some(index) => {
                 let (sn, outcome) = resolving.resolved(index)?;
                 let line = render::line(render::item(sn, outcome));
-                return Some((Ok(Frame::data(line)), Some((resolving, admitted))));
+                return Some((Ok(Frame::data(line)), Some(resolving)));
             }
             None => render::line(render::summary(&resolving.batch().await.summary)),
         };
-        drop(admitted);
         Some((Ok::<_, Infallible>(Frame::data(line)), None))
     });
     let mut response = Response::new(StreamBody::new(lines).boxed_unsync());

@@ -209,6 +209,20 @@ impl Drop for TestApp {
 }
 
 /// The results array of a lookup response.
+impl TestApp {
+    /// One sample of the proxy's metrics (`name{labels}` as exposed), 0 when it has not been
+    /// recorded yet. Values read at scrape time (gauges of connections, pools, circuits)
+    /// need a `GET /metrics` instead.
+    pub fn metric(&self, sample: &str) -> f64 {
+        self.state
+            .metrics
+            .encode()
+            .lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
 pub fn results(body: &Value) -> &Vec<Value> {
     body["results"].as_array().expect("results is an array")
 }
