@@ -7,7 +7,9 @@
 //! - [`config`]: TOML file → `DISCOUNT_PROXY_…` environment → flags, validated before binding.
 //! - [`admission`]: how much is taken on at once: connections, and requests until their
 //!   responses are written.
-//! - [`app`]: wires config into the running parts (cache, upstream, lookup) and serves them.
+//! - [`app`]: wires config into the running parts (cache, upstream, lookup) and serves them:
+//!   the one start-up path of `serve`, `demo` and the tests.
+//! - [`state`]: what every request handler shares.
 //! - [`server`]: accept loop, hyper connections, graceful shutdown, the per-request log line.
 //! - [`routes`]: method + path → handler; JSON in, JSON out.
 //! - [`error`]: the request-path error and the one place that maps it to status and code.
@@ -42,6 +44,7 @@ pub mod secret;
 pub mod server;
 pub mod simulator;
 pub mod sn;
+pub mod state;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -2,9 +2,9 @@
 
 use super::input::read_sns;
 use super::{Body, body_limits, full, json_response};
-use crate::app::AppState;
 use crate::error::Error;
 use crate::sn;
+use crate::state::AppState;
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};

@@ -5,10 +5,10 @@ use super::{
     Body, LookupStats, OVERLOADED_RETRY_AFTER_SECS, body_limits, error_response, json_response,
     refresh_requested,
 };
-use crate::app::AppState;
 use crate::error::Error;
 use crate::lookup::{Outcome, Overloaded, Source};
 use crate::render;
+use crate::state::AppState;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderValue};

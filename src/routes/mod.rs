@@ -13,9 +13,9 @@ mod operations;
 
 use self::input::{BodyLimits, refresh_requested};
 use crate::admission::{AdmittedBody, Slot, Unflushed};
-use crate::app::AppState;
 use crate::error::Error;
 use crate::lookup::Summary;
+use crate::state::AppState;
 use crate::{render, sn};
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;

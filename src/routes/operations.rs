@@ -1,10 +1,10 @@
 //! The operational endpoints: liveness, readiness, metrics and the API description.
 
 use super::{Body, full, json_response};
-use crate::app::AppState;
 use crate::circuit::CircuitState;
 use crate::health;
 use crate::metrics::Current;
+use crate::state::AppState;
 use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 use serde_json::json;

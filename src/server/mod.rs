@@ -11,8 +11,8 @@ mod stream;
 
 use self::stream::ClientStream;
 use crate::admission::{Slot, Unflushed};
-use crate::app::AppState;
 use crate::routes::{self, LookupStats};
+use crate::state::AppState;
 use hyper::Request;
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};

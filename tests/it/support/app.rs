@@ -1,8 +1,9 @@
 //! The proxy on a free port, with its own Redis and stub upstream, all stopped on `Drop`.
 
 use super::{FaultProxy, RedisServer, StubUpstream};
-use discount_proxy::app::{AppState, CacheChoice};
+use discount_proxy::app::{self, CacheChoice};
 use discount_proxy::config::Config;
+use discount_proxy::state::AppState;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -85,19 +86,14 @@ impl TestApp {
         redis: RedisServer,
         upstream: StubUpstream,
     ) -> Self {
-        let state = AppState::build(&config, choice).unwrap();
-        let listener = tokio::net::TcpListener::bind(config.server.listen)
-            .await
-            .unwrap();
+        let listener = app::bind(&config).await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let proxy = app::prepare(&config, listener, choice).await.unwrap();
+        let state = Arc::clone(proxy.state());
         let (shutdown, stop) = oneshot::channel::<()>();
-        let server = tokio::spawn(discount_proxy::server::run(
-            listener,
-            Arc::clone(&state),
-            async {
-                let _ = stop.await;
-            },
-        ));
+        let server = tokio::spawn(proxy.run(async {
+            let _ = stop.await;
+        }));
         super::wait_until("the server is ready", Duration::from_secs(5), || async {
             state.health.phase() == discount_proxy::health::Phase::Ready
         })
