@@ -12,6 +12,7 @@ mod circuit;
 mod coalescing;
 mod commands;
 mod drain;
+mod failing_sns;
 mod garbage_input;
 mod http_errors;
 mod invalidation_loop;
