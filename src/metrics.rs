@@ -183,7 +183,7 @@ impl Metrics {
         );
         registry.register(
             "write_backs",
-            "Answers written back to the cache, by outcome: ok, failed, skipped, fenced",
+            "Answers written back to the cache, by outcome: ok, failed, skipped, fenced, abandoned (left unwritten when the shutdown grace ran out)",
             self.write_backs.clone(),
         );
         registry.register(
