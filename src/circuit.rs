@@ -19,6 +19,7 @@
 //! for the same 3 SNs in a loop) counts those keys once each, so it may never open the
 //! circuit; those calls still fail, each within `upstream.timeout`.
 
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -31,23 +32,42 @@ pub const KEY_MEMORY: Duration = Duration::from_secs(300);
 /// The most key failures remembered; past that the oldest are forgotten first.
 pub const KEYS_REMEMBERED: usize = 10_000;
 
-/// When a circuit opens and how it recovers.
-#[derive(Debug, Clone)]
+/// When a circuit opens and how it recovers: the `[upstream.circuit]` config section, and
+/// what [`Circuit::new`] takes. When the upstream keeps failing, SNs with a stale entry are
+/// served stale and the rest get `upstream_unavailable` at once, without touching it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct CircuitSettings {
     /// Off: every call goes through and nothing is counted.
     pub enabled: bool,
-    /// This many failures in a row open the circuit.
+    /// This many failed calls in a row open the circuit.
     pub consecutive_failures: u32,
-    /// This share of failed calls within one window opens the circuit…
+    /// This share of failed calls within one `window` opens the circuit…
     pub failure_ratio: f64,
     /// …once the window has seen at least this many calls.
     pub min_requests: u32,
-    /// The window over which the failure ratio is counted.
+    /// The window the failure ratio is counted over.
+    #[serde(with = "humantime_serde")]
     pub window: Duration,
-    /// How long the circuit stays open before probing.
+    /// How long the circuit stays open before probe calls test the dependency.
+    #[serde(with = "humantime_serde")]
     pub cooldown: Duration,
-    /// Probe calls let through when half-open; this many successes close the circuit.
+    /// Probe calls let through after the cool-down; this many successes close it.
     pub probes: u32,
+}
+
+impl Default for CircuitSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            consecutive_failures: 20,
+            failure_ratio: 0.5,
+            min_requests: 50,
+            window: Duration::from_secs(10),
+            cooldown: Duration::from_secs(5),
+            probes: 3,
+        }
+    }
 }
 
 /// What a circuit is doing now, for `/readyz` and logs.
@@ -77,6 +97,8 @@ impl CircuitState {
 pub struct Circuit {
     name: &'static str,
     settings: CircuitSettings,
+    /// Whether the failure ratio opens it too, or only a streak of failures.
+    by_ratio: bool,
     inner: Mutex<Inner>,
     /// Randomly keyed, so no one can pick keys that collide.
     hasher: ahash::RandomState,
@@ -162,11 +184,31 @@ pub struct Ticket<'a> {
 }
 
 impl Circuit {
-    /// A closed circuit named `name` in its logs.
+    /// A closed circuit named `name` in its logs, opened by a streak of failures or by a
+    /// failure ratio.
     pub fn new(name: &'static str, settings: CircuitSettings) -> Self {
+        Self::with_rules(name, settings, true)
+    }
+
+    /// A closed circuit opened by a streak of `consecutive_failures` alone (0: never),
+    /// probed by one call after `cooldown`: Redis's, whose failures are timeouts and refused
+    /// connections that come in streaks, with no ratio worth a window.
+    pub fn on_streak(name: &'static str, consecutive_failures: u32, cooldown: Duration) -> Self {
+        let settings = CircuitSettings {
+            enabled: consecutive_failures > 0,
+            consecutive_failures,
+            cooldown,
+            probes: 1,
+            ..CircuitSettings::default()
+        };
+        Self::with_rules(name, settings, false)
+    }
+
+    fn with_rules(name: &'static str, settings: CircuitSettings, by_ratio: bool) -> Self {
         Self {
             name,
             settings,
+            by_ratio,
             inner: Mutex::new(Inner {
                 mode: Mode::Closed,
                 window_started: Instant::now(),
@@ -306,7 +348,8 @@ impl Circuit {
         inner.consecutive += 1;
         let settings = &self.settings;
         let by_streak = inner.consecutive >= settings.consecutive_failures.max(1);
-        let by_ratio = inner.calls >= settings.min_requests
+        let by_ratio = self.by_ratio
+            && inner.calls >= settings.min_requests
             && f64::from(inner.failures) >= settings.failure_ratio * f64::from(inner.calls);
         if by_streak || by_ratio {
             inner.mode = Mode::Open {
@@ -384,6 +427,25 @@ mod tests {
             cooldown: Duration::from_secs(5),
             probes: 2,
         }
+    }
+
+    #[test]
+    fn a_streak_only_circuit_is_not_opened_by_half_its_calls_failing() {
+        let circuit = Circuit::on_streak("redis", 3, Duration::from_secs(5));
+        for _ in 0..100 {
+            circuit.try_acquire().unwrap().failure();
+            circuit.try_acquire().unwrap().success();
+        }
+        assert_eq!(circuit.state(), CircuitState::Closed);
+        fail(&circuit, 3);
+        assert_eq!(circuit.state(), CircuitState::Open);
+    }
+
+    #[test]
+    fn a_streak_only_circuit_of_zero_failures_never_opens() {
+        let circuit = Circuit::on_streak("redis", 0, Duration::from_secs(5));
+        fail(&circuit, 1000);
+        assert_eq!(circuit.state(), CircuitState::Closed);
     }
 
     fn fail(circuit: &Circuit, times: usize) {

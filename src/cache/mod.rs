@@ -145,16 +145,8 @@ impl From<&crate::config::RedisConfig> for RedisSettings {
             key_prefix: config.key_prefix.clone(),
             timeout: config.timeout,
             chunk_size: config.chunk_size,
-            breaker: crate::circuit::CircuitSettings {
-                enabled: config.breaker_failures > 0,
-                consecutive_failures: config.breaker_failures,
-                // Only a streak of failures trips it: no ratio, so no window to keep.
-                failure_ratio: 1.0,
-                min_requests: u32::MAX,
-                window: Duration::from_secs(3600),
-                cooldown: config.breaker_cooldown,
-                probes: 1,
-            },
+            breaker_failures: config.breaker_failures,
+            breaker_cooldown: config.breaker_cooldown,
         }
     }
 }

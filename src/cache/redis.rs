@@ -4,7 +4,7 @@
 
 use super::connections::{Connections, Lease};
 use super::{BoxFuture, Cache, CacheError, PoolStatus, Values, Write};
-use crate::circuit::{Circuit, CircuitSettings, CircuitState};
+use crate::circuit::{Circuit, CircuitState};
 use crate::metrics::Metrics;
 use ::redis::{self, AsyncConnectionConfig, FromRedisValue};
 use bytes::Bytes;
@@ -26,8 +26,11 @@ pub struct RedisSettings {
     pub timeout: Duration,
     /// Most keys in one `MGET` or write-back pipeline (`redis.chunk_size`).
     pub chunk_size: usize,
-    /// When to skip Redis after repeated failures (`redis.breaker_*`).
-    pub breaker: CircuitSettings,
+    /// This many failures in a row skip Redis for `breaker_cooldown`; 0 never
+    /// (`redis.breaker_failures`).
+    pub breaker_failures: u32,
+    /// How long Redis is skipped before one probe command (`redis.breaker_cooldown`).
+    pub breaker_cooldown: Duration,
 }
 
 /// Redis as a [`Cache`]. Keys are `<key_prefix><sn>`; big batches are split into chunks so one
@@ -113,7 +116,11 @@ impl RedisCache {
             key_prefix: settings.key_prefix.clone(),
             timeout: settings.timeout,
             chunk_size: settings.chunk_size.max(1),
-            circuit: Circuit::new("redis", settings.breaker.clone()),
+            circuit: Circuit::on_streak(
+                "redis",
+                settings.breaker_failures,
+                settings.breaker_cooldown,
+            ),
             metrics,
         })
     }

@@ -268,7 +268,7 @@ pub struct UpstreamConfig {
     /// `503 overloaded`, while lookups the cache can answer still get through.
     pub max_pending: usize,
     /// `[upstream.circuit]`: when to stop calling a failing upstream.
-    pub circuit: CircuitConfig,
+    pub circuit: crate::circuit::CircuitSettings,
     /// Largest upstream body accepted; a larger one is an `upstream_error`.
     pub max_body_bytes: usize,
 }
@@ -285,59 +285,8 @@ impl Default for UpstreamConfig {
             retry_backoff: Duration::from_millis(50),
             retry_backoff_max: Duration::from_secs(2),
             max_pending: 100_000,
-            circuit: CircuitConfig::default(),
+            circuit: crate::circuit::CircuitSettings::default(),
             max_body_bytes: 1024 * 1024,
-        }
-    }
-}
-
-/// The upstream's circuit breaker: when it keeps failing, SNs with a stale entry are served
-/// stale and the rest get `upstream_unavailable` at once, without touching the upstream.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CircuitConfig {
-    /// Off: the upstream is always called.
-    pub enabled: bool,
-    /// This many failed requests in a row open the circuit.
-    pub consecutive_failures: u32,
-    /// This share of failed requests in one `window` opens the circuit…
-    pub failure_ratio: f64,
-    /// …once the window has seen at least this many requests.
-    pub min_requests: u32,
-    /// The window the failure ratio is counted over.
-    #[serde(with = "humantime_serde")]
-    pub window: Duration,
-    /// How long the circuit stays open before probe requests test the upstream.
-    #[serde(with = "humantime_serde")]
-    pub cooldown: Duration,
-    /// Probe requests let through after the cool-down; this many successes close it.
-    pub probes: u32,
-}
-
-impl Default for CircuitConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            consecutive_failures: 20,
-            failure_ratio: 0.5,
-            min_requests: 50,
-            window: Duration::from_secs(10),
-            cooldown: Duration::from_secs(5),
-            probes: 3,
-        }
-    }
-}
-
-impl From<&CircuitConfig> for crate::circuit::CircuitSettings {
-    fn from(config: &CircuitConfig) -> Self {
-        Self {
-            enabled: config.enabled,
-            consecutive_failures: config.consecutive_failures,
-            failure_ratio: config.failure_ratio,
-            min_requests: config.min_requests,
-            window: config.window,
-            cooldown: config.cooldown,
-            probes: config.probes,
         }
     }
 }

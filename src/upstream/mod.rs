@@ -58,7 +58,7 @@ impl From<&crate::config::UpstreamConfig> for UpstreamSettings {
                 base: config.retry_backoff,
                 max: config.retry_backoff_max,
             },
-            circuit: CircuitSettings::from(&config.circuit),
+            circuit: config.circuit.clone(),
         }
     }
 }
