@@ -6,6 +6,7 @@
 
 mod support;
 
+mod batch_bound;
 mod cache_control;
 mod chaos;
 mod circuit;
