@@ -40,6 +40,7 @@ pub struct Metrics {
     local_bytes: Gauge,
     invalidation_messages: Family<Label, Counter>,
     invalidation_channel: Gauge,
+    rejected_entries: Counter,
 }
 
 /// Buckets from 0.5 ms to about 33 s: a Redis round trip at the bottom, a slow upstream at
@@ -123,6 +124,7 @@ impl Metrics {
             local_bytes: Gauge::default(),
             invalidation_messages: Family::default(),
             invalidation_channel: Gauge::default(),
+            rejected_entries: Counter::default(),
         };
         metrics.register();
         metrics
@@ -229,6 +231,11 @@ impl Metrics {
             "1 while this instance is subscribed to the invalidation channel, else 0",
             self.invalidation_channel.clone(),
         );
+        registry.register(
+            "cache_entries_rejected",
+            "Values read from the cache that are not entries this proxy writes (another format, or JSON on more than one line): misses, overwritten by the write-back",
+            self.rejected_entries.clone(),
+        );
     }
 
     /// The OpenMetrics text of every family.
@@ -322,6 +329,11 @@ impl Metrics {
     /// Whether the instance follows the invalidation channel now.
     pub fn set_invalidation_channel_up(&self, up: bool) {
         self.invalidation_channel.set(i64::from(up));
+    }
+
+    /// A value read from the cache was not an entry we write, and was treated as a miss.
+    pub fn record_rejected_entry(&self) {
+        self.rejected_entries.inc();
     }
 
     /// A request was shed for `reason`.

@@ -12,6 +12,7 @@ mod chaos;
 mod circuit;
 mod coalescing;
 mod commands;
+mod foreign_entries;
 mod garbage_input;
 mod http_errors;
 mod lifecycle;
