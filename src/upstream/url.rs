@@ -11,12 +11,22 @@ const SN_ENCODE_SET: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'~');
 
 /// The `{sn}` URL template, split once so building a URL is two copies and an encode.
-#[derive(Debug, Clone)]
+/// `Debug` redacts it: its query may hold an API key.
+#[derive(Clone)]
 pub(super) struct UrlTemplate {
     before: String,
     after: String,
     /// `{sn}` stands in the path, where `.` and `..` would be read as dot segments.
     in_path: bool,
+}
+
+impl std::fmt::Debug for UrlTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let template = format!("{}{{sn}}{}", self.before, self.after);
+        f.debug_tuple("UrlTemplate")
+            .field(&crate::config::RedactedUrl(&template))
+            .finish()
+    }
 }
 
 impl UrlTemplate {

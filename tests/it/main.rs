@@ -23,6 +23,7 @@ mod openapi;
 mod redis_faults;
 mod request_ids;
 mod retries;
+mod secrets;
 mod shedding;
 mod stale;
 mod streaming;
