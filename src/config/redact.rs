@@ -159,4 +159,44 @@ mod tests {
             assert_eq!(redacted_url(raw), printed, "{raw}");
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn no_password_or_query_value_survives_and_the_placeholder_does(
+                password in "[A-Za-z0-9_~-]{6,20}",
+                values in proptest::collection::vec("[A-Za-z0-9._~%*-]{6,20}", 1..4),
+                scheme in prop_oneof![Just("http"), Just("https"), Just("redis")],
+            ) {
+                let query: Vec<String> = values
+                    .iter()
+                    .enumerate()
+                    .map(|(index, value)| format!("k{index}={value}"))
+                    .collect();
+                let raw = format!(
+                    "{scheme}://user:{password}@host:1/c/?sn={{sn}}&{}",
+                    query.join("&")
+                );
+                let printed = redacted_url(&raw);
+                prop_assert!(!printed.contains(&password), "{}", printed);
+                for value in &values {
+                    // A value of only stars would be the redaction itself.
+                    if value.trim_matches('*').len() > 2 {
+                        prop_assert!(!printed.contains(value.as_str()), "{}", printed);
+                    }
+                }
+                prop_assert!(printed.contains("sn={sn}"), "{}", printed);
+            }
+
+            #[test]
+            fn any_text_redacts_without_panicking(raw in any::<String>()) {
+                let _ = redacted_url(&raw);
+            }
+        }
+    }
 }
