@@ -3,6 +3,8 @@ FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# A workspace member: cargo reads its manifest even when only the proxy is built.
+COPY bench ./bench
 # Served at /openapi.yaml: compiled into the binary.
 COPY openapi.yaml ./
 RUN cargo build --release --locked --bin discount-proxy

@@ -1,45 +1,17 @@
-//! Wires the configuration into the running parts and serves them until shutdown.
+//! Wires the configuration into the running parts and serves them until shutdown: the one
+//! start-up path of `serve`, `demo` and the integration tests, so each runs the same proxy.
 
 use crate::cache::{Cache, MemoryCache, RedisCache, RedisSettings, TieredCache};
 use crate::config::{Config, redacted_url};
 use crate::health::Health;
 use crate::lookup::{Lifetimes, Lookup, LookupSettings};
 use crate::metrics::Metrics;
-use crate::secret::Secret;
+use crate::state::AppState;
 use crate::upstream::{UpstreamClient, UpstreamSettings};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tracing::{info, warn};
-
-/// Everything a request handler needs, shared by all connections.
-pub struct AppState {
-    /// The lookup core that answers every batch, single GET and invalidation.
-    pub lookup: Lookup,
-    /// The phase and dependency states that `/readyz` reports.
-    pub health: Arc<Health>,
-    /// Most SNs in one request (`server.max_batch`); more is `413 batch_too_large`.
-    pub max_batch: usize,
-    /// Largest request body (`server.max_body_bytes`); more is `413 payload_too_large`.
-    pub max_body_bytes: usize,
-    /// Time a request body has to arrive (`server.body_read_timeout`); else `408`.
-    pub body_read_timeout: Duration,
-    /// Bearer tokens accepted on `/v1/*` (`server.api_tokens`); empty means no auth.
-    pub api_tokens: Vec<Secret>,
-    /// Time after SIGTERM for in-flight requests and write-backs (`server.shutdown_grace`).
-    pub shutdown_grace: Duration,
-    /// Time a client has to send its headers before it is cut off (slowloris defence).
-    pub header_read_timeout: Duration,
-    /// After SIGTERM, how long to keep serving while `/readyz` says 503 (`server.drain_delay`).
-    pub drain_delay: Duration,
-    /// One permit per `/v1/*` request being answered (`server.max_in_flight`); none left
-    /// means `503 overloaded`.
-    pub admission: Arc<Semaphore>,
-    /// Every metric family, served at `/metrics`.
-    pub metrics: Arc<Metrics>,
-}
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -62,76 +34,90 @@ pub enum StartError {
 }
 
 /// Which cache the proxy uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheChoice {
-    /// Redis at `redis.url`: the production shape.
+    /// Redis at `redis.url` (with the in-process tier when `cache.local.enabled`): the
+    /// production shape. A Redis that is down at start is degraded, never a failed start.
     Redis,
-    /// The bounded in-process cache (`demo` without Redis).
+    /// Redis if it answers now, else the bounded in-process cache: `demo` on a laptop.
+    RedisIfAnswering,
+    /// The bounded in-process cache only.
     Memory,
-    /// A cache already built (and checked) by the caller, such as `demo`'s Redis, with the
-    /// metrics it reports into.
-    Built {
-        /// The cache.
-        cache: Arc<dyn Cache>,
-        /// The metrics the cache counts into; the rest of the proxy counts there too.
-        metrics: Arc<Metrics>,
-    },
 }
 
-impl AppState {
-    /// Builds the cache, the upstream client and the lookup core from the config.
-    ///
-    /// # Errors
-    /// A Redis URL redis-rs rejects, or a TLS stack that cannot be set up.
-    pub fn build(config: &Config, choice: CacheChoice) -> Result<Arc<Self>, StartError> {
-        let (cache, metrics): (Arc<dyn Cache>, _) = match choice {
-            CacheChoice::Redis => {
-                let metrics = Arc::new(Metrics::new());
-                let redis =
-                    RedisCache::new(&RedisSettings::from(&config.redis), Arc::clone(&metrics))?;
-                (with_local_tier(config, redis, &metrics), metrics)
-            }
-            CacheChoice::Memory => (
-                Arc::new(MemoryCache::new(config.cache.memory_max_entries)),
-                Arc::new(Metrics::new()),
-            ),
-            CacheChoice::Built { cache, metrics } => (cache, metrics),
-        };
-        let upstream = Arc::new(UpstreamClient::new(
-            &UpstreamSettings::from(&config.upstream),
-            Arc::clone(&metrics),
-        )?);
-        let health = Arc::new(Health::default());
-        let lookup = Lookup::new(
-            cache,
-            upstream,
-            Arc::clone(&health),
-            Arc::clone(&metrics),
-            LookupSettings {
-                lifetimes: Lifetimes {
-                    ttl: config.cache.ttl,
-                    stale_ttl: config.cache.stale_ttl,
-                    negative_ttl: config.cache.negative_ttl,
-                    early_refresh: config.cache.early_refresh,
-                },
-                request_timeout: config.server.request_timeout,
-                max_pending: config.upstream.max_pending,
-                write_batch: config.redis.chunk_size,
+/// Builds every part from the config: metrics, cache, upstream client, lookup core.
+///
+/// # Errors
+/// A Redis URL redis-rs rejects, or a TLS stack that cannot be set up.
+pub async fn build(config: &Config, choice: CacheChoice) -> Result<Arc<AppState>, StartError> {
+    let metrics = Arc::new(Metrics::new());
+    let cache = build_cache(config, choice, &metrics).await?;
+    let upstream = Arc::new(UpstreamClient::new(
+        &UpstreamSettings::from(&config.upstream),
+        Arc::clone(&metrics),
+    )?);
+    let health = Arc::new(Health::default());
+    let lookup = Lookup::new(
+        cache,
+        upstream,
+        Arc::clone(&health),
+        Arc::clone(&metrics),
+        LookupSettings {
+            lifetimes: Lifetimes {
+                ttl: config.cache.ttl,
+                stale_ttl: config.cache.stale_ttl,
+                negative_ttl: config.cache.negative_ttl,
+                early_refresh: config.cache.early_refresh,
             },
+            request_timeout: config.server.request_timeout,
+            max_pending: config.upstream.max_pending,
+            write_batch: config.redis.chunk_size,
+        },
+    );
+    Ok(Arc::new(AppState::new(
+        &config.server,
+        lookup,
+        health,
+        metrics,
+    )))
+}
+
+async fn build_cache(
+    config: &Config,
+    choice: CacheChoice,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<dyn Cache>, StartError> {
+    let memory = || -> Arc<dyn Cache> {
+        info!(
+            max_entries = config.cache.memory_max_entries,
+            "cache: in-process"
         );
-        Ok(Arc::new(Self {
-            lookup,
-            health,
-            max_batch: config.server.max_batch,
-            max_body_bytes: config.server.max_body_bytes,
-            body_read_timeout: config.server.body_read_timeout,
-            api_tokens: config.server.api_tokens.clone(),
-            shutdown_grace: config.server.shutdown_grace,
-            header_read_timeout: config.server.header_read_timeout,
-            drain_delay: config.server.drain_delay,
-            admission: Arc::new(Semaphore::new(config.server.max_in_flight)),
-            metrics,
-        }))
+        Arc::new(MemoryCache::new(config.cache.memory_max_entries))
+    };
+    if choice == CacheChoice::Memory {
+        return Ok(memory());
     }
+    let redis = match RedisCache::new(&RedisSettings::from(&config.redis), Arc::clone(metrics)) {
+        Ok(redis) => redis,
+        Err(err) if choice == CacheChoice::RedisIfAnswering => {
+            warn!(error = %err, "redis URL unusable; using the in-process cache");
+            return Ok(memory());
+        }
+        Err(err) => return Err(err.into()),
+    };
+    let url = redacted_url(&config.redis.url);
+    match redis.ping().await {
+        Ok(()) => info!(url = %url, "cache: redis answers"),
+        Err(err) if choice == CacheChoice::RedisIfAnswering => {
+            warn!(url = %url, error = %err, "redis does not answer; using the in-process cache");
+            return Ok(memory());
+        }
+        Err(err) => warn!(
+            url = %url, error = %err,
+            "cache: redis does not answer; lookups go to the upstream until it does"
+        ),
+    }
+    Ok(with_local_tier(config, redis, metrics))
 }
 
 /// Redis, with the in-process tier in front when `cache.local.enabled`.
@@ -182,36 +168,9 @@ pub async fn prepare(
     listener: TcpListener,
     choice: CacheChoice,
 ) -> Result<Prepared, StartError> {
-    let state = AppState::build(config, choice)?;
+    let state = build(config, choice).await?;
     if let Ok(local) = listener.local_addr() {
         info!(addr = %local, "listening");
-    }
-    log_dependencies(config, &state).await;
-    Ok(Prepared { state, listener })
-}
-
-impl Prepared {
-    /// Serves until `shutdown` resolves and the drain is over.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        crate::server::run(self.listener, self.state, shutdown).await;
-    }
-}
-
-async fn log_dependencies(config: &Config, state: &AppState) {
-    let cache = state.lookup.cache();
-    match cache.kind() {
-        "redis" => match cache.ping().await {
-            Ok(()) => info!(url = %redacted_url(&config.redis.url), "cache: redis answers"),
-            Err(err) => warn!(
-                url = %redacted_url(&config.redis.url), error = %err,
-                "cache: redis does not answer; lookups go to the upstream until it does"
-            ),
-        },
-        kind => info!(
-            kind,
-            max_entries = config.cache.memory_max_entries,
-            "cache: in-process"
-        ),
     }
     info!(
         url = %redacted_url(&config.upstream.url),
@@ -220,6 +179,19 @@ async fn log_dependencies(config: &Config, state: &AppState) {
         token = if config.upstream.token.is_some() { "set" } else { "none" },
         "upstream"
     );
+    Ok(Prepared { state, listener })
+}
+
+impl Prepared {
+    /// The state the proxy serves with, for a caller that watches it (the tests).
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves and the drain is over.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        crate::server::run(self.listener, self.state, shutdown).await;
+    }
 }
 
 /// Resolves on the next SIGTERM or Ctrl-C, for whatever the process does on it.

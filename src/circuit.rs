@@ -4,11 +4,32 @@
 //! (consecutive ones, or a ratio over a window) it opens: calls fail at once, so a dead
 //! dependency costs nothing instead of a timeout per call. After a cool-down it lets a few
 //! probe calls through (half-open); enough successes close it, one failure opens it again.
+//!
+//! A call may name what it is about (the upstream's calls name their SN: see
+//! [`Circuit::try_acquire_for`]). Then a key that keeps failing counts once: a failure of
+//! a key that already failed recently counts neither as a failure nor as a call, and as a
+//! probe it decides nothing. This is Varnish's saint mode turned around: the failing object
+//! is written off, not the backend. So 30 SNs that always fail, asked again and again
+//! while other SNs succeed, never open the circuit; an upstream failing as a whole still
+//! does, since it fails for SN after SN it has not failed before. A success forgets its
+//! key. Keys are remembered by hash, the latest [`KEYS_REMEMBERED`] failures for at most
+//! [`KEY_MEMORY`] since their last failure, so the memory is bounded whatever comes.
+//!
+//! What this gives up: an outage seen only through the same few keys (a client asking
+//! for the same 3 SNs in a loop) counts those keys once each, so it may never open the
+//! circuit; those calls still fail, each within `upstream.timeout`.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{info, warn};
+
+/// How long a key that failed is remembered after its last failure.
+pub const KEY_MEMORY: Duration = Duration::from_secs(300);
+
+/// The most key failures remembered; past that the oldest are forgotten first.
+pub const KEYS_REMEMBERED: usize = 10_000;
 
 /// When a circuit opens and how it recovers.
 #[derive(Debug, Clone)]
@@ -57,6 +78,8 @@ pub struct Circuit {
     name: &'static str,
     settings: CircuitSettings,
     inner: Mutex<Inner>,
+    /// Randomly keyed, so no one can pick keys that collide.
+    hasher: ahash::RandomState,
 }
 
 #[derive(Debug)]
@@ -71,6 +94,52 @@ struct Inner {
     /// Which half-open round the probes belong to: a probe still running from an earlier
     /// round must not count in this one.
     round: u64,
+    failing: FailingKeys,
+}
+
+/// The keys that failed lately (by hash), each with its last failure.
+#[derive(Debug, Default)]
+struct FailingKeys {
+    last: HashMap<u64, Instant>,
+    /// Every failure noted, oldest first; an entry whose key failed again later, or
+    /// succeeded since, is stale and only waits to be popped.
+    order: VecDeque<(u64, Instant)>,
+}
+
+impl FailingKeys {
+    /// Notes that `key` failed now; returns whether it had failed lately already.
+    fn note(&mut self, key: u64, now: Instant) -> bool {
+        self.forget_older_than(now);
+        let known = self.last.insert(key, now).is_some();
+        self.order.push_back((key, now));
+        while self.order.len() > KEYS_REMEMBERED {
+            self.pop_oldest();
+        }
+        known
+    }
+
+    /// A success: the key counts again when it next fails.
+    fn forget(&mut self, key: u64) {
+        self.last.remove(&key);
+    }
+
+    fn forget_older_than(&mut self, now: Instant) {
+        while self
+            .order
+            .front()
+            .is_some_and(|(_, at)| now.saturating_duration_since(*at) >= KEY_MEMORY)
+        {
+            self.pop_oldest();
+        }
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some((key, at)) = self.order.pop_front()
+            && self.last.get(&key) == Some(&at)
+        {
+            self.last.remove(&key);
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -88,6 +157,8 @@ pub struct Ticket<'a> {
     circuit: &'a Circuit,
     /// The half-open round this ticket probes in; `None` for an ordinary call.
     probe: Option<u64>,
+    /// The hash of what the call is about, when it named it.
+    key: Option<u64>,
 }
 
 impl Circuit {
@@ -105,16 +176,31 @@ impl Circuit {
                 probes_in_flight: 0,
                 probe_successes: 0,
                 round: 0,
+                failing: FailingKeys::default(),
             }),
+            hasher: ahash::RandomState::new(),
         }
     }
 
-    /// A ticket for one call, or `None` while the circuit is open (fail fast).
+    /// A ticket for one call, or `None` while the circuit is open (fail fast). Every
+    /// failure reported on it counts: for a dependency whose calls are all alike (Redis).
     pub fn try_acquire(&self) -> Option<Ticket<'_>> {
+        self.acquire(None)
+    }
+
+    /// A ticket for one call about `key` (an SN), or `None` while the circuit is open. A
+    /// failure counts only if `key` has not failed lately: a key that keeps failing is that
+    /// key's problem, not the dependency's.
+    pub fn try_acquire_for(&self, key: &str) -> Option<Ticket<'_>> {
+        self.acquire(Some(self.hasher.hash_one(key)))
+    }
+
+    fn acquire(&self, key: Option<u64>) -> Option<Ticket<'_>> {
         if !self.settings.enabled {
             return Some(Ticket {
                 circuit: self,
                 probe: None,
+                key,
             });
         }
         let mut inner = self.lock();
@@ -136,11 +222,13 @@ impl Circuit {
                 Some(Ticket {
                     circuit: self,
                     probe: Some(inner.round),
+                    key,
                 })
             }
             _ => Some(Ticket {
                 circuit: self,
                 probe: None,
+                key,
             }),
         }
     }
@@ -155,12 +243,20 @@ impl Circuit {
         }
     }
 
-    fn record(&self, probe: Option<u64>, ok: bool) {
+    fn record(&self, probe: Option<u64>, key: Option<u64>, ok: bool) {
         if !self.settings.enabled {
             return;
         }
         let mut inner = self.lock();
         let now = Instant::now();
+        let known_failing = match key {
+            Some(key) if ok => {
+                inner.failing.forget(key);
+                false
+            }
+            Some(key) => inner.failing.note(key, now),
+            None => false,
+        };
         let probe = match probe {
             Some(round) if round == inner.round => {
                 inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
@@ -170,6 +266,10 @@ impl Circuit {
             Some(_) => return,
             None => false,
         };
+        if known_failing {
+            // Says nothing new about the dependency; a probe's slot is free for another.
+            return;
+        }
         match inner.mode {
             // A call admitted before the circuit opened: its answer changes nothing now.
             Mode::Open { .. } => {}
@@ -254,7 +354,7 @@ impl Ticket<'_> {
 
     fn finish(self, ok: bool) {
         let this = std::mem::ManuallyDrop::new(self);
-        this.circuit.record(this.probe, ok);
+        this.circuit.record(this.probe, this.key, ok);
     }
 }
 
@@ -290,6 +390,104 @@ mod tests {
         for _ in 0..times {
             circuit.try_acquire().unwrap().failure();
         }
+    }
+
+    fn fail_keys(circuit: &Circuit, keys: &[&str]) {
+        for key in keys {
+            circuit.try_acquire_for(key).unwrap().failure();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keys_that_keep_failing_count_once_so_they_never_open_it() {
+        let circuit = Circuit::new("test", settings());
+        fail_keys(&circuit, &["A", "B"]);
+        for _ in 0..100 {
+            fail_keys(&circuit, &["A", "B"]);
+        }
+        assert_eq!(circuit.state(), CircuitState::Closed);
+        fail_keys(&circuit, &["C"]);
+        assert_eq!(
+            circuit.state(),
+            CircuitState::Open,
+            "three distinct keys in a row"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn repeated_failures_of_a_key_do_not_weigh_on_the_ratio() {
+        let circuit = Circuit::new(
+            "test",
+            CircuitSettings {
+                consecutive_failures: 1000,
+                ..settings()
+            },
+        );
+        for i in 0..8 {
+            circuit
+                .try_acquire_for(&format!("OK-{i}"))
+                .unwrap()
+                .success();
+        }
+        fail_keys(&circuit, &["A", "B"]);
+        for _ in 0..20 {
+            fail_keys(&circuit, &["A", "B"]);
+        }
+        assert_eq!(circuit.state(), CircuitState::Closed, "2 of 10 counted");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_counts_again_after_a_success_or_once_forgotten() {
+        let circuit = Circuit::new("test", settings());
+        fail_keys(&circuit, &["A", "B"]);
+        circuit.try_acquire_for("A").unwrap().success();
+        fail_keys(&circuit, &["B", "A"]);
+        assert_eq!(circuit.state(), CircuitState::Closed, "B again, then A");
+        circuit.try_acquire().unwrap().success();
+        fail_keys(&circuit, &["B", "A"]);
+        assert_eq!(circuit.state(), CircuitState::Closed);
+        tokio::time::advance(KEY_MEMORY).await;
+        fail_keys(&circuit, &["B", "A", "C"]);
+        assert_eq!(
+            circuit.state(),
+            CircuitState::Open,
+            "A and B were forgotten"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_known_failing_key_decides_nothing_as_a_probe() {
+        let circuit = Circuit::new("test", settings());
+        fail_keys(&circuit, &["A", "B", "C"]);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        circuit.try_acquire_for("A").unwrap().failure();
+        assert_eq!(circuit.state(), CircuitState::HalfOpen, "A is A's problem");
+        let probes = [circuit.try_acquire_for("D"), circuit.try_acquire_for("B")];
+        assert!(probes.iter().all(Option::is_some), "A's slot is free again");
+        for probe in probes.into_iter().flatten() {
+            probe.success();
+        }
+        assert_eq!(circuit.state(), CircuitState::Closed);
+        circuit.try_acquire_for("E").unwrap().failure();
+        fail_keys(&circuit, &["B", "F"]);
+        assert_eq!(
+            circuit.state(),
+            CircuitState::Open,
+            "B succeeded, so counts"
+        );
+    }
+
+    #[test]
+    fn the_memory_of_failing_keys_is_bounded_oldest_first() {
+        let mut keys = FailingKeys::default();
+        let now = Instant::now();
+        for key in 0..(KEYS_REMEMBERED as u64 + 10) {
+            assert!(!keys.note(key, now));
+        }
+        assert_eq!(keys.last.len(), KEYS_REMEMBERED);
+        assert!(!keys.note(0, now), "the oldest were forgotten first");
+        assert!(keys.note(KEYS_REMEMBERED as u64 + 9, now));
+        assert!(keys.order.len() <= KEYS_REMEMBERED);
     }
 
     #[tokio::test(start_paused = true)]

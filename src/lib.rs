@@ -5,7 +5,11 @@
 //!
 //! - [`cli`]: command-line parsing (`serve`, `simulate-upstream`, `demo`, `warm`).
 //! - [`config`]: TOML file → `DISCOUNT_PROXY_…` environment → flags, validated before binding.
-//! - [`app`]: wires config into the running parts (cache, upstream, lookup) and serves them.
+//! - [`admission`]: how much is taken on at once: connections, and requests until their
+//!   responses are written.
+//! - [`app`]: wires config into the running parts (cache, upstream, lookup) and serves them:
+//!   the one start-up path of `serve`, `demo` and the tests.
+//! - [`state`]: what every request handler shares.
 //! - [`server`]: accept loop, hyper connections, graceful shutdown, the per-request log line.
 //! - [`routes`]: method + path → handler; JSON in, JSON out.
 //! - [`error`]: the request-path error and the one place that maps it to status and code.
@@ -24,6 +28,7 @@
 //! - [`tls`]: the crypto provider for TLS to the upstream and Redis.
 //! - [`warm`]: the `warm` command, a client that sends SNs to a running proxy in batches.
 
+pub mod admission;
 pub mod app;
 pub mod cache;
 pub mod circuit;
@@ -39,6 +44,7 @@ pub mod secret;
 pub mod server;
 pub mod simulator;
 pub mod sn;
+pub mod state;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

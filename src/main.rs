@@ -2,15 +2,12 @@
 
 use clap::Parser;
 use discount_proxy::app::{self, CacheChoice};
-use discount_proxy::cache::{Cache, RedisCache, RedisSettings};
 use discount_proxy::cli::{Cli, Command, ServeArgs, SimulateArgs};
-use discount_proxy::config::{self, Config, LogFormat};
-use discount_proxy::metrics::Metrics;
+use discount_proxy::config::{Config, LogFormat};
 use discount_proxy::secret::Secret;
 use discount_proxy::simulator::Simulator;
 use discount_proxy::{telemetry, warm};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
@@ -65,8 +62,8 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The proxy and a simulated upstream in one process, on Redis if it answers and the
-/// in-process cache if it does not.
+/// The proxy and a simulated upstream in one process, on Redis if it answers (with the
+/// in-process tier if `cache.local.enabled`) and the in-process cache if it does not.
 async fn demo(args: &ServeArgs) -> anyhow::Result<()> {
     let mut config = load_config(args)?;
     init_telemetry(config.log.format)?;
@@ -76,27 +73,9 @@ async fn demo(args: &ServeArgs) -> anyhow::Result<()> {
     tokio::spawn(simulator.run(listener, std::future::pending()));
     config.upstream.url = format!("http://{upstream_addr}/contract/?sn={{sn}}");
     info!(addr = %upstream_addr, latency = "500ms", "demo: simulated upstream started");
-    let metrics = Arc::new(Metrics::new());
-    let choice = match RedisCache::new(&RedisSettings::from(&config.redis), Arc::clone(&metrics)) {
-        // The pool that answered is the one the proxy uses: no second pool, no second connect.
-        Ok(redis) => match redis.ping().await {
-            Ok(()) => CacheChoice::Built {
-                cache: Arc::new(redis),
-                metrics,
-            },
-            Err(err) => {
-                warn!(url = %config::redacted_url(&config.redis.url), error = %err, "demo: redis does not answer; using the in-process cache");
-                CacheChoice::Memory
-            }
-        },
-        Err(err) => {
-            warn!(error = %err, "demo: redis URL unusable; using the in-process cache");
-            CacheChoice::Memory
-        }
-    };
     let listener = app::bind(&config).await?;
     let base = format!("http://{}", listener.local_addr()?);
-    let proxy = app::prepare(&config, listener, choice).await?;
+    let proxy = app::prepare(&config, listener, CacheChoice::RedisIfAnswering).await?;
     info!("demo: try  curl -s {base}/v1/discounts/C2024-0001");
     info!(
         "demo: try  curl -s -H 'Content-Type: application/json' -d '{{\"sns\":[\"C2024-0001\",\"C2024-0002\",\"NF-1\"]}}' {base}/v1/discounts/lookup"

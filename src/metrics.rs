@@ -40,6 +40,8 @@ pub struct Metrics {
     local_bytes: Gauge,
     invalidation_messages: Family<Label, Counter>,
     invalidation_channel: Gauge,
+    connections_open: Gauge,
+    write_timeouts: Counter,
     rejected_entries: Counter,
 }
 
@@ -124,6 +126,8 @@ impl Metrics {
             local_bytes: Gauge::default(),
             invalidation_messages: Family::default(),
             invalidation_channel: Gauge::default(),
+            connections_open: Gauge::default(),
+            write_timeouts: Counter::default(),
             rejected_entries: Counter::default(),
         };
         metrics.register();
@@ -181,7 +185,7 @@ impl Metrics {
         );
         registry.register(
             "write_backs",
-            "Answers written back to the cache, by outcome: ok, failed, skipped, fenced",
+            "Answers written back to the cache, by outcome: ok, failed, skipped, fenced, abandoned (left unwritten when the shutdown grace ran out)",
             self.write_backs.clone(),
         );
         registry.register(
@@ -230,6 +234,16 @@ impl Metrics {
             "invalidation_channel_up",
             "1 while this instance is subscribed to the invalidation channel, else 0",
             self.invalidation_channel.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Client connections open (at the last scrape); at most server.max_connections",
+            self.connections_open.clone(),
+        );
+        registry.register(
+            "write_timeouts",
+            "Responses abandoned because the client took no bytes for server.write_timeout",
+            self.write_timeouts.clone(),
         );
         registry.register(
             "cache_entries_rejected",
@@ -331,6 +345,11 @@ impl Metrics {
         self.invalidation_channel.set(i64::from(up));
     }
 
+    /// A response was abandoned: its client stopped reading.
+    pub fn record_write_timeout(&self) {
+        self.write_timeouts.inc();
+    }
+
     /// A value read from the cache was not an entry we write, and was treated as a miss.
     pub fn record_rejected_entry(&self) {
         self.rejected_entries.inc();
@@ -344,6 +363,7 @@ impl Metrics {
     /// The values read at scrape time: pool, pending fetches, circuits.
     pub fn set_current(&self, current: &Current) {
         self.pending_fetches.set(gauge(current.pending_fetches));
+        self.connections_open.set(gauge(current.connections_open));
         self.local_bytes
             .set(i64::try_from(current.local_bytes).unwrap_or(i64::MAX));
         for (state, value) in [
@@ -388,6 +408,8 @@ pub struct Current {
     pub redis_circuit: crate::circuit::CircuitState,
     /// Bytes the in-process tier holds (0 when it is off).
     pub local_bytes: u64,
+    /// Client connections open.
+    pub connections_open: usize,
 }
 
 fn gauge(value: usize) -> i64 {

@@ -5,10 +5,10 @@ use crate::secret::Secret;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode, header};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder;
+use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
@@ -54,7 +54,7 @@ impl Simulator {
                                 let simulator = Arc::clone(&simulator);
                                 async move { Ok::<_, Infallible>(simulator.answer(request).await) }
                             });
-                            let _ = Builder::new(TokioExecutor::new())
+                            let _ = http1::Builder::new()
                                 .serve_connection(TokioIo::new(stream), service)
                                 .await;
                         });

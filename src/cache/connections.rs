@@ -8,7 +8,10 @@
 //!
 //! A connection that broke (or timed out) is discarded by the caller that saw it fail; the
 //! next caller of that slot connects afresh, and callers of one slot wait for the same connect
-//! instead of stampeding Redis with their own.
+//! instead of stampeding Redis with their own. When that connect fails, the callers that
+//! waited for it fail with it rather than each connecting in turn: with a hung Redis, the
+//! tenth waiter would otherwise pay for ten connect timeouts. Callers bound their whole
+//! attempt, wait included, by `redis.timeout` (see `RedisCache::run_shared`).
 
 use super::{CacheError, PoolStatus};
 use redis::aio::MultiplexedConnection;
@@ -34,6 +37,9 @@ struct Slot {
     current: Mutex<Option<Lease>>,
     /// Held while connecting, so one caller connects and the others of this slot wait for it.
     connecting: tokio::sync::Mutex<()>,
+    /// Connects of this slot that failed so far: a waiter that sees it move while it waited
+    /// fails with that connect instead of making its own.
+    failed_connects: AtomicU64,
 }
 
 impl Slot {
@@ -95,27 +101,37 @@ impl Connections {
 
     async fn connect(&self, index: usize) -> Result<Lease, CacheError> {
         let slot = &self.slots[index];
+        let failed_before = slot.failed_connects.load(Ordering::Acquire);
         let _connecting = slot.connecting.lock().await;
-        // Whoever held the lock before may have connected this slot already.
+        // Whoever held the lock before may have connected this slot already, or failed to.
         if let Some(lease) = slot.current() {
             return Ok(lease);
         }
-        let connect = self
-            .client
-            .get_multiplexed_async_connection_with_config(&self.config);
-        let conn = tokio::time::timeout(self.connect_timeout, connect)
-            .await
-            .map_err(|_| CacheError::Timeout {
-                op: "connect",
-                timeout: self.connect_timeout,
-            })?
-            .map_err(CacheError::Connect)?;
+        if slot.failed_connects.load(Ordering::Acquire) != failed_before {
+            return Err(CacheError::ConnectFailed);
+        }
+        let conn = self.connect_once().await.inspect_err(|_| {
+            slot.failed_connects.fetch_add(1, Ordering::AcqRel);
+        })?;
         let lease = Lease {
             conn,
             generation: self.generations.fetch_add(1, Ordering::Relaxed),
         };
         *slot.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(lease.clone());
         Ok(lease)
+    }
+
+    async fn connect_once(&self) -> Result<MultiplexedConnection, CacheError> {
+        let connect = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config);
+        tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| CacheError::Timeout {
+                op: "connect",
+                timeout: self.connect_timeout,
+            })?
+            .map_err(CacheError::Connect)
     }
 
     /// Drops a connection that broke or hung, and every connection made before it: whatever

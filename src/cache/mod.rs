@@ -41,6 +41,10 @@ pub enum CacheError {
     /// No connection could be made, typically because Redis is down or refusing.
     #[error("no redis connection: {0}")]
     Connect(#[source] ::redis::RedisError),
+    /// The connect this call waited for (made by another caller) failed just now: trying
+    /// again at once would only make every waiter pay for a connect in turn.
+    #[error("no redis connection: the connect attempt this call waited for failed")]
+    ConnectFailed,
     /// `redis.url` is not a URL redis-rs can connect with.
     #[error("redis URL cannot be used: {0}")]
     InvalidUrl(#[source] ::redis::RedisError),

@@ -60,6 +60,15 @@ impl Command<'_> {
     }
 }
 
+/// How a command ended, for metrics.
+fn outcome<T>(result: &Result<T, CacheError>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(CacheError::Timeout { .. }) => "timeout",
+        Err(_) => "error",
+    }
+}
+
 /// The command's name for metrics: `SET pipeline` counts as `SET`.
 fn command_name(op: &'static str) -> &'static str {
     op.split(' ').next().unwrap_or(op)
@@ -80,7 +89,7 @@ impl CacheError {
     /// as `OOM`): only these count towards skipping it.
     fn is_unreachable(&self) -> bool {
         match self {
-            Self::Timeout { .. } | Self::Connect(_) => true,
+            Self::Timeout { .. } | Self::Connect(_) | Self::ConnectFailed => true,
             Self::Command { source, .. } => source.is_io_error() || source.is_connection_dropped(),
             Self::InvalidUrl(_) | Self::Skipped => false,
         }
@@ -128,16 +137,13 @@ impl RedisCache {
             // Redis answered, even if with an error (`OOM`, `READONLY`): it is reachable.
             _ => ticket.success(),
         }
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(CacheError::Timeout { .. }) => "timeout",
-            Err(_) => "error",
-        };
-        self.metrics.record_redis(name, outcome, started.elapsed());
+        self.metrics
+            .record_redis(name, outcome(&result), started.elapsed());
         result
     }
 
-    /// Runs one command on a shared connection, bounding the connect and the command apart.
+    /// Runs one command on a shared connection, the wait for a connection, a connect and the
+    /// command all within one `redis.timeout`, however many callers wait with it.
     /// A connection that timed out or broke is discarded: the next caller makes a new one.
     async fn run_shared<T: FromRedisValue>(
         &self,
@@ -145,11 +151,17 @@ impl RedisCache {
         command: Command<'_>,
     ) -> Result<T, CacheError> {
         let timeout = self.timeout;
+        let deadline = Instant::now() + timeout;
         let Lease {
             mut conn,
             generation,
-        } = self.connections.get().await?;
-        match tokio::time::timeout(timeout, command.query(&mut conn)).await {
+        } = tokio::time::timeout_at(deadline, self.connections.get())
+            .await
+            .map_err(|_| CacheError::Timeout {
+                op: "connect",
+                timeout,
+            })??;
+        match tokio::time::timeout_at(deadline, command.query(&mut conn)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(source)) => {
                 if poisons_connection(&source) {
@@ -272,11 +284,25 @@ impl Cache for RedisCache {
         })
     }
 
+    /// Beside the circuit, not through it: `/readyz` asks whether Redis answers a `PING`,
+    /// which says nothing of whether reads and writes go through (a paused or read-only
+    /// Redis answers `PING`). Only real commands decide the circuit, so a probe never closes
+    /// it while they fail. While it is open, Redis is not asked at all.
     fn ping(&self) -> BoxFuture<'_, Result<(), CacheError>> {
         Box::pin(async move {
-            self.run::<String>("PING", Command::Single(&redis::cmd("PING")))
+            let started = Instant::now();
+            if self.circuit.state() == CircuitState::Open {
+                self.metrics
+                    .record_redis("PING", "skipped", started.elapsed());
+                return Err(CacheError::Skipped);
+            }
+            let result = self
+                .run_shared::<String>("PING", Command::Single(&redis::cmd("PING")))
                 .await
-                .map(drop)
+                .map(drop);
+            self.metrics
+                .record_redis("PING", outcome(&result), started.elapsed());
+            result
         })
     }
 

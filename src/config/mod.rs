@@ -111,6 +111,13 @@ pub struct ServerConfig {
     /// balancer sees it leave before its connections are refused.
     #[serde(with = "humantime_serde")]
     pub drain_delay: Duration,
+    /// A response the client takes no bytes of for this long is abandoned and its connection
+    /// closed, freeing its `max_in_flight` slot (clients that stop reading).
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Most open client connections; past it new ones wait in the kernel's backlog until one
+    /// closes. Idle and slow sockets up to this number never keep a client from being served.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -126,6 +133,8 @@ impl Default for ServerConfig {
             api_tokens: Vec::new(),
             max_in_flight: 1024,
             drain_delay: Duration::ZERO,
+            write_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
         }
     }
 }
@@ -141,8 +150,9 @@ pub struct RedisConfig {
     pub pool_size: usize,
     /// Prefix of every key; bump its version to start from an empty cache.
     pub key_prefix: String,
-    /// Bounds one connect and, separately, one command; a lookup makes up to two Redis
-    /// calls (read, write-back), so a hung Redis costs it a few times this, never more.
+    /// Bounds one Redis operation: the wait for a connection, a connect and the command
+    /// together, however many callers wait. A lookup makes up to two Redis calls (read,
+    /// write-back), so a hung Redis costs it a few times this, never more.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Most keys in one `MGET` or one write-back pipeline; bigger batches are split.

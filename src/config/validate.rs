@@ -34,6 +34,8 @@ impl Config {
             ));
         }
         at_least(server.max_in_flight, 1, "server.max_in_flight")?;
+        timeout(server.write_timeout, "server.write_timeout")?;
+        at_least(server.max_connections, 1, "server.max_connections")?;
         within(
             server.drain_delay,
             Duration::ZERO,

@@ -1,21 +1,25 @@
 //! The background half of a lookup: fetch the flights a request started, hand each answer to
-//! every waiter, write the definite ones back in pipelines as they come, then settle them.
+//! every waiter, and pass the definite ones on to be written back (see `write_back`).
+//!
+//! A task fetches its queue in order and skips what it need not fetch: a flight another task
+//! claimed, and an invalidated one nobody waits for (its answer could be neither served nor
+//! cached). Once the proxy drains, it starts nothing new: what is queued is settled as
+//! abandoned, and only the fetches under way finish and are written back.
 
 use super::flights::{Flight, Flights};
 use super::freshness::Lifetimes;
-use super::invalidations::Invalidations;
+use super::write_back::{PendingWrites, Unwritten, Writer, next_answer};
 use crate::cache::{Cache, Entry, EntryKind, Write};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::upstream::{Fetched, UpstreamClient, UpstreamError};
-use futures_util::{Stream, StreamExt};
+use futures_util::StreamExt;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
-use tokio::task::JoinHandle;
+use std::time::SystemTime;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{debug, warn};
 
 /// What a fetch task needs, owned, so it outlives the request that started it.
 #[derive(Clone)]
@@ -26,21 +30,19 @@ pub(super) struct Fetcher {
     pub(super) metrics: Arc<Metrics>,
     pub(super) lifetimes: Lifetimes,
     pub(super) write_batch: usize,
-    pub(super) invalidations: Arc<Invalidations>,
     pub(super) flights: Arc<Flights>,
     /// Write-backs run as tasks of their own here, so shutdown waits for them too.
     pub(super) tasks: TaskTracker,
+    /// Cancelled when the proxy drains: start no new fetch.
+    pub(super) stopping: CancellationToken,
+    /// Answers on their way to the cache, for the drain to count what it leaves behind.
+    pub(super) unwritten: Arc<Unwritten>,
 }
-
-/// Answers wait at most this long for their write-back: a batch that resolves together is
-/// written in one pipeline, while early answers of a slow batch are not held back by the
-/// slowest SN (nor lost to the cache when the request's deadline passes).
-const WRITE_BACK_DELAY: Duration = Duration::from_millis(50);
 
 /// A flight this task leads. However the task ends, the flight is settled and leaves the
 /// map when its `Lead` is dropped: a waiter never waits for an answer that cannot come.
-struct Lead {
-    flight: Arc<Flight>,
+pub(super) struct Lead {
+    pub(super) flight: Arc<Flight>,
     flights: Arc<Flights>,
 }
 
@@ -59,6 +61,8 @@ struct Queue {
     flights: Arc<Flights>,
     /// Set for a streamed lookup's task; taken once its feed is closed.
     streamed: Option<Streamed>,
+    /// Cancelled when the proxy drains.
+    stopping: CancellationToken,
 }
 
 /// What ties a fetch task to the streamed lookup it fetches for.
@@ -79,11 +83,24 @@ impl Queue {
 
     /// After a cancellation: the queued flights nobody else waits for are dropped (settled as
     /// abandoned and removed); those another lookup waits for are left for that lookup's own
-    /// task, which queued them too.
+    /// task, which queued them too. Checked and claimed under the flights' lock, so a lookup
+    /// joining one right now either keeps it or finds it gone.
     fn drop_unwanted(&mut self) {
         self.close_feed();
         for flight in std::mem::take(&mut self.waiting) {
-            if flight.waiters() == 0 && flight.claim() {
+            if self.flights.claim_unwanted(&flight) {
+                drop(self.lead(flight));
+            }
+        }
+    }
+
+    /// Settles everything still queued as abandoned: the proxy is draining, or the task
+    /// ended early.
+    fn abandon_all(&mut self) {
+        self.close_feed();
+        // Claiming makes a Lead, whose drop settles the flight and removes it.
+        while let Some(flight) = self.waiting.pop_front() {
+            if flight.claim() {
                 drop(self.lead(flight));
             }
         }
@@ -107,11 +124,15 @@ impl Queue {
                 return Some(lead);
             }
             let more = match self.streamed.as_mut() {
-                Some(streamed) if !streamed.cancel.is_cancelled() => streamed.more.recv().await,
+                Some(streamed) if !streamed.cancel.is_cancelled() => tokio::select! {
+                    more = streamed.more.recv() => more,
+                    () = self.stopping.cancelled() => None,
+                },
                 _ => None,
             };
             match more {
                 Some(flights) => self.waiting.extend(flights),
+                // Dropping the queue settles what is left in it.
                 None => return None,
             }
         }
@@ -122,6 +143,14 @@ impl Iterator for Queue {
     type Item = Lead;
 
     fn next(&mut self) -> Option<Lead> {
+        if self.stopping.is_cancelled() {
+            debug!(
+                queued = self.waiting.len(),
+                "draining: the queued fetches are not started"
+            );
+            self.abandon_all();
+            return None;
+        }
         if self
             .streamed
             .as_ref()
@@ -135,6 +164,11 @@ impl Iterator for Queue {
             return None;
         }
         while let Some(flight) = self.waiting.pop_front() {
+            // Invalidated and unwanted: its answer could be neither served nor cached.
+            if flight.is_invalidated() && self.flights.claim_unwanted(&flight) {
+                drop(self.lead(flight));
+                continue;
+            }
             if flight.claim() {
                 return Some(self.lead(flight));
             }
@@ -145,13 +179,7 @@ impl Iterator for Queue {
 
 impl Drop for Queue {
     fn drop(&mut self) {
-        self.close_feed();
-        // Claiming makes a Lead, whose drop settles the flight and removes it.
-        while let Some(flight) = self.waiting.pop_front() {
-            if flight.claim() {
-                drop(self.lead(flight));
-            }
-        }
+        self.abandon_all();
     }
 }
 
@@ -177,6 +205,7 @@ impl Fetcher {
             waiting: flights.into(),
             flights: Arc::clone(&self.flights),
             streamed,
+            stopping: self.stopping.clone(),
         };
         let leads = futures_util::stream::unfold(queue, |mut queue| async move {
             let lead = queue.next_lead().await?;
@@ -231,14 +260,13 @@ impl Fetcher {
         Writer {
             cache: Arc::clone(&self.cache),
             health: Arc::clone(&self.health),
-            metrics: Arc::clone(&self.metrics),
-            invalidations: Arc::clone(&self.invalidations),
+            unwritten: Arc::clone(&self.unwritten),
         }
     }
 
     /// The write for one answer, unless the SN was invalidated since the fetch began.
     fn write_for(&self, flight: &Flight, fetched: &Fetched) -> Option<Write> {
-        if self.invalidations.since(&flight.sn, flight.started) {
+        if flight.is_invalidated() {
             debug!(sn = %flight.sn, "invalidated during its fetch; not cached");
             self.metrics.record_write_backs("fenced", 1);
             return None;
@@ -258,121 +286,96 @@ impl Fetcher {
     }
 }
 
-/// The next answer; while waiting for it, sends off the writes that have waited long enough.
-async fn next_answer<S: Stream + Unpin>(
-    pending: &mut S,
-    writes: &mut PendingWrites,
-) -> Option<S::Item> {
-    loop {
-        let Some(at) = writes.flush_at else {
-            return pending.next().await;
+#[cfg(test)]
+mod tests {
+    use super::super::flights::Stage;
+    use super::*;
+
+    /// The queue of a streamed lookup's task, holding `queued`.
+    fn streamed_queue(
+        flights: &Arc<Flights>,
+        queued: Vec<Arc<Flight>>,
+        cancel: &CancellationToken,
+    ) -> Queue {
+        let (_feed, more) = tokio::sync::mpsc::unbounded_channel();
+        Queue {
+            waiting: queued.into(),
+            flights: Arc::clone(flights),
+            streamed: Some(Streamed {
+                cancel: cancel.clone(),
+                more,
+            }),
+            stopping: CancellationToken::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lookup_joining_a_queued_fetch_as_the_streamed_lookup_that_queued_it_goes_away_gets_its_answer()
+     {
+        let flights = Arc::new(Flights::new(10, Arc::default()));
+        let cancel = CancellationToken::new();
+        let streamed = flights.join([(0, "F")].into_iter()).unwrap();
+        let mut queue = streamed_queue(&flights, streamed.unclaimed, &cancel);
+        drop(streamed.all);
+
+        // Another lookup joins F, still queued…
+        let mut joined = flights.join([(0, "F")].into_iter()).unwrap();
+        // …just as the streamed lookup goes away and its task drops what nobody waits for.
+        cancel.cancel();
+        assert!(queue.next().is_none());
+
+        let flight = &joined.unclaimed[0];
+        assert!(flight.claim(), "the joining lookup's own task fetches F");
+        flight.answer(Ok(Fetched::NotFound));
+        let (_, mut stage) = joined.all.remove(0);
+        let stage = stage
+            .wait_for(|stage| stage.answer().is_some())
+            .await
+            .unwrap();
+        assert!(
+            matches!(&*stage, Stage::Answered(Ok(Fetched::NotFound))),
+            "{:?}",
+            *stage
+        );
+    }
+
+    #[test]
+    fn a_queued_fetch_of_an_invalidated_sn_nobody_waits_for_is_not_started() {
+        let flights = Arc::new(Flights::new(10, Arc::default()));
+        let joined = flights.join([(0, "A"), (1, "B")].into_iter()).unwrap();
+        let mut queue = streamed_queue(&flights, joined.unclaimed, &CancellationToken::new());
+        let mut waits = joined.all;
+        drop(waits.remove(0));
+        flights.detach(&["A", "B"]);
+        assert_eq!(flights.pending(), 2);
+        let lead = queue.next().unwrap();
+        assert_eq!(lead.flight.sn, "B", "B's lookup still waits for it");
+        assert_eq!(flights.pending(), 1, "A ended without a fetch");
+        drop(lead);
+        assert_eq!(flights.pending(), 0);
+    }
+
+    #[test]
+    fn once_draining_a_task_starts_nothing_and_settles_its_queue() {
+        let flights = Arc::new(Flights::new(10, Arc::default()));
+        let joined = flights.join([(0, "A"), (1, "B")].into_iter()).unwrap();
+        let stopping = CancellationToken::new();
+        let mut queue = Queue {
+            waiting: joined.unclaimed.into(),
+            flights: Arc::clone(&flights),
+            streamed: None,
+            stopping: stopping.clone(),
         };
-        tokio::select! {
-            next = pending.next() => return next,
-            () = tokio::time::sleep_until(at) => writes.flush(),
-        }
-    }
-}
-
-/// Writes gathered into pipelines. Each pipeline runs as its own task, so a slow Redis
-/// never stops the fetch loop from collecting answers (and releasing upstream slots).
-struct PendingWrites {
-    writes: Vec<Write>,
-    leads: Vec<Lead>,
-    flush_at: Option<Instant>,
-    flushes: Vec<JoinHandle<()>>,
-    writer: Writer,
-    tasks: TaskTracker,
-    max: usize,
-}
-
-impl PendingWrites {
-    fn new(writer: Writer, tasks: TaskTracker, max: usize) -> Self {
-        Self {
-            writes: Vec::new(),
-            leads: Vec::new(),
-            flush_at: None,
-            flushes: Vec::new(),
-            writer,
-            tasks,
-            max: max.max(1),
-        }
-    }
-
-    fn push(&mut self, write: Write, lead: Lead) {
-        self.writes.push(write);
-        self.leads.push(lead);
-        self.flush_at
-            .get_or_insert_with(|| Instant::now() + WRITE_BACK_DELAY);
-        if self.writes.len() >= self.max {
-            self.flush();
-        }
-    }
-
-    fn flush(&mut self) {
-        self.flush_at = None;
-        if self.writes.is_empty() {
-            return;
-        }
-        let writes = std::mem::take(&mut self.writes);
-        let leads = std::mem::take(&mut self.leads);
-        let span = info_span!("write_back", keys = writes.len());
-        let write = self.writer.clone().write(writes, leads).instrument(span);
-        self.flushes.push(self.tasks.spawn(write));
-    }
-
-    /// Sends what is left and waits for every pipeline of this task.
-    async fn finish(mut self) {
-        self.flush();
-        for flush in std::mem::take(&mut self.flushes) {
-            let _ = flush.await;
-        }
-    }
-}
-
-/// Writes one pipeline, counting and logging a failure: it is never the request's failure.
-#[derive(Clone)]
-struct Writer {
-    cache: Arc<dyn Cache>,
-    health: Arc<Health>,
-    metrics: Arc<Metrics>,
-    invalidations: Arc<Invalidations>,
-}
-
-impl Writer {
-    /// Writes, then settles the flights (dropping their leads), so a lookup after this reads
-    /// the cache instead of joining.
-    async fn write(self, writes: Vec<Write>, leads: Vec<Lead>) {
-        let answers = writes.len();
-        // Checked again right before the SET: an invalidation may have come in meanwhile.
-        let writes: Vec<Write> = writes
-            .into_iter()
-            .zip(&leads)
-            .filter(|(write, lead)| !self.invalidations.since(&write.sn, lead.flight.started))
-            .map(|(write, _)| write)
-            .collect();
-        self.metrics
-            .record_write_backs("fenced", answers - writes.len());
-        if !writes.is_empty() {
-            match self.cache.set_many(&writes).await {
-                Ok(()) => {
-                    self.metrics.record_write_backs("ok", writes.len());
-                    debug!(keys = writes.len(), "write-back done");
-                }
-                Err(err) if err.is_skipped() => {
-                    self.metrics.record_write_backs("skipped", writes.len());
-                    debug!(
-                        keys = writes.len(),
-                        "write-back skipped: redis's circuit is open"
-                    );
-                }
-                Err(err) => {
-                    self.metrics.record_write_backs("failed", writes.len());
-                    self.health.record_redis_error();
-                    warn!(error = %err, keys = writes.len(), "write-back failed; the next lookup refetches");
-                }
-            }
-        }
-        drop(leads);
+        let first = queue.next().unwrap();
+        stopping.cancel();
+        assert!(queue.next().is_none());
+        assert_eq!(flights.pending(), 1, "only the fetch under way is left");
+        let stage = joined.all[1].1.borrow().clone();
+        assert!(
+            matches!(stage, Stage::Settled(Err(UpstreamError::Abandoned))),
+            "{stage:?}"
+        );
+        drop(first);
+        assert_eq!(flights.pending(), 0);
     }
 }

@@ -9,6 +9,20 @@
 //! in a big export is fetched as soon as a small lookup asks for it.
 //! A flight stays joinable until its write-back is done, so a lookup that comes between the
 //! answer and the write joins it instead of fetching again.
+//!
+//! Joining subscribes under the map's lock, and a queued flight is dropped for want of
+//! waiters under the same lock, so a lookup that joins a flight just as the lookup that
+//! queued it goes away either keeps it alive or finds it gone and starts its own: it never
+//! waits on a flight dropped under it.
+//!
+//! An invalidation detaches an SN's flight: its waiters still get their answer, a lookup
+//! after it starts a fetch of its own, and the detached flight is fenced (its answer is not
+//! written back: it may predate the invalidation). A detached flight still counts against
+//! `upstream.max_pending` until it ends, so a loop of lookups and invalidations cannot pile
+//! up fetches past that bound; and one nobody waits for any more is dropped before it is
+//! fetched. The fence lives on the flight, so it needs no memory of its own: a map of recent
+//! invalidations would grow with every SN ever invalidated, or, bounded, forget some and let
+//! a pre-invalidation answer be written back.
 
 use crate::metrics::Metrics;
 use crate::upstream::{Fetched, UpstreamError};
@@ -17,7 +31,6 @@ use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
-use tokio::time::Instant;
 
 /// A fetch's result, as every waiter sees it.
 pub type Answer = Result<Fetched, UpstreamError>;
@@ -49,10 +62,12 @@ pub struct Flight {
     /// The SN being fetched.
     pub sn: String,
     stage: watch::Sender<Stage>,
-    /// When the flight began; an invalidation after it fences the write-back.
-    pub started: Instant,
     /// Whether a task has started fetching it.
     claimed: AtomicBool,
+    /// Detached by an invalidation after it began: its answer must not be written back.
+    invalidated: AtomicBool,
+    /// Whether it has left the flights (removed, or no longer counted as detached).
+    finished: AtomicBool,
     /// Started to refresh a value still being served (stale, or nearly expired): a lookup
     /// must read that value rather than wait for this.
     refresh: bool,
@@ -63,8 +78,9 @@ impl Flight {
         Arc::new(Self {
             sn: sn.to_owned(),
             stage: watch::Sender::new(Stage::Pending),
-            started: Instant::now(),
             claimed: AtomicBool::new(false),
+            invalidated: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
             refresh,
         })
     }
@@ -84,8 +100,15 @@ impl Flight {
         self.claimed.load(Ordering::Acquire)
     }
 
-    /// Listens to the flight; a receiver never misses the latest stage.
-    pub fn subscribe(&self) -> watch::Receiver<Stage> {
+    /// Whether the SN was invalidated while this flight was under way, so its answer, which
+    /// may be older than the invalidation, must not be cached.
+    pub fn is_invalidated(&self) -> bool {
+        self.invalidated.load(Ordering::Acquire)
+    }
+
+    /// Listens to the flight; a receiver never misses the latest stage. Only [`Flights`]
+    /// subscribes, under its lock.
+    fn subscribe(&self) -> watch::Receiver<Stage> {
         self.stage.subscribe()
     }
 
@@ -117,8 +140,10 @@ pub struct Joined {
     /// The flights no task has started yet (new here, or queued by another request): this
     /// request's own task fetches each one unless another task gets to it first.
     pub unclaimed: Vec<Arc<Flight>>,
-    /// Every miss's flight, by its index in the request (started here or joined).
-    pub all: Vec<(usize, Arc<Flight>)>,
+    /// Every miss's flight, by its index in the request (started here or joined), already
+    /// listened to: the flight cannot be dropped for want of waiters from the moment it is
+    /// joined.
+    pub all: Vec<(usize, watch::Receiver<Stage>)>,
 }
 
 /// The flights in the process, keyed by SN.
@@ -128,6 +153,8 @@ pub struct Flights {
     /// The map's size, readable without its lock: the hit path checks it on every lookup,
     /// and when nothing is being fetched it need not take the lock at all.
     size: AtomicUsize,
+    /// Flights detached by an invalidation that have not ended; changed under the lock.
+    detached: AtomicUsize,
     max_pending: usize,
     joins: AtomicU64,
     metrics: Arc<Metrics>,
@@ -139,6 +166,7 @@ impl Flights {
         Self {
             map: Mutex::new(HashMap::new()),
             size: AtomicUsize::new(0),
+            detached: AtomicUsize::new(0),
             max_pending,
             joins: AtomicU64::new(0),
             metrics,
@@ -159,7 +187,7 @@ impl Flights {
             .clone()
             .filter(|(_, sn)| !map.contains_key(*sn))
             .count();
-        if new > 0 && map.len() + new > self.max_pending {
+        if new > 0 && self.counted(&map) + new > self.max_pending {
             return Err(Overloaded);
         }
         let mut joined = Joined {
@@ -178,7 +206,8 @@ impl Flights {
             if !flight.is_claimed() {
                 joined.unclaimed.push(Arc::clone(&flight));
             }
-            joined.all.push((index, flight));
+            // Under the lock: no task can find the flight unwanted and drop it from now on.
+            joined.all.push((index, flight.subscribe()));
         }
         self.size.store(map.len(), Ordering::Relaxed);
         Ok(joined)
@@ -205,7 +234,7 @@ impl Flights {
     /// Starts a background refresh of `sn` unless one is under way or the proxy is full.
     pub fn start_refresh(&self, sn: &str) -> Option<Arc<Flight>> {
         let mut map = self.lock();
-        if map.len() >= self.max_pending || map.contains_key(sn) {
+        if self.counted(&map) >= self.max_pending || map.contains_key(sn) {
             return None;
         }
         let flight = Flight::new(sn, true);
@@ -214,31 +243,63 @@ impl Flights {
         Some(flight)
     }
 
-    /// Removes a finished flight, unless an invalidation already replaced or removed it.
+    /// Takes a finished flight out: removes it from the map, unless an invalidation already
+    /// replaced or removed it, in which case it stops counting as detached. Only the first
+    /// call for a flight does anything.
     pub fn finish(&self, flight: &Arc<Flight>) {
         let mut map = self.lock();
+        self.finish_locked(&mut map, flight);
+    }
+
+    /// Claims a queued flight that nobody waits for and takes it out, in one step under the
+    /// lock, so that no lookup can join it in between; `false` (and nothing done) if a
+    /// lookup waits for it or a task has it. The caller settles it.
+    pub fn claim_unwanted(&self, flight: &Arc<Flight>) -> bool {
+        let mut map = self.lock();
+        if flight.waiters() > 0 || !flight.claim() {
+            return false;
+        }
+        self.finish_locked(&mut map, flight);
+        true
+    }
+
+    fn finish_locked(&self, map: &mut HashMap<String, Arc<Flight>>, flight: &Arc<Flight>) {
+        if flight.finished.swap(true, Ordering::AcqRel) {
+            return;
+        }
         if map
             .get(&flight.sn)
             .is_some_and(|current| Arc::ptr_eq(current, flight))
         {
             map.remove(&flight.sn);
             self.size.store(map.len(), Ordering::Relaxed);
+        } else if flight.is_invalidated() {
+            self.detached.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
     /// Detaches the flights of invalidated SNs: their waiters still get the answer they
-    /// asked for, but a lookup from now on starts a fetch of its own.
+    /// asked for, but it is not written back, and a lookup from now on starts a fetch of its
+    /// own. They count as pending until they end.
     pub fn detach(&self, sns: &[&str]) {
         let mut map = self.lock();
         for sn in sns {
-            map.remove(*sn);
+            if let Some(flight) = map.remove(*sn) {
+                flight.invalidated.store(true, Ordering::Release);
+                self.detached.fetch_add(1, Ordering::Relaxed);
+            }
         }
         self.size.store(map.len(), Ordering::Relaxed);
     }
 
-    /// Fetches queued, in flight, or waiting for their write-back.
+    /// Fetches queued, in flight, or waiting for their write-back, detached ones included.
     pub fn pending(&self) -> usize {
-        self.size.load(Ordering::Relaxed)
+        self.size.load(Ordering::Relaxed) + self.detached.load(Ordering::Relaxed)
+    }
+
+    /// What counts against `max_pending`, with the lock held.
+    fn counted(&self, map: &HashMap<String, Arc<Flight>>) -> usize {
+        map.len() + self.detached.load(Ordering::Relaxed)
     }
 
     /// Lookups that joined a fetch another request had started, since start.
@@ -262,6 +323,14 @@ mod tests {
         sns.iter().copied().enumerate()
     }
 
+    /// Joins `sn` alone and returns its flight (as the task that queued it holds it), and the
+    /// lookup's wait on it.
+    fn join_one(flights: &Flights, sn: &str) -> (Arc<Flight>, watch::Receiver<Stage>) {
+        let mut joined = flights.join(misses(&[sn])).unwrap();
+        let flight = joined.unclaimed.pop().unwrap();
+        (flight, joined.all.remove(0).1)
+    }
+
     #[test]
     fn the_second_request_joins_and_may_take_on_what_is_still_queued() {
         let flights = Flights::new(100, Arc::default());
@@ -269,10 +338,6 @@ mod tests {
         assert_eq!(first.unclaimed.len(), 2);
         assert!(first.unclaimed[0].claim(), "the first task starts A");
         let second = flights.join(misses(&["A", "B", "C"])).unwrap();
-        assert!(
-            Arc::ptr_eq(&first.all[1].1, &second.all[1].1),
-            "B is shared"
-        );
         assert_eq!(flights.joins(), 2);
         let unclaimed: Vec<&str> = second
             .unclaimed
@@ -283,6 +348,10 @@ mod tests {
             unclaimed,
             ["B", "C"],
             "B is still queued, so it may be taken on"
+        );
+        assert!(
+            Arc::ptr_eq(&first.unclaimed[1], &second.unclaimed[0]),
+            "B is shared"
         );
         assert!(second.unclaimed[0].claim());
         assert!(!first.unclaimed[1].claim(), "B is fetched once");
@@ -306,9 +375,7 @@ mod tests {
     #[tokio::test]
     async fn waiters_see_the_answer_and_a_finished_flight_is_gone() {
         let flights = Flights::new(10, Arc::default());
-        let joined = flights.join(misses(&["A"])).unwrap();
-        let flight = &joined.all[0].1;
-        let mut waiter = flight.subscribe();
+        let (flight, mut waiter) = join_one(&flights, "A");
         flight.answer(Ok(Fetched::NotFound));
         let stage = waiter
             .wait_for(|stage| stage.answer().is_some())
@@ -317,19 +384,51 @@ mod tests {
         assert!(matches!(stage.answer(), Some(Ok(Fetched::NotFound))));
         drop(stage);
         flight.settle();
-        flights.finish(flight);
+        flights.finish(&flight);
         assert_eq!(flights.pending(), 0);
     }
 
     #[test]
     fn an_invalidated_flight_is_not_removed_in_place_of_its_successor() {
         let flights = Flights::new(10, Arc::default());
-        let old = flights.join(misses(&["A"])).unwrap().all.remove(0).1;
+        let (old, _) = join_one(&flights, "A");
         flights.detach(&["A"]);
-        let new = flights.join(misses(&["A"])).unwrap().all.remove(0).1;
+        let (new, _) = join_one(&flights, "A");
+        assert!(old.is_invalidated() && !new.is_invalidated());
         flights.finish(&old);
         assert_eq!(flights.pending(), 1, "the new flight stays");
         flights.finish(&new);
         assert_eq!(flights.pending(), 0);
+    }
+
+    #[test]
+    fn invalidating_flights_does_not_make_room_past_max_pending_until_they_end() {
+        let flights = Flights::new(2, Arc::default());
+        let (a, _) = join_one(&flights, "A");
+        let (b, _) = join_one(&flights, "B");
+        flights.detach(&["A", "B"]);
+        assert_eq!(flights.pending(), 2, "detached, still being fetched");
+        assert_eq!(flights.join(misses(&["C"])).err(), Some(Overloaded));
+        assert!(flights.start_refresh("C").is_none());
+        flights.finish(&a);
+        flights.finish(&a);
+        assert_eq!(flights.pending(), 1, "a flight ends once");
+        assert!(flights.join(misses(&["C"])).is_ok());
+        flights.finish(&b);
+        assert_eq!(flights.pending(), 1);
+    }
+
+    #[test]
+    fn a_queued_flight_someone_joined_is_not_dropped_as_unwanted() {
+        let flights = Flights::new(10, Arc::default());
+        let (flight, first_waiter) = join_one(&flights, "A");
+        drop(first_waiter);
+        let (_, second_waiter) = join_one(&flights, "A");
+        assert!(!flights.claim_unwanted(&flight), "the second lookup waits");
+        assert!(!flight.is_claimed());
+        drop(second_waiter);
+        assert!(flights.claim_unwanted(&flight));
+        assert_eq!(flights.pending(), 0, "dropped, and gone at once");
+        assert!(!flights.claim_unwanted(&flight), "claimed already");
     }
 }

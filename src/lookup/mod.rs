@@ -5,10 +5,10 @@
 mod fetch;
 mod flights;
 mod freshness;
-mod invalidations;
 mod outcome;
 mod read;
 mod resolving;
+mod write_back;
 
 pub use self::flights::Overloaded;
 pub use self::freshness::Lifetimes;
@@ -17,7 +17,7 @@ pub use self::resolving::Resolving;
 
 use self::fetch::Fetcher;
 use self::flights::Flights;
-use self::invalidations::Invalidations;
+use self::write_back::Unwritten;
 use crate::cache::Cache;
 use crate::circuit::CircuitState;
 use crate::health::Health;
@@ -31,7 +31,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info_span};
+use tracing::{Instrument, info_span, warn};
 
 /// How long answers are kept, how long a lookup may take, how much may wait, how writes
 /// are grouped.
@@ -59,11 +59,14 @@ struct Core {
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     settings: LookupSettings,
-    invalidations: Arc<Invalidations>,
     flights: Arc<Flights>,
     /// Fetches, refreshes and write-backs run here, so a client that goes away does not
     /// cancel them and shutdown can wait for them.
     tasks: TaskTracker,
+    /// Cancelled when the proxy drains: fetch tasks start nothing new.
+    stopping: CancellationToken,
+    /// Answers on their way to the cache, for the drain to count what it leaves behind.
+    unwritten: Arc<Unwritten>,
 }
 
 impl Lookup {
@@ -81,10 +84,11 @@ impl Lookup {
             upstream,
             health,
             flights: Arc::new(Flights::new(settings.max_pending, Arc::clone(&metrics))),
+            unwritten: Arc::new(Unwritten::new(Arc::clone(&metrics))),
             metrics,
             settings,
-            invalidations: Arc::default(),
             tasks: TaskTracker::new(),
+            stopping: CancellationToken::new(),
         };
         Self {
             core: Arc::new(core),
@@ -101,7 +105,8 @@ impl Lookup {
         self.core.upstream.circuit_state()
     }
 
-    /// Upstream fetches queued, in flight or finishing their write-back.
+    /// Upstream fetches queued, in flight or finishing their write-back, those detached by
+    /// an invalidation included.
     pub fn pending_fetches(&self) -> usize {
         self.core.flights.pending()
     }
@@ -191,7 +196,6 @@ impl Lookup {
         let core = &self.core;
         // Before the delete: a fetch under way must not write its older answer back after it,
         // and a lookup from now on must not join that fetch.
-        core.invalidations.record(sns);
         core.flights.detach(sns);
         core.cache.delete_many(sns).await.inspect_err(|err| {
             if !err.is_skipped() {
@@ -202,11 +206,26 @@ impl Lookup {
 
     /// Stops taking new background work and waits (up to `grace`) for what is under way.
     /// Returns whether everything finished.
+    ///
+    /// Fetch tasks start no new fetch from here on: what they still have queued is settled
+    /// as abandoned (the requests are over by now, or out of time), and only the fetches
+    /// under way finish and are written back. If `grace` runs out first, the answers not
+    /// yet written are counted (`discount_proxy_write_backs_total{outcome="abandoned"}`) and
+    /// logged: they are lost when the process exits, and the next lookup refetches them.
     pub async fn drain(&self, grace: Duration) -> bool {
-        self.core.tasks.close();
-        tokio::time::timeout(grace, self.core.tasks.wait())
-            .await
-            .is_ok()
+        let core = &self.core;
+        core.stopping.cancel();
+        core.tasks.close();
+        if tokio::time::timeout(grace, core.tasks.wait()).await.is_ok() {
+            return true;
+        }
+        let abandoned = core.unwritten.give_up();
+        warn!(
+            answers = abandoned,
+            fetches = core.flights.pending(),
+            "the drain is out of time: answers not yet written back are lost, and fetches under way are dropped"
+        );
+        false
     }
 }
 
@@ -266,8 +285,8 @@ impl Core {
         }
         Ok(joined
             .all
-            .iter()
-            .map(|(index, flight)| resolving::wait_for_answer(*index, flight.subscribe()))
+            .into_iter()
+            .map(|(index, stage)| resolving::wait_for_answer(index, stage))
             .collect())
     }
 
@@ -279,9 +298,10 @@ impl Core {
             metrics: Arc::clone(&self.metrics),
             lifetimes: self.settings.lifetimes.clone(),
             write_batch: self.settings.write_batch,
-            invalidations: Arc::clone(&self.invalidations),
             flights: Arc::clone(&self.flights),
             tasks: self.tasks.clone(),
+            stopping: self.stopping.clone(),
+            unwritten: Arc::clone(&self.unwritten),
         }
     }
 }

@@ -239,9 +239,8 @@ impl Resolving {
         if !joined.unclaimed.is_empty() {
             reader.queue(joined.unclaimed, self.deadline);
         }
-        for (index, flight) in joined.all {
-            self.answers
-                .push(wait_for_answer(index, flight.subscribe()));
+        for (index, stage) in joined.all {
+            self.answers.push(wait_for_answer(index, stage));
         }
         Ok(())
     }

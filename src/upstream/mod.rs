@@ -1,6 +1,8 @@
 //! The client for the upstream discount service: one SN per request, bounded concurrency
 //! shared by every lookup, a timeout per request, bodies size-checked while they stream in,
 //! bounded retries with backoff, and a circuit breaker that stops calling a failing upstream.
+//! Each attempt tells the circuit its SN, so SNs that keep failing are written off one by
+//! one instead of opening the circuit for every SN (see [`crate::circuit`]).
 
 mod retry;
 mod url;
@@ -266,7 +268,7 @@ impl UpstreamClient {
         // must not call an upstream whose circuit opened meanwhile.
         let ticket = self
             .circuit
-            .try_acquire()
+            .try_acquire_for(sn)
             .ok_or(UpstreamError::CircuitOpen)?;
         let started = Instant::now();
         self.metrics.upstream_in_flight().inc();

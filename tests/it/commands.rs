@@ -208,7 +208,7 @@ async fn demo_without_redis_serves_from_the_in_process_cache() {
 }
 
 #[tokio::test]
-async fn demo_with_redis_uses_it() {
+async fn demo_with_redis_uses_it_with_the_in_process_tier_when_enabled() {
     let redis = RedisServer::start();
     let demo = Process::spawn(
         &[
@@ -218,10 +218,12 @@ async fn demo_with_redis_uses_it() {
             "--redis-url",
             &redis.url(),
         ],
-        &[],
+        &[("DISCOUNT_PROXY_CACHE__LOCAL__ENABLED", "true")],
     );
     let addr = demo.listening_addr().await;
     demo.wait_for_line("redis answers", Duration::from_secs(5))
+        .await;
+    demo.wait_for_line("in-process tier in front of redis", Duration::from_secs(5))
         .await;
     let response = crate::support::http_client()
         .get(format!("http://{addr}/v1/discounts/C2024-0001"))

@@ -32,14 +32,8 @@ async fn sibling_of(first: &TestApp, ttl: Duration) -> TestApp {
     TestApp::spawn_on(config, CacheChoice::Redis, unused_redis, unused_upstream).await
 }
 
-/// One sample of the instance's metrics, 0 when it has not been recorded yet.
 fn metric(app: &TestApp, sample: &str) -> f64 {
-    app.state
-        .metrics
-        .encode()
-        .lines()
-        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
+    app.metric(sample)
 }
 
 async fn following(app: &TestApp) {

@@ -1,8 +1,9 @@
 //! The proxy on a free port, with its own Redis and stub upstream, all stopped on `Drop`.
 
 use super::{FaultProxy, RedisServer, StubUpstream};
-use discount_proxy::app::{AppState, CacheChoice};
+use discount_proxy::app::{self, CacheChoice};
 use discount_proxy::config::Config;
+use discount_proxy::state::AppState;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -85,19 +86,14 @@ impl TestApp {
         redis: RedisServer,
         upstream: StubUpstream,
     ) -> Self {
-        let state = AppState::build(&config, choice).unwrap();
-        let listener = tokio::net::TcpListener::bind(config.server.listen)
-            .await
-            .unwrap();
+        let listener = app::bind(&config).await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let proxy = app::prepare(&config, listener, choice).await.unwrap();
+        let state = Arc::clone(proxy.state());
         let (shutdown, stop) = oneshot::channel::<()>();
-        let server = tokio::spawn(discount_proxy::server::run(
-            listener,
-            Arc::clone(&state),
-            async {
-                let _ = stop.await;
-            },
-        ));
+        let server = tokio::spawn(proxy.run(async {
+            let _ = stop.await;
+        }));
         super::wait_until("the server is ready", Duration::from_secs(5), || async {
             state.health.phase() == discount_proxy::health::Phase::Ready
         })
@@ -209,6 +205,20 @@ impl Drop for TestApp {
 }
 
 /// The results array of a lookup response.
+impl TestApp {
+    /// One sample of the proxy's metrics (`name{labels}` as exposed), 0 when it has not been
+    /// recorded yet. Values read at scrape time (gauges of connections, pools, circuits)
+    /// need a `GET /metrics` instead.
+    pub fn metric(&self, sample: &str) -> f64 {
+        self.state
+            .metrics
+            .encode()
+            .lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
 pub fn results(body: &Value) -> &Vec<Value> {
     body["results"].as_array().expect("results is an array")
 }

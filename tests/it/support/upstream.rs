@@ -6,10 +6,10 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder;
+use hyper_util::rt::TokioIo;
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -205,7 +205,7 @@ async fn serve(listener: TcpListener, state: Arc<State>, held: watch::Receiver<b
                 let held = held.clone();
                 async move { Ok::<_, Infallible>(answer(&state, held, request).await) }
             });
-            let _ = Builder::new(TokioExecutor::new())
+            let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

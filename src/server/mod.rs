@@ -1,20 +1,30 @@
-//! The accept loop: hyper connections through hyper-util's auto builder, one log line per
-//! request, and a graceful shutdown that lets in-flight requests and write-backs finish.
+//! The accept loop: HTTP/1.1 connections, at most `server.max_connections` of them, one log
+//! line per request, and a graceful shutdown that lets in-flight requests and write-backs
+//! finish.
+//!
+//! HTTP/1.1 only: hyper-util's auto builder sniffs the first bytes to choose HTTP/1 or
+//! HTTP/2 with no timer, so a socket that sends nothing (or half the HTTP/2 preface) was
+//! held forever. hyper's HTTP/1 server times the whole request head, from the first byte
+//! awaited to the last, with `server.header_read_timeout`, idle keep-alive included.
 
-use crate::app::AppState;
+mod stream;
+
+use self::stream::ClientStream;
+use crate::admission::{Slot, Unflushed};
 use crate::routes::{self, LookupStats};
+use crate::state::AppState;
 use hyper::Request;
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -23,9 +33,8 @@ use tracing::{Instrument, info, info_span, warn};
 /// new connections and gives in-flight requests, refreshes and write-backs
 /// `server.shutdown_grace` to finish.
 pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
-    let mut builder = Builder::new(TokioExecutor::new());
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(state.header_read_timeout);
     let graceful = GracefulShutdown::new();
@@ -41,21 +50,8 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
             }
         };
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let state = Arc::clone(&state);
-                    let service = service_fn(move |request| {
-                        let state = Arc::clone(&state);
-                        async move { Ok::<_, Infallible>(handle_logged(&state, request).await) }
-                    });
-                    let connection = builder.serve_connection(TokioIo::new(stream), service);
-                    let connection = graceful.watch(connection.into_owned());
-                    tokio::spawn(async move {
-                        // A client that vanishes mid-request is its own business, not an error.
-                        let _ = connection.await;
-                    });
-                }
+            accepted = accept(&listener, &state) => match accepted {
+                Ok((tcp, place)) => serve_connection(&builder, &graceful, &state, tcp, place),
                 Err(err) => {
                     // Usually out of file descriptors: back off instead of spinning.
                     warn!(error = %err, "accept failed");
@@ -76,6 +72,48 @@ pub async fn run(listener: TcpListener, state: Arc<AppState>, shutdown: impl Fut
         }
     }
     drain(listener, graceful, &state).await;
+}
+
+/// The next connection, once there is room for it among `server.max_connections`: at the
+/// bound, new connections wait in the kernel's backlog instead of taking descriptors.
+async fn accept(listener: &TcpListener, state: &AppState) -> std::io::Result<(TcpStream, Slot)> {
+    let place = state.connections.admit().await;
+    let (tcp, _peer) = listener.accept().await?;
+    Ok((tcp, place))
+}
+
+/// Serves one connection on its own task, until the client leaves, a timeout cuts it off,
+/// or the drain ends.
+fn serve_connection(
+    builder: &http1::Builder,
+    graceful: &GracefulShutdown,
+    state: &Arc<AppState>,
+    tcp: TcpStream,
+    place: Slot,
+) {
+    let _ = tcp.set_nodelay(true);
+    let unflushed = Arc::new(Unflushed::default());
+    let stream = ClientStream::new(
+        tcp,
+        state.write_timeout,
+        Arc::clone(&unflushed),
+        Arc::clone(&state.metrics),
+        place,
+    );
+    let state = Arc::clone(state);
+    let service = service_fn(move |mut request: Request<Incoming>| {
+        let state = Arc::clone(&state);
+        // The admission slot of a `/v1/*` request is parked here until its response is on
+        // the socket.
+        request.extensions_mut().insert(Arc::clone(&unflushed));
+        async move { Ok::<_, Infallible>(handle_logged(&state, request).await) }
+    });
+    let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+    tokio::spawn(async move {
+        // A client that vanishes mid-request, or is cut off by a timeout, is its own
+        // business, not an error.
+        let _ = connection.await;
+    });
 }
 
 /// The least time background write-backs get after the in-flight requests are done.

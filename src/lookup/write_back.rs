@@ -1,0 +1,255 @@
+//! Writing answers back: gathered into pipelines as they come, each pipeline a task of its
+//! own, the flights settled once written; and a count of the answers still on their way, so
+//! a drain that runs out of time reports what it leaves unwritten instead of losing it
+//! silently.
+
+use super::fetch::Lead;
+use crate::cache::{Cache, Write};
+use crate::health::Health;
+use crate::metrics::Metrics;
+use futures_util::{Stream, StreamExt};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info_span, warn};
+
+/// Answers wait at most this long for their write-back: a batch that resolves together is
+/// written in one pipeline, while early answers of a slow batch are not held back by the
+/// slowest SN (nor lost to the cache when the request's deadline passes).
+const WRITE_BACK_DELAY: Duration = Duration::from_millis(50);
+
+/// The next answer; while waiting for it, sends off the writes that have waited long enough.
+pub(super) async fn next_answer<S: Stream + Unpin>(
+    pending: &mut S,
+    writes: &mut PendingWrites,
+) -> Option<S::Item> {
+    loop {
+        let Some(at) = writes.flush_at else {
+            return pending.next().await;
+        };
+        tokio::select! {
+            next = pending.next() => return next,
+            () = tokio::time::sleep_until(at) => writes.flush(),
+        }
+    }
+}
+
+/// Writes gathered into pipelines. Each pipeline runs as its own task, so a slow Redis
+/// never stops the fetch loop from collecting answers (and releasing upstream slots).
+pub(super) struct PendingWrites {
+    writes: Vec<Write>,
+    leads: Vec<Lead>,
+    flush_at: Option<Instant>,
+    flushes: Vec<JoinHandle<()>>,
+    writer: Writer,
+    tasks: TaskTracker,
+    max: usize,
+}
+
+impl PendingWrites {
+    pub(super) fn new(writer: Writer, tasks: TaskTracker, max: usize) -> Self {
+        Self {
+            writes: Vec::new(),
+            leads: Vec::new(),
+            flush_at: None,
+            flushes: Vec::new(),
+            writer,
+            tasks,
+            max: max.max(1),
+        }
+    }
+
+    pub(super) fn push(&mut self, write: Write, lead: Lead) {
+        self.writer.unwritten.add(1);
+        self.writes.push(write);
+        self.leads.push(lead);
+        self.flush_at
+            .get_or_insert_with(|| Instant::now() + WRITE_BACK_DELAY);
+        if self.writes.len() >= self.max {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        self.flush_at = None;
+        if self.writes.is_empty() {
+            return;
+        }
+        let writes = std::mem::take(&mut self.writes);
+        let leads = std::mem::take(&mut self.leads);
+        let span = info_span!("write_back", keys = writes.len());
+        let write = self.writer.clone().write(writes, leads).instrument(span);
+        self.flushes.push(self.tasks.spawn(write));
+    }
+
+    /// Sends what is left and waits for every pipeline of this task.
+    pub(super) async fn finish(mut self) {
+        self.flush();
+        for flush in std::mem::take(&mut self.flushes) {
+            let _ = flush.await;
+        }
+    }
+}
+
+/// Writes one pipeline, counting and logging a failure: it is never the request's failure.
+#[derive(Clone)]
+pub(super) struct Writer {
+    pub(super) cache: Arc<dyn Cache>,
+    pub(super) health: Arc<Health>,
+    pub(super) unwritten: Arc<Unwritten>,
+}
+
+impl Writer {
+    /// Writes, then settles the flights (dropping their leads), so a lookup after this reads
+    /// the cache instead of joining.
+    async fn write(self, writes: Vec<Write>, leads: Vec<Lead>) {
+        let answers = writes.len();
+        // Checked again right before the SET: an invalidation may have come in meanwhile.
+        let writes: Vec<Write> = writes
+            .into_iter()
+            .zip(&leads)
+            .filter(|(_, lead)| !lead.flight.is_invalidated())
+            .map(|(write, _)| write)
+            .collect();
+        let unwritten = &self.unwritten;
+        unwritten.settle(Settled::Fenced, answers - writes.len());
+        if !writes.is_empty() {
+            match self.cache.set_many(&writes).await {
+                Ok(()) => {
+                    unwritten.settle(Settled::Ok, writes.len());
+                    debug!(keys = writes.len(), "write-back done");
+                }
+                Err(err) if err.is_skipped() => {
+                    unwritten.settle(Settled::Skipped, writes.len());
+                    debug!(
+                        keys = writes.len(),
+                        "write-back skipped: redis's circuit is open"
+                    );
+                }
+                Err(err) => {
+                    unwritten.settle(Settled::Failed, writes.len());
+                    self.health.record_redis_error();
+                    warn!(error = %err, keys = writes.len(), "write-back failed; the next lookup refetches");
+                }
+            }
+        }
+        drop(leads);
+    }
+}
+
+/// How a write-back ended, as `discount_proxy_write_backs_total` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Settled {
+    /// Written.
+    Ok,
+    /// Redis failed it.
+    Failed,
+    /// Not tried: Redis's circuit is open.
+    Skipped,
+    /// Not written: the SN was invalidated during its fetch.
+    Fenced,
+}
+
+impl Settled {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Failed => "failed",
+            Self::Skipped => "skipped",
+            Self::Fenced => "fenced",
+        }
+    }
+}
+
+/// Answers handed to a write-back that has not ended. Each is counted once, by how its
+/// write-back ended or, if the drain gave up first, as `abandoned`: what a drain leaves
+/// behind is neither lost silently nor counted twice.
+pub(super) struct Unwritten {
+    metrics: Arc<Metrics>,
+    state: Mutex<Ledger>,
+}
+
+#[derive(Default)]
+struct Ledger {
+    answers: usize,
+    /// The drain gave up: everything is counted already.
+    given_up: bool,
+}
+
+impl Unwritten {
+    pub(super) fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            state: Mutex::default(),
+        }
+    }
+
+    fn add(&self, answers: usize) {
+        let mut ledger = self.lock();
+        if !ledger.given_up {
+            ledger.answers += answers;
+        }
+    }
+
+    /// Counts `answers` as ended this way, unless the drain has counted them already.
+    fn settle(&self, how: Settled, answers: usize) {
+        let mut ledger = self.lock();
+        if ledger.given_up || answers == 0 {
+            return;
+        }
+        ledger.answers = ledger.answers.saturating_sub(answers);
+        self.metrics.record_write_backs(how.label(), answers);
+    }
+
+    /// The drain is over: counts what has not been written as abandoned, and returns how
+    /// many that is. Nothing is counted after this.
+    pub(super) fn give_up(&self) -> usize {
+        let mut ledger = self.lock();
+        ledger.given_up = true;
+        let abandoned = std::mem::take(&mut ledger.answers);
+        self.metrics.record_write_backs("abandoned", abandoned);
+        abandoned
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        // Two counters: a poisoned lock still holds consistent numbers.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_backs(metrics: &Metrics, outcome: &str) -> bool {
+        metrics
+            .encode()
+            .contains(&format!("write_backs_total{{outcome=\"{outcome}\"}}"))
+    }
+
+    #[test]
+    fn answers_left_when_the_drain_gives_up_are_counted_once_as_abandoned() {
+        let metrics = Arc::new(Metrics::new());
+        let unwritten = Unwritten::new(Arc::clone(&metrics));
+        unwritten.add(3);
+        unwritten.settle(Settled::Ok, 1);
+        assert_eq!(unwritten.give_up(), 2);
+        unwritten.settle(Settled::Ok, 2);
+        unwritten.add(5);
+        assert_eq!(unwritten.give_up(), 0);
+        let text = metrics.encode();
+        assert!(
+            text.contains("discount_proxy_write_backs_total{outcome=\"ok\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("discount_proxy_write_backs_total{outcome=\"abandoned\"} 2\n"),
+            "{text}"
+        );
+        assert!(!write_backs(&metrics, "failed"));
+    }
+}
