@@ -36,8 +36,8 @@ pub enum Command {
     Warm(WarmArgs),
 }
 
-/// Where the config comes from, and the flags that override it.
-#[derive(Debug, Clone, Default, Args)]
+/// Where the config comes from, and the flags that override it. `Debug` redacts the URLs.
+#[derive(Clone, Default, Args)]
 pub struct ServeArgs {
     /// The TOML config file [default: config/default.toml, if it exists].
     #[arg(long, value_name = "PATH")]
@@ -51,6 +51,24 @@ pub struct ServeArgs {
     /// Overrides `upstream.url` (a template with `{sn}`).
     #[arg(long, value_name = "URL")]
     pub upstream_url: Option<String>,
+}
+
+impl std::fmt::Debug for ServeArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            config,
+            listen,
+            redis_url,
+            upstream_url,
+        } = self;
+        let redacted = |url: &Option<String>| url.as_deref().map(crate::config::redacted_url);
+        f.debug_struct("ServeArgs")
+            .field("config", config)
+            .field("listen", listen)
+            .field("redis_url", &redacted(redis_url))
+            .field("upstream_url", &redacted(upstream_url))
+            .finish()
+    }
 }
 
 impl ServeArgs {

@@ -32,10 +32,10 @@ pub enum Error {
         allow: String,
     },
     /// The body holds more SNs than `server.max_batch` (`413 batch_too_large`).
-    #[error("the batch has {count} SNs; at most {max} are allowed")]
+    /// Counted while parsing, which stops at the first SN past the bound: how many more
+    /// there were is never known.
+    #[error("the batch has more than {max} SNs; at most {max} are allowed")]
     BatchTooLarge {
-        /// How many SNs the request held.
-        count: usize,
         /// The configured `server.max_batch`.
         max: usize,
     },
@@ -148,7 +148,7 @@ mod tests {
                 method: String::new(),
                 allow: String::new(),
             },
-            Error::BatchTooLarge { count: 2, max: 1 },
+            Error::BatchTooLarge { max: 1 },
             Error::PayloadTooLarge { max: 1 },
             Error::UnsupportedMediaType,
             Error::BodyTimeout(Duration::from_secs(1)),

@@ -42,6 +42,7 @@ pub struct Metrics {
     invalidation_channel: Gauge,
     connections_open: Gauge,
     write_timeouts: Counter,
+    rejected_entries: Counter,
 }
 
 /// Buckets from 0.5 ms to about 33 s: a Redis round trip at the bottom, a slow upstream at
@@ -127,6 +128,7 @@ impl Metrics {
             invalidation_channel: Gauge::default(),
             connections_open: Gauge::default(),
             write_timeouts: Counter::default(),
+            rejected_entries: Counter::default(),
         };
         metrics.register();
         metrics
@@ -243,6 +245,11 @@ impl Metrics {
             "Responses abandoned because the client took no bytes for server.write_timeout",
             self.write_timeouts.clone(),
         );
+        registry.register(
+            "cache_entries_rejected",
+            "Values read from the cache that are not entries this proxy writes (another format, or JSON on more than one line): misses, overwritten by the write-back",
+            self.rejected_entries.clone(),
+        );
     }
 
     /// The OpenMetrics text of every family.
@@ -341,6 +348,11 @@ impl Metrics {
     /// A response was abandoned: its client stopped reading.
     pub fn record_write_timeout(&self) {
         self.write_timeouts.inc();
+    }
+
+    /// A value read from the cache was not an entry we write, and was treated as a miss.
+    pub fn record_rejected_entry(&self) {
+        self.rejected_entries.inc();
     }
 
     /// A request was shed for `reason`.

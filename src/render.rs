@@ -82,8 +82,9 @@ pub fn summary(summary: &Summary) -> Vec<u8> {
     buf
 }
 
-/// One NDJSON line: the JSON, then a newline (the JSON itself is single-line: cached values
-/// are stored without raw line breaks).
+/// One NDJSON line: the JSON, then a newline (the JSON itself is single-line: upstream bodies
+/// are compacted before they are stored, and a cached value with a raw line break is refused
+/// when read, see `cache/entry.rs`).
 pub fn line(mut json: Vec<u8>) -> bytes::Bytes {
     json.push(b'\n');
     json.into()

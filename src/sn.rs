@@ -106,4 +106,73 @@ mod tests {
         assert_eq!(decode_path_segment("%FF"), Err(SnError::NotUtf8));
         assert_eq!(decode_path_segment("a%20b"), Err(SnError::Whitespace));
     }
+
+    mod properties {
+        use super::*;
+        use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+        use proptest::prelude::*;
+
+        /// Strings near the boundary of valid: printable ASCII (`/`, `%`, `?`, `.` included),
+        /// any non-control character, and anything at all.
+        fn candidate() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[!-~]{0,140}",
+                "\\PC{0,70}",
+                any::<String>(),
+                "[a-z]{0,4}[\\r\\n\\t\\u{0}\\u{85} \\u{3000}][a-z]{0,4}",
+            ]
+        }
+
+        fn valid_sn() -> impl Strategy<Value = String> {
+            prop_oneof!["[!-~]{1,128}", "\\PC{1,40}"]
+                .prop_filter("a valid SN", |sn| validate(sn).is_ok())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn an_sn_is_valid_exactly_when_it_is_short_and_free_of_controls_and_spaces(
+                sn in candidate(),
+            ) {
+                let clean = !sn.chars().any(|ch| ch.is_control() || ch.is_whitespace());
+                let expected = !sn.is_empty() && sn.len() <= MAX_SN_BYTES && clean;
+                prop_assert_eq!(validate(&sn).is_ok(), expected, "{:?}", sn);
+                if expected {
+                    // Nothing that could end a line, a command or a key early.
+                    prop_assert!(!sn.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0 | b' ')));
+                }
+            }
+
+            #[test]
+            fn any_path_segment_decodes_to_a_valid_sn_or_a_clean_error(raw in candidate()) {
+                if let Ok(sn) = decode_path_segment(&raw) {
+                    prop_assert_eq!(validate(&sn), Ok(()));
+                }
+            }
+
+            #[test]
+            fn any_percent_encoded_segment_decodes_to_its_bytes_then_validates(
+                bytes in proptest::collection::vec(any::<u8>(), 0..40),
+            ) {
+                let raw: String = bytes.iter().map(|b| format!("%{b:02X}")).collect();
+                let expected = match std::str::from_utf8(&bytes) {
+                    Err(_) => Err(SnError::NotUtf8),
+                    Ok(text) => validate(text).map(|()| text.to_owned()),
+                };
+                prop_assert_eq!(decode_path_segment(&raw), expected);
+            }
+
+            #[test]
+            fn every_valid_sn_survives_percent_encoding_in_a_path(sn in valid_sn()) {
+                let encoded = utf8_percent_encode(&sn, NON_ALPHANUMERIC).to_string();
+                prop_assert_eq!(decode_path_segment(&encoded), Ok(sn.clone()));
+                // Unencoded, as a client may well send it, it is the same SN unless it holds
+                // a `%` that starts an escape.
+                if !sn.contains('%') {
+                    prop_assert_eq!(decode_path_segment(&sn), Ok(sn));
+                }
+            }
+        }
+    }
 }

@@ -150,3 +150,25 @@ impl From<&crate::config::RedisConfig> for RedisSettings {
         }
     }
 }
+
+// Destructured in full: whoever adds a field decides here whether it is a secret.
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            url,
+            pool_size,
+            key_prefix,
+            timeout,
+            chunk_size,
+            breaker,
+        } = self;
+        f.debug_struct("RedisSettings")
+            .field("url", &crate::config::RedactedUrl(url))
+            .field("pool_size", pool_size)
+            .field("key_prefix", key_prefix)
+            .field("timeout", timeout)
+            .field("chunk_size", chunk_size)
+            .field("breaker", breaker)
+            .finish()
+    }
+}

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// How [`RedisCache`] reaches Redis.
-#[derive(Debug, Clone)]
+/// How [`RedisCache`] reaches Redis. `Debug` (in `cache/mod.rs`) redacts the URL.
+#[derive(Clone)]
 pub struct RedisSettings {
     /// Where Redis is (`redis.url`); `rediss://` connects over TLS.
     pub url: String,

@@ -3,7 +3,9 @@
 //! the local copies here and, over Redis pub/sub, in every other instance.
 
 use super::invalidation_channel::{self, InvalidationChannel};
-use super::{BoxFuture, Cache, CacheError, LocalTier, PoolStatus, RedisCache, Values, Write};
+use super::{
+    BoxFuture, Cache, CacheError, Entry, LocalTier, PoolStatus, RedisCache, Values, Write,
+};
 use crate::circuit::CircuitState;
 use crate::metrics::Metrics;
 use bytes::Bytes;
@@ -99,7 +101,12 @@ impl Cache for TieredCache {
             let copy = self.local.unchanged_since(fence);
             let now = Instant::now();
             for (&index, value) in lacking.iter().zip(read.values) {
-                if copy && let Some(value) = &value {
+                // Only entries we could have written: another writer's value is a miss that
+                // the write-back replaces, and a copy would outlive it here.
+                if copy
+                    && let Some(value) = &value
+                    && Entry::is_well_formed(value)
+                {
                     self.local.put(sns[index], value.clone(), now);
                 }
                 values[index] = value;

@@ -1,7 +1,10 @@
 //! Configuration: the TOML file, then `DISCOUNT_PROXY_…` environment variables, then flags.
 //! A bad value stops the start with a message naming the key, before any port is bound.
 
+mod redact;
 mod validate;
+
+pub use self::redact::{RedactedUrl, redacted_url};
 
 use crate::secret::Secret;
 use figment::Figment;
@@ -136,8 +139,8 @@ impl Default for ServerConfig {
     }
 }
 
-/// The shared cache.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// The shared cache. `Debug` redacts the URL's password (see `redact.rs`).
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     /// Where the shared cache is: `redis://[user:password@]host:port/db`, `rediss://` for TLS.
@@ -239,8 +242,9 @@ impl Default for CacheConfig {
     }
 }
 
-/// The discount service being fronted.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// The discount service being fronted. `Debug` redacts the URL's query values (see
+/// `redact.rs`).
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
     /// The discount service's URL template; `{sn}` is replaced by the percent-encoded SN.
@@ -360,18 +364,6 @@ fn verbatim_env_values(prefix: &str) -> Vec<(&'static str, String)> {
             Some((*key, value.to_string_lossy().into_owned()))
         })
         .collect()
-}
-
-/// A URL fit for logs and error messages: any password in it replaced.
-pub fn redacted_url(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut url) if url.password().is_some() => {
-            let _ = url.set_password(Some("redacted"));
-            url.to_string().replace("%7Bsn%7D", "{sn}")
-        }
-        Ok(_) => raw.to_owned(),
-        Err(_) => "(not a URL)".to_owned(),
-    }
 }
 
 /// A list from TOML, or a comma-separated string from an environment variable.
@@ -550,5 +542,30 @@ mod tests {
         config.server.api_tokens = vec![Secret::new("client-secret")];
         let printed = format!("{config:?}");
         assert!(!printed.contains("upstream-secret") && !printed.contains("client-secret"));
+    }
+
+    #[test]
+    fn debug_output_redacts_the_redis_password_and_upstream_query_values() {
+        let mut config = Config::default();
+        config.redis.url = "redis://proxy:redis-secret@cache:6379/0".to_owned();
+        config.upstream.url = "https://up/contract/{sn}?api_key=key-secret&v=2".to_owned();
+        let settings = crate::cache::RedisSettings::from(&config.redis);
+        for printed in [format!("{config:?}"), format!("{settings:?}")] {
+            assert!(!printed.contains("redis-secret"), "{printed}");
+            assert!(!printed.contains("key-secret"), "{printed}");
+        }
+        let printed = format!("{config:?}");
+        assert!(
+            printed.contains("redis://proxy:***@cache:6379/0"),
+            "{printed}"
+        );
+        assert!(
+            printed.contains("/contract/{sn}?api_key=***&v=***"),
+            "{printed}"
+        );
+        assert!(
+            printed.contains("pool_size: 2"),
+            "the rest is still shown: {printed}"
+        );
     }
 }

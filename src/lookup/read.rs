@@ -97,6 +97,7 @@ impl Core {
         let entry = match Entry::decode(value?) {
             Ok(entry) => entry,
             Err(err) => {
+                self.metrics.record_rejected_entry();
                 warn!(sn = %sn, error = %err, "unreadable cache entry; refetching");
                 return None;
             }

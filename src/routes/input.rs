@@ -1,13 +1,15 @@
 //! Reading what a client sent: the `{"sns": [...]}` body and the `refresh` query flag.
 //! Each check fails with the error the contract names, before any work is done.
 
+mod bounded;
+
+use self::bounded::BodyError;
 use crate::error::Error;
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::Request;
 use hyper::body::Incoming;
 use hyper::header;
-use serde::Deserialize;
 use std::time::Duration;
 
 /// What a request body may be: its size, how long it may take, how many SNs it may hold.
@@ -17,35 +19,30 @@ pub(super) struct BodyLimits {
     pub max_batch: usize,
 }
 
-#[derive(Deserialize)]
-struct SnsBody {
-    sns: Vec<String>,
-}
-
-/// Reads a `{"sns": [...]}` body: media type, size (enforced while reading), JSON, shape, count.
+/// Reads a `{"sns": [...]}` body: media type, size (enforced while reading), then JSON, shape
+/// and count, the count enforced while parsing.
 pub(super) async fn read_sns(
     request: Request<Incoming>,
     limits: &BodyLimits,
 ) -> Result<Vec<String>, Error> {
     let body = read_json_body(request, limits).await?;
-    let parsed: SnsBody = serde_json::from_slice(&body).map_err(|err| match err.classify() {
-        serde_json::error::Category::Data => {
-            Error::InvalidRequest(format!("expected {{\"sns\": [\"<sn>\", ...]}}: {err}"))
-        }
-        _ => Error::InvalidJson(err.to_string()),
+    let sns = bounded::parse_sns(&body, limits.max_batch).map_err(|err| match err {
+        BodyError::TooMany => Error::BatchTooLarge {
+            max: limits.max_batch,
+        },
+        BodyError::Json(err) => match err.classify() {
+            serde_json::error::Category::Data => {
+                Error::InvalidRequest(format!("expected {{\"sns\": [\"<sn>\", ...]}}: {err}"))
+            }
+            _ => Error::InvalidJson(err.to_string()),
+        },
     })?;
-    if parsed.sns.is_empty() {
+    if sns.is_empty() {
         return Err(Error::InvalidRequest(
             "`sns` must hold at least one SN".to_owned(),
         ));
     }
-    if parsed.sns.len() > limits.max_batch {
-        return Err(Error::BatchTooLarge {
-            count: parsed.sns.len(),
-            max: limits.max_batch,
-        });
-    }
-    Ok(parsed.sns)
+    Ok(sns)
 }
 
 async fn read_json_body(request: Request<Incoming>, limits: &BodyLimits) -> Result<Bytes, Error> {

@@ -11,12 +11,22 @@ const SN_ENCODE_SET: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'~');
 
 /// The `{sn}` URL template, split once so building a URL is two copies and an encode.
-#[derive(Debug, Clone)]
+/// `Debug` redacts it: its query may hold an API key.
+#[derive(Clone)]
 pub(super) struct UrlTemplate {
     before: String,
     after: String,
     /// `{sn}` stands in the path, where `.` and `..` would be read as dot segments.
     in_path: bool,
+}
+
+impl std::fmt::Debug for UrlTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let template = format!("{}{{sn}}{}", self.before, self.after);
+        f.debug_tuple("UrlTemplate")
+            .field(&crate::config::RedactedUrl(&template))
+            .finish()
+    }
 }
 
 impl UrlTemplate {
@@ -85,5 +95,61 @@ mod tests {
             in_path.url_for("...").unwrap(),
             "http://up/contract/.../discount"
         );
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn valid_sn() -> impl Strategy<Value = String> {
+            prop_oneof!["[!-~]{1,128}", "\\PC{1,40}", "\\.{1,3}"]
+                .prop_filter("a valid SN", |sn| crate::sn::validate(sn).is_ok())
+        }
+
+        const IN_QUERY: &str = "http://up:8000/contract/?sn={sn}&x=1";
+        const IN_PATH: &str = "https://up/v1/contract/{sn}/discount?x=1";
+
+        /// The template's URL with a harmless SN, for what must not change.
+        fn sample(template: &str) -> url::Url {
+            url::Url::parse(&template.replace("{sn}", "SAMPLE")).unwrap()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn an_sn_in_the_query_is_one_value_and_adds_no_parameter(sn in valid_sn()) {
+                let built = UrlTemplate::parse(IN_QUERY).url_for(&sn).unwrap();
+                let url = url::Url::parse(&built).unwrap();
+                let expected = sample(IN_QUERY);
+                prop_assert_eq!(url.origin(), expected.origin());
+                prop_assert_eq!(url.path(), expected.path());
+                prop_assert_eq!(url.fragment(), None);
+                let pairs: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+                prop_assert_eq!(
+                    pairs,
+                    vec![("sn".to_owned(), sn), ("x".to_owned(), "1".to_owned())]
+                );
+            }
+
+            #[test]
+            fn an_sn_in_the_path_is_one_segment_or_refused(sn in valid_sn()) {
+                let Ok(built) = UrlTemplate::parse(IN_PATH).url_for(&sn) else {
+                    prop_assert!(sn == "." || sn == "..", "{:?} refused", sn);
+                    return Ok(());
+                };
+                let url = url::Url::parse(&built).unwrap();
+                let expected = sample(IN_PATH);
+                prop_assert_eq!(url.origin(), expected.origin());
+                prop_assert_eq!(url.query(), Some("x=1"));
+                prop_assert_eq!(url.fragment(), None);
+                let segments: Vec<&str> = url.path_segments().unwrap().collect();
+                prop_assert_eq!(segments.len(), 4);
+                prop_assert_eq!(&segments[..2], &["v1", "contract"]);
+                prop_assert_eq!(segments[3], "discount");
+                let decoded = percent_encoding::percent_decode_str(segments[2]).decode_utf8();
+                prop_assert_eq!(decoded.unwrap(), sn.as_str());
+            }
+        }
     }
 }

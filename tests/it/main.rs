@@ -6,6 +6,7 @@
 
 mod support;
 
+mod batch_bound;
 mod cache_control;
 mod chaos;
 mod circuit;
@@ -13,6 +14,7 @@ mod coalescing;
 mod commands;
 mod drain;
 mod failing_sns;
+mod foreign_entries;
 mod garbage_input;
 mod hostile_clients;
 mod http_errors;
@@ -26,6 +28,7 @@ mod openapi;
 mod redis_faults;
 mod request_ids;
 mod retries;
+mod secrets;
 mod shedding;
 mod stale;
 mod streaming;

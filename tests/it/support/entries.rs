@@ -15,6 +15,16 @@ pub async fn seed_not_found(app: &TestApp, sn: &str, age: Duration) {
     store(app, sn, format!("dp1-{} ", fetched_millis(age))).await;
 }
 
+/// Stores `value` for `sn` as it is: a value some other writer put under our key.
+pub async fn seed_raw(app: &TestApp, sn: &str, value: String) {
+    store(app, sn, value).await;
+}
+
+/// A found entry's header for an answer fetched now: `dp1+<millis> `.
+pub fn fresh_header() -> String {
+    format!("dp1+{} ", fetched_millis(Duration::ZERO))
+}
+
 fn fetched_millis(age: Duration) -> String {
     let millis = (SystemTime::now() - age)
         .duration_since(UNIX_EPOCH)

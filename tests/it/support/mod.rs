@@ -9,7 +9,7 @@ mod redis;
 mod upstream;
 
 pub use self::app::{TestApp, results};
-pub use self::entries::{seed_found, seed_not_found};
+pub use self::entries::{fresh_header, seed_found, seed_not_found, seed_raw};
 pub use self::faulty::{Fault, FaultProxy};
 pub use self::process::{Finished, Process, run_to_end};
 pub use self::redis::RedisServer;
