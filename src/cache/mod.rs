@@ -160,7 +160,8 @@ impl std::fmt::Debug for RedisSettings {
             key_prefix,
             timeout,
             chunk_size,
-            breaker,
+            breaker_failures,
+            breaker_cooldown,
         } = self;
         f.debug_struct("RedisSettings")
             .field("url", &crate::config::RedactedUrl(url))
@@ -168,7 +169,8 @@ impl std::fmt::Debug for RedisSettings {
             .field("key_prefix", key_prefix)
             .field("timeout", timeout)
             .field("chunk_size", chunk_size)
-            .field("breaker", breaker)
+            .field("breaker_failures", breaker_failures)
+            .field("breaker_cooldown", breaker_cooldown)
             .finish()
     }
 }

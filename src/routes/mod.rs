@@ -1,10 +1,10 @@
 //! Method + path → handler: the route table, auth, admission, and the one place an error
 //! becomes a response. JSON in, JSON out; the lookup core does the work.
 //!
-//! - [`operations`]: `/healthz`, `/readyz`, `/metrics`, `/openapi.yaml`.
-//! - [`lookups`]: batch, streamed and single lookups.
-//! - [`cache_control`]: `DELETE` of one SN and `invalidate`.
-//! - [`input`]: reading bodies and queries.
+//! - `operations`: `/healthz`, `/readyz`, `/metrics`, `/openapi.yaml`.
+//! - `lookups`: batch, streamed and single lookups.
+//! - `cache_control`: `DELETE` of one SN and `invalidate`.
+//! - `input`: reading bodies and queries.
 
 mod cache_control;
 mod input;
