@@ -24,6 +24,7 @@
 //! - [`metrics`]: the Prometheus metric families, one set per proxy, served at `/metrics`.
 //! - [`simulator`]: a stand-in for the upstream, for the quick start and benchmarks.
 //! - [`telemetry`]: the tracing subscriber.
+//! - [`retry_after`]: reading `Retry-After`, for the upstream client and `warm`.
 //! - [`secret`]: a string that never shows itself in logs.
 //! - [`tls`]: the crypto provider for TLS to the upstream and Redis.
 //! - [`warm`]: the `warm` command, a client that sends SNs to a running proxy in batches.
@@ -39,6 +40,7 @@ pub mod health;
 pub mod lookup;
 pub mod metrics;
 pub mod render;
+pub mod retry_after;
 pub mod routes;
 pub mod secret;
 pub mod server;

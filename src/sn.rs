@@ -1,41 +1,27 @@
 //! What a valid contract serial number (SN) is, checked before any work is done for it.
 
-use std::fmt;
-
 /// The longest SN accepted, in bytes of UTF-8.
 pub const MAX_SN_BYTES: usize = 128;
 
 /// Why an SN was rejected; the message goes back to the client as-is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SnError {
     /// The SN is the empty string.
+    #[error("SN is empty")]
     Empty,
     /// The SN is longer than `MAX_SN_BYTES`; holds its length in bytes.
+    #[error("SN is {0} bytes long; at most {MAX_SN_BYTES} are allowed")]
     TooLong(usize),
     /// The SN contains a control character, such as `\r` or `\n`, that could inject commands.
+    #[error("SN contains a control character")]
     ControlCharacter,
     /// The SN contains whitespace, Unicode spaces included.
+    #[error("SN contains whitespace")]
     Whitespace,
     /// A percent-decoded path segment is not valid UTF-8.
+    #[error("SN is not valid UTF-8")]
     NotUtf8,
 }
-
-impl fmt::Display for SnError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Empty => f.write_str("SN is empty"),
-            Self::TooLong(len) => write!(
-                f,
-                "SN is {len} bytes long; at most {MAX_SN_BYTES} are allowed"
-            ),
-            Self::ControlCharacter => f.write_str("SN contains a control character"),
-            Self::Whitespace => f.write_str("SN contains whitespace"),
-            Self::NotUtf8 => f.write_str("SN is not valid UTF-8"),
-        }
-    }
-}
-
-impl std::error::Error for SnError {}
 
 /// Checks an SN: 1 to 128 bytes of UTF-8, no control characters, no whitespace.
 ///

@@ -1,54 +1,23 @@
 //! A bounded in-process cache with the same TTL semantics as Redis: used by `demo` when no
-//! Redis answers, and the shape of the in-process tier that will sit in front of Redis.
+//! Redis answers, and by the lookup core's unit tests. Built on `quick_cache`, like the
+//! in-process tier: its eviction keeps what is read again and drops one-off entries first.
 
-use super::{BoxFuture, Cache, CacheError, Values, Write};
+use super::{Cache, CacheError, Values, Write};
 use bytes::Bytes;
-use std::collections::HashMap;
-use std::sync::Mutex;
+use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
-/// Entries expire like Redis keys; when full, expired entries go first, then arbitrary ones
-/// (a random eviction, which needs no bookkeeping per read).
+/// Entries expire like Redis keys (an expired entry reads as missing); when full, quick_cache
+/// evicts the entries least likely to be read again.
 pub struct MemoryCache {
-    entries: Mutex<HashMap<String, (Bytes, Instant)>>,
-    max_entries: usize,
+    entries: quick_cache::sync::Cache<String, (Bytes, Instant)>,
 }
 
 impl MemoryCache {
     /// An empty cache holding at most `max_entries` entries (at least one).
     pub fn new(max_entries: usize) -> Self {
         Self {
-            entries: Mutex::new(HashMap::new()),
-            max_entries: max_entries.max(1),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Bytes, Instant)>> {
-        // A panic while holding the lock cannot leave the map half-updated in a way that
-        // matters for a cache, so a poisoned lock is simply taken over.
-        self.entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Frees room for one more entry. Each pass frees a tenth of the capacity, so a full cache
-    /// pays for a sweep once per `max / 10` inserts, not on every insert.
-    fn make_room(entries: &mut HashMap<String, (Bytes, Instant)>, max: usize, now: Instant) {
-        if entries.len() < max {
-            return;
-        }
-        entries.retain(|_, (_, expires)| *expires > now);
-        let target = max - max.div_ceil(10);
-        if entries.len() <= target {
-            return;
-        }
-        let victims: Vec<String> = entries
-            .keys()
-            .take(entries.len() - target)
-            .cloned()
-            .collect();
-        for key in victims {
-            entries.remove(&key);
+            entries: quick_cache::sync::Cache::new(max_entries.max(1)),
         }
     }
 }
@@ -56,11 +25,10 @@ impl MemoryCache {
 impl Cache for MemoryCache {
     fn get_many<'a>(&'a self, sns: &'a [&'a str]) -> BoxFuture<'a, Values> {
         let now = Instant::now();
-        let entries = self.lock();
         let values = sns
             .iter()
-            .map(|sn| match entries.get(*sn) {
-                Some((value, expires)) if *expires > now => Some(value.clone()),
+            .map(|sn| match self.entries.get(*sn) {
+                Some((value, expires)) if expires > now => Some(value),
                 _ => None,
             })
             .collect();
@@ -72,23 +40,19 @@ impl Cache for MemoryCache {
 
     fn set_many<'a>(&'a self, writes: &'a [Write]) -> BoxFuture<'a, Result<(), CacheError>> {
         let now = Instant::now();
-        let mut entries = self.lock();
         for write in writes {
-            if !entries.contains_key(&write.sn) {
-                Self::make_room(&mut entries, self.max_entries, now);
-            }
-            entries.insert(write.sn.clone(), (write.value.clone(), now + write.ttl));
+            self.entries
+                .insert(write.sn.clone(), (write.value.clone(), now + write.ttl));
         }
         Box::pin(std::future::ready(Ok(())))
     }
 
     fn delete_many<'a>(&'a self, sns: &'a [&'a str]) -> BoxFuture<'a, Result<u64, CacheError>> {
         let now = Instant::now();
-        let mut entries = self.lock();
         let existed = sns
             .iter()
-            .filter_map(|sn| entries.remove(*sn))
-            .filter(|(_, expires)| *expires > now)
+            .filter_map(|sn| self.entries.remove(*sn))
+            .filter(|(_, (_, expires))| *expires > now)
             .count();
         Box::pin(std::future::ready(Ok(existed as u64)))
     }
@@ -138,7 +102,7 @@ mod tests {
             .map(|i| write(&i.to_string(), Duration::from_secs(60)))
             .collect();
         cache.set_many(&writes).await.unwrap();
-        assert!(cache.lock().len() <= 3);
+        assert!(cache.entries.len() <= 3, "{} entries", cache.entries.len());
         // The newest write is always kept.
         assert!(cache.get_many(&["9"]).await.values[0].is_some());
     }

@@ -19,12 +19,8 @@ pub use self::redis::{RedisCache, RedisSettings};
 pub use self::tiered::TieredCache;
 
 use bytes::Bytes;
-use std::future::Future;
-use std::pin::Pin;
+use futures_util::future::BoxFuture;
 use std::time::Duration;
-
-/// A boxed future, so `dyn Cache` can pick its backend at run time.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Why a cache operation failed. Never a request failure: the caller logs it, counts it and
 /// goes on without the cache.

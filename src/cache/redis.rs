@@ -3,11 +3,12 @@
 //! paying its timeout on every request.
 
 use super::connections::{Connections, Lease};
-use super::{BoxFuture, Cache, CacheError, PoolStatus, Values, Write};
+use super::{Cache, CacheError, PoolStatus, Values, Write};
 use crate::circuit::{Circuit, CircuitState};
 use crate::metrics::Metrics;
 use ::redis::{self, AsyncConnectionConfig, FromRedisValue};
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use futures_util::future::join_all;
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,12 +3,11 @@
 //! the local copies here and, over Redis pub/sub, in every other instance.
 
 use super::invalidation_channel::{self, InvalidationChannel};
-use super::{
-    BoxFuture, Cache, CacheError, Entry, LocalTier, PoolStatus, RedisCache, Values, Write,
-};
+use super::{Cache, CacheError, Entry, LocalTier, PoolStatus, RedisCache, Values, Write};
 use crate::circuit::CircuitState;
 use crate::metrics::Metrics;
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;

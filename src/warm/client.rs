@@ -218,13 +218,8 @@ fn transport_failure(err: &reqwest::Error) -> Failure {
 
 /// `Retry-After` in seconds, 1 s when missing or unreadable, capped at [`MAX_RETRY_AFTER`].
 fn retry_after(headers: &HeaderMap) -> Duration {
-    headers
-        .get(header::RETRY_AFTER)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.trim().parse::<u64>().ok())
-        .map_or(Duration::from_secs(1), |secs| {
-            Duration::from_secs(secs).min(MAX_RETRY_AFTER)
-        })
+    crate::retry_after::retry_after(headers)
+        .map_or(Duration::from_secs(1), |wait| wait.min(MAX_RETRY_AFTER))
 }
 
 #[cfg(test)]
