@@ -8,11 +8,12 @@
 
 use super::flights::{Flight, Flights};
 use super::freshness::Lifetimes;
+use super::upstream::Upstream;
 use super::write_back::{PendingWrites, Unwritten, Writer, next_answer};
 use crate::cache::{Cache, Entry, EntryKind, Write};
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::upstream::{Fetched, UpstreamClient, UpstreamError};
+use crate::upstream::{Fetched, UpstreamError};
 use futures_util::StreamExt;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -25,7 +26,7 @@ use tracing::{debug, warn};
 #[derive(Clone)]
 pub(super) struct Fetcher {
     pub(super) cache: Arc<dyn Cache>,
-    pub(super) upstream: Arc<UpstreamClient>,
+    pub(super) upstream: Arc<dyn Upstream>,
     pub(super) health: Arc<Health>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) lifetimes: Lifetimes,

@@ -8,12 +8,14 @@ mod freshness;
 mod outcome;
 mod read;
 mod resolving;
+mod upstream;
 mod write_back;
 
 pub use self::flights::Overloaded;
 pub use self::freshness::Lifetimes;
 pub use self::outcome::{Batch, ItemError, Outcome, Source, Summary};
 pub use self::resolving::Resolving;
+pub use self::upstream::Upstream;
 
 use self::fetch::Fetcher;
 use self::flights::Flights;
@@ -23,7 +25,6 @@ use crate::circuit::CircuitState;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::sn;
-use crate::upstream::UpstreamClient;
 use futures_util::stream::FuturesUnordered;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -55,7 +56,7 @@ pub struct Lookup {
 /// What lookups share; a streamed lookup holds on to it to read its later windows.
 struct Core {
     cache: Arc<dyn Cache>,
-    upstream: Arc<UpstreamClient>,
+    upstream: Arc<dyn Upstream>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     settings: LookupSettings,
@@ -70,11 +71,11 @@ struct Core {
 }
 
 impl Lookup {
-    /// The lookup core over a cache and an upstream client, reporting into `health` and
-    /// `metrics`.
+    /// The lookup core over a cache and an upstream (the [`crate::upstream::UpstreamClient`]
+    /// in the proxy), reporting into `health` and `metrics`.
     pub fn new(
         cache: Arc<dyn Cache>,
-        upstream: Arc<UpstreamClient>,
+        upstream: Arc<dyn Upstream>,
         health: Arc<Health>,
         metrics: Arc<Metrics>,
         settings: LookupSettings,
@@ -102,7 +103,7 @@ impl Lookup {
 
     /// The upstream circuit's state, for `/readyz`.
     pub fn upstream_circuit(&self) -> CircuitState {
-        self.core.upstream.circuit_state()
+        self.core.upstream.circuit()
     }
 
     /// Upstream fetches queued, in flight or finishing their write-back, those detached by
