@@ -2,12 +2,16 @@
 //! misses → write-back as answers arrive. Every requested SN comes back exactly once, with a
 //! value or a status; stale values are served at once while they are refreshed.
 
+#[cfg(test)]
+mod behaviour;
 mod fetch;
 mod flights;
 mod freshness;
 mod outcome;
 mod read;
 mod resolving;
+#[cfg(test)]
+mod testing;
 mod upstream;
 mod write_back;
 
