@@ -21,7 +21,6 @@ pub use self::outcome::{Batch, ItemError, Outcome, Source, Summary};
 pub use self::resolving::Resolving;
 pub use self::upstream::Upstream;
 
-use self::fetch::Fetcher;
 use self::flights::Flights;
 use self::write_back::Unwritten;
 use crate::cache::Cache;
@@ -57,7 +56,8 @@ pub struct Lookup {
     core: Arc<Core>,
 }
 
-/// What lookups share; a streamed lookup holds on to it to read its later windows.
+/// What lookups share. Fetch tasks and write-backs hold on to it (so they outlive the
+/// request that started them), and so does a streamed lookup, to read its later windows.
 struct Core {
     cache: Arc<dyn Cache>,
     upstream: Arc<dyn Upstream>,
@@ -71,7 +71,7 @@ struct Core {
     /// Cancelled when the proxy drains: fetch tasks start nothing new.
     stopping: CancellationToken,
     /// Answers on their way to the cache, for the drain to count what it leaves behind.
-    unwritten: Arc<Unwritten>,
+    unwritten: Unwritten,
 }
 
 impl Lookup {
@@ -89,7 +89,7 @@ impl Lookup {
             upstream,
             health,
             flights: Arc::new(Flights::new(settings.max_pending, Arc::clone(&metrics))),
-            unwritten: Arc::new(Unwritten::new(Arc::clone(&metrics))),
+            unwritten: Unwritten::new(Arc::clone(&metrics)),
             metrics,
             settings,
             tasks: TaskTracker::new(),
@@ -270,7 +270,7 @@ impl Core {
     /// Joins (or starts) the flights of the misses, queues the ones no task has started in
     /// a task of this lookup, and returns the waits for their answers.
     fn join_fetches(
-        &self,
+        self: &Arc<Self>,
         distinct: &[String],
         misses: &[usize],
         deadline: Instant,
@@ -282,32 +282,14 @@ impl Core {
             // Retries never start past the deadline of the request whose task fetches it.
             // A child of the request's span: its log lines carry the request id.
             let span = info_span!("upstream_fetch", sns = joined.unclaimed.len());
-            self.tasks.spawn(
-                self.fetcher()
-                    .run(joined.unclaimed, deadline, None)
-                    .instrument(span),
-            );
+            let fetch = Arc::clone(self).fetch(joined.unclaimed, deadline, None);
+            self.tasks.spawn(fetch.instrument(span));
         }
         Ok(joined
             .all
             .into_iter()
             .map(|(index, stage)| resolving::wait_for_answer(index, stage))
             .collect())
-    }
-
-    pub(super) fn fetcher(&self) -> Fetcher {
-        Fetcher {
-            cache: Arc::clone(&self.cache),
-            upstream: Arc::clone(&self.upstream),
-            health: Arc::clone(&self.health),
-            metrics: Arc::clone(&self.metrics),
-            lifetimes: self.settings.lifetimes.clone(),
-            write_batch: self.settings.write_batch,
-            flights: Arc::clone(&self.flights),
-            tasks: self.tasks.clone(),
-            stopping: self.stopping.clone(),
-            unwritten: Arc::clone(&self.unwritten),
-        }
     }
 }
 

@@ -316,19 +316,12 @@ impl Reader {
         let (feed, more) = mpsc::unbounded_channel();
         self.feed = Some(feed);
         let span = info_span!(parent: &self.span, "upstream_fetch", streamed = true);
-        self.core.tasks.spawn(
-            self.core
-                .fetcher()
-                .run(
-                    flights,
-                    deadline,
-                    Some(Streamed {
-                        cancel: self.cancel.clone(),
-                        more,
-                    }),
-                )
-                .instrument(span),
-        );
+        let streamed = Streamed {
+            cancel: self.cancel.clone(),
+            more,
+        };
+        let fetch = Arc::clone(&self.core).fetch(flights, deadline, Some(streamed));
+        self.core.tasks.spawn(fetch.instrument(span));
     }
 }
 
