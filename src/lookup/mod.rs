@@ -10,32 +10,33 @@ mod freshness;
 mod outcome;
 mod read;
 mod resolving;
+mod streamed;
 #[cfg(test)]
 mod testing;
 mod upstream;
+mod whole;
 mod write_back;
 
 pub use self::flights::Overloaded;
 pub use self::freshness::Lifetimes;
 pub use self::outcome::{Batch, ItemError, Outcome, Source, Summary};
-pub use self::resolving::Resolving;
+pub use self::streamed::StreamedLookup;
 pub use self::upstream::Upstream;
 
 use self::flights::Flights;
+use self::whole::WholeLookup;
 use self::write_back::Unwritten;
 use crate::cache::Cache;
 use crate::circuit::CircuitState;
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::sn;
-use futures_util::stream::FuturesUnordered;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info_span, warn};
+use tracing::warn;
 
 /// How long answers are kept, how long a lookup may take, how much may wait, how writes
 /// are grouped.
@@ -135,25 +136,8 @@ impl Lookup {
         refresh: bool,
         arrived: Instant,
     ) -> Result<Batch, Overloaded> {
-        let core = &self.core;
-        let (mut resolving, valid) = core.begin(requested, arrived);
-        let deadline = resolving.deadline;
-        let misses = if refresh {
-            valid
-        } else {
-            core.read_cache(
-                &resolving.distinct,
-                valid,
-                deadline,
-                &mut resolving.outcomes,
-            )
-            .await
-        };
-        if !misses.is_empty() {
-            resolving.answers = core.join_fetches(&resolving.distinct, &misses, deadline)?;
-        }
-        resolving.upstream_fetches = misses.len();
-        Ok(resolving.finish().await)
+        let lookup = WholeLookup::start(&self.core, requested, refresh, arrived).await?;
+        Ok(lookup.finish().await)
     }
 
     /// Starts a lookup to be streamed, for the caller to walk as its SNs resolve. Unlike
@@ -174,23 +158,8 @@ impl Lookup {
         refresh: bool,
         arrived: Instant,
         cancel: CancellationToken,
-    ) -> Result<Resolving, Overloaded> {
-        let core = &self.core;
-        let (mut resolving, valid) = core.begin(requested, arrived);
-        resolving.cancel_on_drop = Some(cancel.clone().drop_guard());
-        resolving.reader = Some(resolving::Reader {
-            core: Arc::clone(core),
-            unread: valid.into(),
-            unjoined: Vec::new(),
-            refresh,
-            feed: None,
-            cancel,
-            window: core.settings.write_batch.max(1),
-            max_outstanding: (2 * core.upstream.concurrency()).max(core.settings.write_batch),
-            span: tracing::Span::current(),
-        });
-        resolving.read_first_window().await?;
-        Ok(resolving)
+    ) -> Result<StreamedLookup, Overloaded> {
+        StreamedLookup::start(&self.core, requested, refresh, arrived, cancel).await
     }
 
     /// Removes SNs from the cache; returns how many were cached.
@@ -231,65 +200,6 @@ impl Lookup {
             "the drain is out of time: answers not yet written back are lost, and fetches under way are dropped"
         );
         false
-    }
-}
-
-impl Core {
-    /// A lookup with its SNs deduplicated and validated (the invalid ones resolved), nothing
-    /// read or fetched yet; and the indices of the valid SNs, in order.
-    fn begin(&self, requested: Vec<String>, arrived: Instant) -> (Resolving, Vec<usize>) {
-        let (distinct, order) = dedup(requested);
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; distinct.len()];
-        let mut valid = Vec::with_capacity(distinct.len());
-        for (index, sn) in distinct.iter().enumerate() {
-            match sn::validate(sn) {
-                Ok(()) => valid.push(index),
-                Err(err) => outcomes[index] = Some(Outcome::Invalid(err)),
-            }
-        }
-        let resolving = Resolving {
-            distinct,
-            order,
-            outcomes,
-            answers: FuturesUnordered::new(),
-            settling: Vec::new(),
-            arrived,
-            deadline: arrived + self.settings.request_timeout,
-            upstream_fetches: 0,
-            metrics: Arc::clone(&self.metrics),
-            cancel_on_drop: None,
-            cursor: 0,
-            expired: false,
-            expired_cursor: 0,
-            reader: None,
-            last_reported: None,
-        };
-        (resolving, valid)
-    }
-
-    /// Joins (or starts) the flights of the misses, queues the ones no task has started in
-    /// a task of this lookup, and returns the waits for their answers.
-    fn join_fetches(
-        self: &Arc<Self>,
-        distinct: &[String],
-        misses: &[usize],
-        deadline: Instant,
-    ) -> Result<FuturesUnordered<resolving::Waiting>, Overloaded> {
-        let joined = self
-            .flights
-            .join(misses.iter().map(|&i| (i, distinct[i].as_str())))?;
-        if !joined.unclaimed.is_empty() {
-            // Retries never start past the deadline of the request whose task fetches it.
-            // A child of the request's span: its log lines carry the request id.
-            let span = info_span!("upstream_fetch", sns = joined.unclaimed.len());
-            let fetch = Arc::clone(self).fetch(joined.unclaimed, deadline, None);
-            self.tasks.spawn(fetch.instrument(span));
-        }
-        Ok(joined
-            .all
-            .into_iter()
-            .map(|(index, stage)| resolving::wait_for_answer(index, stage))
-            .collect())
     }
 }
 

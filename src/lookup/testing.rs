@@ -3,7 +3,7 @@
 //! behind a counting wrapper, and a [`Rig`] that builds a [`Lookup`] over both. Everything
 //! runs under `tokio::time::pause()`: a 0.5 s fetch costs no wall-clock time.
 
-use super::{Batch, Lookup, LookupSettings, Outcome, Resolving, Source, Upstream};
+use super::{Batch, Lookup, LookupSettings, Outcome, Source, StreamedLookup, Upstream};
 use super::{Lifetimes, Overloaded};
 use crate::cache::{Cache, CacheError, Entry, MemoryCache, Values, Write};
 use crate::circuit::CircuitState;
@@ -280,7 +280,7 @@ impl Rig {
         &self,
         sns: &[String],
         cancel: CancellationToken,
-    ) -> Result<Resolving, Overloaded> {
+    ) -> Result<StreamedLookup, Overloaded> {
         self.lookup
             .stream(sns.to_vec(), false, Instant::now(), cancel)
             .await

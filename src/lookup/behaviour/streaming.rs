@@ -3,20 +3,20 @@
 //! leaves behind; the deadline; and `max_pending` for later windows.
 
 use super::super::testing::{LATENCY, Reply, Rig, Setup, describe, described, sns, strs};
-use super::super::{Outcome, Overloaded, Resolving};
+use super::super::{Outcome, Overloaded, StreamedLookup};
 use std::collections::HashSet;
 use std::time::Duration;
 use tokio::time::{Instant, sleep};
 use tokio_util::sync::CancellationToken;
 
 /// The next line, as [`describe`] writes it.
-async fn next_line(stream: &mut Resolving) -> Option<String> {
+async fn next_line(stream: &mut StreamedLookup) -> Option<String> {
     let index = stream.next_resolved().await?;
     let (sn, outcome) = stream.resolved(index).expect("reported");
     Some(describe(sn, outcome))
 }
 
-async fn all_lines(stream: &mut Resolving) -> Vec<String> {
+async fn all_lines(stream: &mut StreamedLookup) -> Vec<String> {
     let mut lines = Vec::new();
     while let Some(line) = next_line(stream).await {
         lines.push(line);
@@ -163,7 +163,7 @@ async fn a_lines_discount_is_let_go_once_the_next_line_is_asked_for() {
         .await
         .unwrap();
     let first = stream.next_resolved().await.unwrap();
-    let discount_of = |stream: &Resolving| match stream.resolved(first) {
+    let discount_of = |stream: &StreamedLookup| match stream.resolved(first) {
         Some((_, Outcome::Found { discount, .. })) => discount.len(),
         other => panic!("{other:?}"),
     };
