@@ -6,38 +6,17 @@
 //! cached). Once the proxy drains, it starts nothing new: what is queued is settled as
 //! abandoned, and only the fetches under way finish and are written back.
 
+use super::Core;
 use super::flights::{Flight, Flights};
-use super::freshness::Lifetimes;
-use super::write_back::{PendingWrites, Unwritten, Writer, next_answer};
-use crate::cache::{Cache, Entry, EntryKind, Write};
-use crate::health::Health;
-use crate::metrics::Metrics;
-use crate::upstream::{Fetched, UpstreamClient, UpstreamError};
+use super::write_back::{PendingWrites, next_answer};
+use crate::cache::{Entry, EntryKind, Write};
+use crate::upstream::{Fetched, UpstreamError};
 use futures_util::StreamExt;
 use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
-
-/// What a fetch task needs, owned, so it outlives the request that started it.
-#[derive(Clone)]
-pub(super) struct Fetcher {
-    pub(super) cache: Arc<dyn Cache>,
-    pub(super) upstream: Arc<UpstreamClient>,
-    pub(super) health: Arc<Health>,
-    pub(super) metrics: Arc<Metrics>,
-    pub(super) lifetimes: Lifetimes,
-    pub(super) write_batch: usize,
-    pub(super) flights: Arc<Flights>,
-    /// Write-backs run as tasks of their own here, so shutdown waits for them too.
-    pub(super) tasks: TaskTracker,
-    /// Cancelled when the proxy drains: start no new fetch.
-    pub(super) stopping: CancellationToken,
-    /// Answers on their way to the cache, for the drain to count what it leaves behind.
-    pub(super) unwritten: Arc<Unwritten>,
-}
 
 /// A flight this task leads. However the task ends, the flight is settled and leaves the
 /// map when its `Lead` is dropped: a waiter never waits for an answer that cannot come.
@@ -183,9 +162,9 @@ impl Drop for Queue {
     }
 }
 
-impl Fetcher {
-    /// Fetches the flights not claimed by another task first, at most `upstream.concurrency`
-    /// at a time for this task.
+impl Core {
+    /// A fetch task: fetches the flights not claimed by another task first, at most
+    /// `upstream.concurrency` at a time for this task.
     ///
     /// That bound is what shares the upstream fairly: the global limit's queue is FIFO, and
     /// a task only queues its next fetch when one of its own finishes, so a single-SN
@@ -194,8 +173,8 @@ impl Fetcher {
     ///
     /// For a streamed lookup, flights keep coming until it closes the feed, and those not
     /// started are dropped if it is cancelled.
-    pub(super) async fn run(
-        self,
+    pub(super) async fn fetch(
+        self: Arc<Self>,
         flights: Vec<Arc<Flight>>,
         retry_until: Instant,
         streamed: Option<Streamed>,
@@ -223,7 +202,7 @@ impl Fetcher {
                 })
                 .buffer_unordered(per_request),
         );
-        let mut writes = PendingWrites::new(self.writer(), self.tasks.clone(), self.write_batch);
+        let mut writes = PendingWrites::new(Arc::clone(&self));
         while let Some((lead, answer)) = next_answer(&mut answers, &mut writes).await {
             self.record(&lead.flight.sn, &answer);
             let write = match &answer {
@@ -256,14 +235,6 @@ impl Fetcher {
         }
     }
 
-    fn writer(&self) -> Writer {
-        Writer {
-            cache: Arc::clone(&self.cache),
-            health: Arc::clone(&self.health),
-            unwritten: Arc::clone(&self.unwritten),
-        }
-    }
-
     /// The write for one answer, unless the SN was invalidated since the fetch began.
     fn write_for(&self, flight: &Flight, fetched: &Fetched) -> Option<Write> {
         if flight.is_invalidated() {
@@ -276,8 +247,9 @@ impl Fetcher {
             Fetched::Found(json) => Entry::found(json, now),
             Fetched::NotFound => Entry::not_found(now),
         };
-        let ttl = self.lifetimes.storage_ttl(entry.kind());
-        debug_assert!(entry.kind() == EntryKind::NotFound || ttl >= self.lifetimes.ttl);
+        let lifetimes = &self.settings.lifetimes;
+        let ttl = lifetimes.storage_ttl(entry.kind());
+        debug_assert!(entry.kind() == EntryKind::NotFound || ttl >= lifetimes.ttl);
         Some(Write {
             sn: flight.sn.clone(),
             value: entry.encoded().clone(),

@@ -2,36 +2,41 @@
 //! misses → write-back as answers arrive. Every requested SN comes back exactly once, with a
 //! value or a status; stale values are served at once while they are refreshed.
 
+#[cfg(test)]
+mod behaviour;
 mod fetch;
 mod flights;
 mod freshness;
 mod outcome;
 mod read;
 mod resolving;
+mod streamed;
+#[cfg(test)]
+mod testing;
+mod upstream;
+mod whole;
 mod write_back;
 
 pub use self::flights::Overloaded;
 pub use self::freshness::Lifetimes;
 pub use self::outcome::{Batch, ItemError, Outcome, Source, Summary};
-pub use self::resolving::Resolving;
+pub use self::streamed::StreamedLookup;
+pub use self::upstream::Upstream;
 
-use self::fetch::Fetcher;
 use self::flights::Flights;
+use self::whole::WholeLookup;
 use self::write_back::Unwritten;
 use crate::cache::Cache;
 use crate::circuit::CircuitState;
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::sn;
-use crate::upstream::UpstreamClient;
-use futures_util::stream::FuturesUnordered;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info_span, warn};
+use tracing::warn;
 
 /// How long answers are kept, how long a lookup may take, how much may wait, how writes
 /// are grouped.
@@ -52,10 +57,11 @@ pub struct Lookup {
     core: Arc<Core>,
 }
 
-/// What lookups share; a streamed lookup holds on to it to read its later windows.
+/// What lookups share. Fetch tasks and write-backs hold on to it (so they outlive the
+/// request that started them), and so does a streamed lookup, to read its later windows.
 struct Core {
     cache: Arc<dyn Cache>,
-    upstream: Arc<UpstreamClient>,
+    upstream: Arc<dyn Upstream>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     settings: LookupSettings,
@@ -66,15 +72,15 @@ struct Core {
     /// Cancelled when the proxy drains: fetch tasks start nothing new.
     stopping: CancellationToken,
     /// Answers on their way to the cache, for the drain to count what it leaves behind.
-    unwritten: Arc<Unwritten>,
+    unwritten: Unwritten,
 }
 
 impl Lookup {
-    /// The lookup core over a cache and an upstream client, reporting into `health` and
-    /// `metrics`.
+    /// The lookup core over a cache and an upstream (the [`crate::upstream::UpstreamClient`]
+    /// in the proxy), reporting into `health` and `metrics`.
     pub fn new(
         cache: Arc<dyn Cache>,
-        upstream: Arc<UpstreamClient>,
+        upstream: Arc<dyn Upstream>,
         health: Arc<Health>,
         metrics: Arc<Metrics>,
         settings: LookupSettings,
@@ -84,7 +90,7 @@ impl Lookup {
             upstream,
             health,
             flights: Arc::new(Flights::new(settings.max_pending, Arc::clone(&metrics))),
-            unwritten: Arc::new(Unwritten::new(Arc::clone(&metrics))),
+            unwritten: Unwritten::new(Arc::clone(&metrics)),
             metrics,
             settings,
             tasks: TaskTracker::new(),
@@ -102,7 +108,7 @@ impl Lookup {
 
     /// The upstream circuit's state, for `/readyz`.
     pub fn upstream_circuit(&self) -> CircuitState {
-        self.core.upstream.circuit_state()
+        self.core.upstream.circuit()
     }
 
     /// Upstream fetches queued, in flight or finishing their write-back, those detached by
@@ -130,25 +136,8 @@ impl Lookup {
         refresh: bool,
         arrived: Instant,
     ) -> Result<Batch, Overloaded> {
-        let core = &self.core;
-        let (mut resolving, valid) = core.begin(requested, arrived);
-        let deadline = resolving.deadline;
-        let misses = if refresh {
-            valid
-        } else {
-            core.read_cache(
-                &resolving.distinct,
-                valid,
-                deadline,
-                &mut resolving.outcomes,
-            )
-            .await
-        };
-        if !misses.is_empty() {
-            resolving.answers = core.join_fetches(&resolving.distinct, &misses, deadline)?;
-        }
-        resolving.upstream_fetches = misses.len();
-        Ok(resolving.finish().await)
+        let lookup = WholeLookup::start(&self.core, requested, refresh, arrived).await?;
+        Ok(lookup.finish().await)
     }
 
     /// Starts a lookup to be streamed, for the caller to walk as its SNs resolve. Unlike
@@ -169,23 +158,8 @@ impl Lookup {
         refresh: bool,
         arrived: Instant,
         cancel: CancellationToken,
-    ) -> Result<Resolving, Overloaded> {
-        let core = &self.core;
-        let (mut resolving, valid) = core.begin(requested, arrived);
-        resolving.cancel_on_drop = Some(cancel.clone().drop_guard());
-        resolving.reader = Some(resolving::Reader {
-            core: Arc::clone(core),
-            unread: valid.into(),
-            unjoined: Vec::new(),
-            refresh,
-            feed: None,
-            cancel,
-            window: core.settings.write_batch.max(1),
-            max_outstanding: (2 * core.upstream.concurrency()).max(core.settings.write_batch),
-            span: tracing::Span::current(),
-        });
-        resolving.read_first_window().await?;
-        Ok(resolving)
+    ) -> Result<StreamedLookup, Overloaded> {
+        StreamedLookup::start(&self.core, requested, refresh, arrived, cancel).await
     }
 
     /// Removes SNs from the cache; returns how many were cached.
@@ -226,83 +200,6 @@ impl Lookup {
             "the drain is out of time: answers not yet written back are lost, and fetches under way are dropped"
         );
         false
-    }
-}
-
-impl Core {
-    /// A lookup with its SNs deduplicated and validated (the invalid ones resolved), nothing
-    /// read or fetched yet; and the indices of the valid SNs, in order.
-    fn begin(&self, requested: Vec<String>, arrived: Instant) -> (Resolving, Vec<usize>) {
-        let (distinct, order) = dedup(requested);
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; distinct.len()];
-        let mut valid = Vec::with_capacity(distinct.len());
-        for (index, sn) in distinct.iter().enumerate() {
-            match sn::validate(sn) {
-                Ok(()) => valid.push(index),
-                Err(err) => outcomes[index] = Some(Outcome::Invalid(err)),
-            }
-        }
-        let resolving = Resolving {
-            distinct,
-            order,
-            outcomes,
-            answers: FuturesUnordered::new(),
-            settling: Vec::new(),
-            arrived,
-            deadline: arrived + self.settings.request_timeout,
-            upstream_fetches: 0,
-            metrics: Arc::clone(&self.metrics),
-            cancel_on_drop: None,
-            cursor: 0,
-            expired: false,
-            expired_cursor: 0,
-            reader: None,
-            last_reported: None,
-        };
-        (resolving, valid)
-    }
-
-    /// Joins (or starts) the flights of the misses, queues the ones no task has started in
-    /// a task of this lookup, and returns the waits for their answers.
-    fn join_fetches(
-        &self,
-        distinct: &[String],
-        misses: &[usize],
-        deadline: Instant,
-    ) -> Result<FuturesUnordered<resolving::Waiting>, Overloaded> {
-        let joined = self
-            .flights
-            .join(misses.iter().map(|&i| (i, distinct[i].as_str())))?;
-        if !joined.unclaimed.is_empty() {
-            // Retries never start past the deadline of the request whose task fetches it.
-            // A child of the request's span: its log lines carry the request id.
-            let span = info_span!("upstream_fetch", sns = joined.unclaimed.len());
-            self.tasks.spawn(
-                self.fetcher()
-                    .run(joined.unclaimed, deadline, None)
-                    .instrument(span),
-            );
-        }
-        Ok(joined
-            .all
-            .into_iter()
-            .map(|(index, stage)| resolving::wait_for_answer(index, stage))
-            .collect())
-    }
-
-    pub(super) fn fetcher(&self) -> Fetcher {
-        Fetcher {
-            cache: Arc::clone(&self.cache),
-            upstream: Arc::clone(&self.upstream),
-            health: Arc::clone(&self.health),
-            metrics: Arc::clone(&self.metrics),
-            lifetimes: self.settings.lifetimes.clone(),
-            write_batch: self.settings.write_batch,
-            flights: Arc::clone(&self.flights),
-            tasks: self.tasks.clone(),
-            stopping: self.stopping.clone(),
-            unwritten: Arc::clone(&self.unwritten),
-        }
     }
 }
 

@@ -17,7 +17,7 @@ impl Core {
     /// that missed them are not read: they are joined. A cache failure is logged and counted,
     /// and then its SNs are misses: the upstream answers instead.
     pub(super) async fn read_cache(
-        &self,
+        self: &Arc<Self>,
         distinct: &[String],
         candidates: Vec<usize>,
         deadline: Instant,
@@ -60,7 +60,7 @@ impl Core {
     /// Fills in the outcome of every usable value read and starts the refreshes they call
     /// for; returns the indices that were misses.
     fn fill_hits(
-        &self,
+        self: &Arc<Self>,
         distinct: &[String],
         candidates: Vec<usize>,
         values: Vec<Option<Bytes>>,
@@ -113,18 +113,15 @@ impl Core {
 
     /// Refreshes stale or nearly expired entries without anyone waiting. A failed refresh
     /// leaves the entry as it was, so it goes on being served stale (serve-stale-on-error).
-    fn refresh_in_background(&self, flights: Vec<Arc<Flight>>) {
+    fn refresh_in_background(self: &Arc<Self>, flights: Vec<Arc<Flight>>) {
         if flights.is_empty() {
             return;
         }
         debug!(sns = flights.len(), "refreshing in the background");
         let retry_until = Instant::now() + self.settings.request_timeout;
         let span = info_span!("refresh", sns = flights.len());
-        self.tasks.spawn(
-            self.fetcher()
-                .run(flights, retry_until, None)
-                .instrument(span),
-        );
+        let fetch = Arc::clone(self).fetch(flights, retry_until, None);
+        self.tasks.spawn(fetch.instrument(span));
     }
 }
 

@@ -3,16 +3,15 @@
 //! a drain that runs out of time reports what it leaves unwritten instead of losing it
 //! silently.
 
+use super::Core;
 use super::fetch::Lead;
-use crate::cache::{Cache, Write};
-use crate::health::Health;
+use crate::cache::Write;
 use crate::metrics::Metrics;
 use futures_util::{Stream, StreamExt};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info_span, warn};
 
 /// Answers wait at most this long for their write-back: a batch that resolves together is
@@ -43,31 +42,28 @@ pub(super) struct PendingWrites {
     leads: Vec<Lead>,
     flush_at: Option<Instant>,
     flushes: Vec<JoinHandle<()>>,
-    writer: Writer,
-    tasks: TaskTracker,
-    max: usize,
+    /// Where the pipelines are written, and the tasks they run as (so shutdown waits).
+    core: Arc<Core>,
 }
 
 impl PendingWrites {
-    pub(super) fn new(writer: Writer, tasks: TaskTracker, max: usize) -> Self {
+    pub(super) fn new(core: Arc<Core>) -> Self {
         Self {
             writes: Vec::new(),
             leads: Vec::new(),
             flush_at: None,
             flushes: Vec::new(),
-            writer,
-            tasks,
-            max: max.max(1),
+            core,
         }
     }
 
     pub(super) fn push(&mut self, write: Write, lead: Lead) {
-        self.writer.unwritten.add(1);
+        self.core.unwritten.add(1);
         self.writes.push(write);
         self.leads.push(lead);
         self.flush_at
             .get_or_insert_with(|| Instant::now() + WRITE_BACK_DELAY);
-        if self.writes.len() >= self.max {
+        if self.writes.len() >= self.core.settings.write_batch.max(1) {
             self.flush();
         }
     }
@@ -80,8 +76,10 @@ impl PendingWrites {
         let writes = std::mem::take(&mut self.writes);
         let leads = std::mem::take(&mut self.leads);
         let span = info_span!("write_back", keys = writes.len());
-        let write = self.writer.clone().write(writes, leads).instrument(span);
-        self.flushes.push(self.tasks.spawn(write));
+        let write = Arc::clone(&self.core)
+            .write_back(writes, leads)
+            .instrument(span);
+        self.flushes.push(self.core.tasks.spawn(write));
     }
 
     /// Sends what is left and waits for every pipeline of this task.
@@ -93,18 +91,11 @@ impl PendingWrites {
     }
 }
 
-/// Writes one pipeline, counting and logging a failure: it is never the request's failure.
-#[derive(Clone)]
-pub(super) struct Writer {
-    pub(super) cache: Arc<dyn Cache>,
-    pub(super) health: Arc<Health>,
-    pub(super) unwritten: Arc<Unwritten>,
-}
-
-impl Writer {
-    /// Writes, then settles the flights (dropping their leads), so a lookup after this reads
-    /// the cache instead of joining.
-    async fn write(self, writes: Vec<Write>, leads: Vec<Lead>) {
+impl Core {
+    /// Writes one pipeline, then settles its flights (dropping their leads), so a lookup
+    /// after this reads the cache instead of joining. A failure is counted and logged: it is
+    /// never the request's failure.
+    async fn write_back(self: Arc<Self>, writes: Vec<Write>, leads: Vec<Lead>) {
         let answers = writes.len();
         // Checked again right before the SET: an invalidation may have come in meanwhile.
         let writes: Vec<Write> = writes
