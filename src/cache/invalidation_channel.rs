@@ -6,7 +6,7 @@
 //! no copy outlives `cache.local.ttl`: that is the staleness bound.
 
 use super::LocalTier;
-use crate::metrics::Metrics;
+use crate::metrics::{InvalidationEvent, Metrics};
 use futures_util::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -148,7 +148,8 @@ impl Follower {
     }
 
     fn apply(&self, message: &[u8]) {
-        self.metrics.record_invalidation_message("received");
+        self.metrics
+            .record_invalidation_message(InvalidationEvent::Received);
         match decode(message) {
             Invalidate::These(sns) => {
                 debug!(sns = sns.len(), "invalidation received");

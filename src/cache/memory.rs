@@ -2,7 +2,7 @@
 //! Redis answers, and by the lookup core's unit tests. Built on `quick_cache`, like the
 //! in-process tier: its eviction keeps what is read again and drops one-off entries first.
 
-use super::{Cache, CacheError, Values, Write};
+use super::{Cache, CacheError, CacheKind, Values, Write};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use tokio::time::Instant;
@@ -61,8 +61,8 @@ impl Cache for MemoryCache {
         Box::pin(std::future::ready(Ok(())))
     }
 
-    fn kind(&self) -> &'static str {
-        "memory"
+    fn kind(&self) -> CacheKind {
+        CacheKind::Memory
     }
 }
 

@@ -67,6 +67,16 @@ impl CacheError {
     }
 }
 
+/// Which backend a [`Cache`] is, as `/readyz` names it (`"cache"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheKind {
+    /// Redis (alone or behind the in-process tier).
+    Redis,
+    /// The bounded in-process cache, without Redis.
+    Memory,
+}
+
 /// What a multi-key read found: a value or `None` per key, in order, and the failures met on
 /// the way. The keys of a failed chunk are `None`; the caller logs and counts the failures, so
 /// a partial failure is never a silent miss.
@@ -103,8 +113,8 @@ pub trait Cache: Send + Sync + 'static {
     /// Checks the backend answers, for `/readyz`.
     fn ping(&self) -> BoxFuture<'_, Result<(), CacheError>>;
 
-    /// What this cache is, for logs and `/readyz` (`"redis"`, `"memory"`).
-    fn kind(&self) -> &'static str;
+    /// What this cache is, for logs and `/readyz`.
+    fn kind(&self) -> CacheKind;
 
     /// Whether the backend is being skipped after repeated failures, for `/readyz`.
     fn circuit(&self) -> crate::circuit::CircuitState {

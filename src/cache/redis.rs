@@ -3,9 +3,9 @@
 //! paying its timeout on every request.
 
 use super::connections::{Connections, Lease};
-use super::{Cache, CacheError, PoolStatus, Values, Write};
+use super::{Cache, CacheError, CacheKind, PoolStatus, Values, Write};
 use crate::circuit::{Circuit, CircuitState};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RedisCommand, RedisOutcome};
 use ::redis::{self, AsyncConnectionConfig, FromRedisValue};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -65,17 +65,12 @@ impl Command<'_> {
 }
 
 /// How a command ended, for metrics.
-fn outcome<T>(result: &Result<T, CacheError>) -> &'static str {
+fn outcome<T>(result: &Result<T, CacheError>) -> RedisOutcome {
     match result {
-        Ok(_) => "ok",
-        Err(CacheError::Timeout { .. }) => "timeout",
-        Err(_) => "error",
+        Ok(_) => RedisOutcome::Ok,
+        Err(CacheError::Timeout { .. }) => RedisOutcome::Timeout,
+        Err(_) => RedisOutcome::Error,
     }
-}
-
-/// The command's name for metrics: `SET pipeline` counts as `SET`.
-fn command_name(op: &'static str) -> &'static str {
-    op.split(' ').next().unwrap_or(op)
 }
 
 /// Whether a connection that failed this way must be replaced: it is broken, or
@@ -129,17 +124,16 @@ impl RedisCache {
     /// Runs one command, unless Redis's circuit is open, and tells the circuit how it went.
     async fn run<T: FromRedisValue>(
         &self,
-        op: &'static str,
+        name: RedisCommand,
         command: Command<'_>,
     ) -> Result<T, CacheError> {
         let started = Instant::now();
-        let name = command_name(op);
         let Some(ticket) = self.circuit.try_acquire() else {
             self.metrics
-                .record_redis(name, "skipped", started.elapsed());
+                .record_redis(name, RedisOutcome::Skipped, started.elapsed());
             return Err(CacheError::Skipped);
         };
-        let result = self.run_shared(op, command).await;
+        let result = self.run_shared(name.as_str(), command).await;
         match &result {
             Err(err) if err.is_unreachable() => ticket.failure(),
             // Redis answered, even if with an error (`OOM`, `READONLY`): it is reachable.
@@ -203,7 +197,8 @@ impl RedisCache {
 
     async fn get_chunk(&self, sns: &[&str]) -> Result<Vec<Option<Bytes>>, CacheError> {
         let cmd = self.keyed("MGET", sns);
-        let values: Vec<Option<Vec<u8>>> = self.run("MGET", Command::Single(&cmd)).await?;
+        let values: Vec<Option<Vec<u8>>> =
+            self.run(RedisCommand::Mget, Command::Single(&cmd)).await?;
         Ok(values
             .into_iter()
             .map(|value| value.map(Bytes::from))
@@ -226,7 +221,7 @@ impl RedisCache {
                 .arg(millis)
                 .ignore();
         }
-        self.run("SET pipeline", Command::Pipeline(&pipe)).await
+        self.run(RedisCommand::Set, Command::Pipeline(&pipe)).await
     }
 
     /// Publishes `message` on `channel`; returns how many subscribers received it.
@@ -236,7 +231,7 @@ impl RedisCache {
     pub async fn publish(&self, channel: &str, message: &[u8]) -> Result<u64, CacheError> {
         let mut cmd = redis::cmd("PUBLISH");
         cmd.arg(channel).arg(message);
-        self.run("PUBLISH", Command::Single(&cmd)).await
+        self.run(RedisCommand::Publish, Command::Single(&cmd)).await
     }
 
     /// A client for connections of its own, such as a pub/sub subscription, which cannot
@@ -247,7 +242,7 @@ impl RedisCache {
 
     async fn delete_chunk(&self, sns: &[&str]) -> Result<u64, CacheError> {
         let cmd = self.keyed("DEL", sns);
-        self.run("DEL", Command::Single(&cmd)).await
+        self.run(RedisCommand::Del, Command::Single(&cmd)).await
     }
 }
 
@@ -299,23 +294,24 @@ impl Cache for RedisCache {
     fn ping(&self) -> BoxFuture<'_, Result<(), CacheError>> {
         Box::pin(async move {
             let started = Instant::now();
+            let ping = RedisCommand::Ping;
             if self.circuit.state() == CircuitState::Open {
                 self.metrics
-                    .record_redis("PING", "skipped", started.elapsed());
+                    .record_redis(ping, RedisOutcome::Skipped, started.elapsed());
                 return Err(CacheError::Skipped);
             }
             let result = self
-                .run_shared::<String>("PING", Command::Single(&redis::cmd("PING")))
+                .run_shared::<String>(ping.as_str(), Command::Single(&redis::cmd("PING")))
                 .await
                 .map(drop);
             self.metrics
-                .record_redis("PING", outcome(&result), started.elapsed());
+                .record_redis(ping, outcome(&result), started.elapsed());
             result
         })
     }
 
-    fn kind(&self) -> &'static str {
-        "redis"
+    fn kind(&self) -> CacheKind {
+        CacheKind::Redis
     }
 
     fn circuit(&self) -> CircuitState {

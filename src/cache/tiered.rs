@@ -3,9 +3,11 @@
 //! the local copies here and, over Redis pub/sub, in every other instance.
 
 use super::invalidation_channel::{self, InvalidationChannel};
-use super::{Cache, CacheError, Entry, LocalTier, PoolStatus, RedisCache, Values, Write};
+use super::{
+    Cache, CacheError, CacheKind, Entry, LocalTier, PoolStatus, RedisCache, Values, Write,
+};
 use crate::circuit::CircuitState;
-use crate::metrics::Metrics;
+use crate::metrics::{InvalidationEvent, Metrics};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use std::sync::Arc;
@@ -60,9 +62,12 @@ impl TieredCache {
     async fn announce(&self, sns: &[&str]) {
         let message = invalidation_channel::encode(sns);
         match self.remote.publish(self.channel.name(), &message).await {
-            Ok(_) => self.metrics.record_invalidation_message("published"),
+            Ok(_) => self
+                .metrics
+                .record_invalidation_message(InvalidationEvent::Published),
             Err(err) => {
-                self.metrics.record_invalidation_message("publish_failed");
+                self.metrics
+                    .record_invalidation_message(InvalidationEvent::PublishFailed);
                 warn!(
                     error = %err, sns = sns.len(),
                     "invalidation not announced; other instances' copies expire within cache.local.ttl"
@@ -144,7 +149,7 @@ impl Cache for TieredCache {
         self.remote.ping()
     }
 
-    fn kind(&self) -> &'static str {
+    fn kind(&self) -> CacheKind {
         self.remote.kind()
     }
 

@@ -10,6 +10,7 @@ use super::Core;
 use super::flights::{Flight, Flights};
 use super::write_back::{PendingWrites, next_answer};
 use crate::cache::{Entry, EntryKind, Write};
+use crate::metrics::WriteBackOutcome;
 use crate::upstream::{Fetched, UpstreamError};
 use futures_util::StreamExt;
 use std::sync::Arc;
@@ -239,7 +240,7 @@ impl Core {
     fn write_for(&self, flight: &Flight, fetched: &Fetched) -> Option<Write> {
         if flight.is_invalidated() {
             debug!(sn = %flight.sn, "invalidated during its fetch; not cached");
-            self.metrics.record_write_backs("fenced", 1);
+            self.metrics.record_write_backs(WriteBackOutcome::Fenced, 1);
             return None;
         }
         let now = SystemTime::now();

@@ -117,11 +117,6 @@ impl Lookup {
         self.core.flights.pending()
     }
 
-    /// Lookups of an SN that joined a fetch already under way, since start.
-    pub fn coalesced_joins(&self) -> u64 {
-        self.core.flights.joins()
-    }
-
     /// Resolves a batch for a request that arrived at `arrived` (its deadline counts from
     /// then): validates, reads the cache, joins or starts the fetches of the misses, and
     /// waits for them and their write-backs. With `refresh`, the cache is not read, every SN
@@ -171,11 +166,7 @@ impl Lookup {
         // Before the delete: a fetch under way must not write its older answer back after it,
         // and a lookup from now on must not join that fetch.
         core.flights.detach(sns);
-        core.cache.delete_many(sns).await.inspect_err(|err| {
-            if !err.is_skipped() {
-                core.health.record_redis_error();
-            }
-        })
+        core.cache.delete_many(sns).await
     }
 
     /// Stops taking new background work and waits (up to `grace`) for what is under way.

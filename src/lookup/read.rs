@@ -52,7 +52,6 @@ impl Core {
                 debug!("redis is skipped while its circuit is open; fetching from the upstream");
                 continue;
             }
-            self.health.record_redis_error();
             warn!(error = %err, "cache read failed for part of the batch; fetching it from the upstream");
         }
     }

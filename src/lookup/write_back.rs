@@ -6,7 +6,7 @@
 use super::Core;
 use super::fetch::Lead;
 use crate::cache::Write;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, WriteBackOutcome};
 use futures_util::{Stream, StreamExt};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -105,52 +105,27 @@ impl Core {
             .map(|(write, _)| write)
             .collect();
         let unwritten = &self.unwritten;
-        unwritten.settle(Settled::Fenced, answers - writes.len());
+        unwritten.settle(WriteBackOutcome::Fenced, answers - writes.len());
         if !writes.is_empty() {
             match self.cache.set_many(&writes).await {
                 Ok(()) => {
-                    unwritten.settle(Settled::Ok, writes.len());
+                    unwritten.settle(WriteBackOutcome::Ok, writes.len());
                     debug!(keys = writes.len(), "write-back done");
                 }
                 Err(err) if err.is_skipped() => {
-                    unwritten.settle(Settled::Skipped, writes.len());
+                    unwritten.settle(WriteBackOutcome::Skipped, writes.len());
                     debug!(
                         keys = writes.len(),
                         "write-back skipped: redis's circuit is open"
                     );
                 }
                 Err(err) => {
-                    unwritten.settle(Settled::Failed, writes.len());
-                    self.health.record_redis_error();
+                    unwritten.settle(WriteBackOutcome::Failed, writes.len());
                     warn!(error = %err, keys = writes.len(), "write-back failed; the next lookup refetches");
                 }
             }
         }
         drop(leads);
-    }
-}
-
-/// How a write-back ended, as `discount_proxy_write_backs_total` counts it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Settled {
-    /// Written.
-    Ok,
-    /// Redis failed it.
-    Failed,
-    /// Not tried: Redis's circuit is open.
-    Skipped,
-    /// Not written: the SN was invalidated during its fetch.
-    Fenced,
-}
-
-impl Settled {
-    fn label(self) -> &'static str {
-        match self {
-            Self::Ok => "ok",
-            Self::Failed => "failed",
-            Self::Skipped => "skipped",
-            Self::Fenced => "fenced",
-        }
     }
 }
 
@@ -185,13 +160,13 @@ impl Unwritten {
     }
 
     /// Counts `answers` as ended this way, unless the drain has counted them already.
-    fn settle(&self, how: Settled, answers: usize) {
+    fn settle(&self, how: WriteBackOutcome, answers: usize) {
         let mut ledger = self.lock();
         if ledger.given_up || answers == 0 {
             return;
         }
         ledger.answers = ledger.answers.saturating_sub(answers);
-        self.metrics.record_write_backs(how.label(), answers);
+        self.metrics.record_write_backs(how, answers);
     }
 
     /// The drain is over: counts what has not been written as abandoned, and returns how
@@ -200,7 +175,8 @@ impl Unwritten {
         let mut ledger = self.lock();
         ledger.given_up = true;
         let abandoned = std::mem::take(&mut ledger.answers);
-        self.metrics.record_write_backs("abandoned", abandoned);
+        self.metrics
+            .record_write_backs(WriteBackOutcome::Abandoned, abandoned);
         abandoned
     }
 
@@ -227,9 +203,9 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let unwritten = Unwritten::new(Arc::clone(&metrics));
         unwritten.add(3);
-        unwritten.settle(Settled::Ok, 1);
+        unwritten.settle(WriteBackOutcome::Ok, 1);
         assert_eq!(unwritten.give_up(), 2);
-        unwritten.settle(Settled::Ok, 2);
+        unwritten.settle(WriteBackOutcome::Ok, 2);
         unwritten.add(5);
         assert_eq!(unwritten.give_up(), 0);
         let text = metrics.encode();

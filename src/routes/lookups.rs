@@ -7,6 +7,7 @@ use super::{
 };
 use crate::error::Error;
 use crate::lookup::{Outcome, Overloaded, Source};
+use crate::metrics::ShedReason;
 use crate::render;
 use crate::state::AppState;
 use http_body_util::{BodyExt, StreamBody};
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 /// The lookup, or `503 overloaded` when its fetches would pass `upstream.max_pending`.
 fn admitted<T>(state: &AppState, lookup: Result<T, Overloaded>) -> Result<T, Error> {
     lookup.map_err(|Overloaded| {
-        state.metrics.record_shed("pending");
+        state.metrics.record_shed(ShedReason::Pending);
         Error::Overloaded(OVERLOADED_RETRY_AFTER_SECS)
     })
 }

@@ -15,6 +15,7 @@ use self::input::{BodyLimits, refresh_requested};
 use crate::admission::{AdmittedBody, Slot, Unflushed};
 use crate::error::Error;
 use crate::lookup::Summary;
+use crate::metrics::{Endpoint, ShedReason};
 use crate::state::AppState;
 use crate::{render, sn};
 use bytes::Bytes;
@@ -76,12 +77,12 @@ pub async fn handle(state: &AppState, request: Request<Incoming>) -> Response<Bo
 }
 
 /// The `endpoint` label of a `/v1/*` request in the metrics; `None` for the others.
-fn endpoint(method: &Method, path: &str) -> Option<&'static str> {
+fn endpoint(method: &Method, path: &str) -> Option<Endpoint> {
     match (method, path) {
-        (_, "/v1/discounts/lookup") => Some("batch"),
-        (_, "/v1/discounts/invalidate") => Some("invalidate"),
-        (&Method::DELETE, path) if path.starts_with(SN_PATH_PREFIX) => Some("delete"),
-        (_, path) if path.starts_with(SN_PATH_PREFIX) => Some("single"),
+        (_, "/v1/discounts/lookup") => Some(Endpoint::Batch),
+        (_, "/v1/discounts/invalidate") => Some(Endpoint::Invalidate),
+        (&Method::DELETE, path) if path.starts_with(SN_PATH_PREFIX) => Some(Endpoint::Delete),
+        (_, path) if path.starts_with(SN_PATH_PREFIX) => Some(Endpoint::Single),
         _ => None,
     }
 }
@@ -235,7 +236,7 @@ impl Admitted {
 /// body is read, so shedding costs next to nothing.
 fn admit(state: &AppState, request: &Request<Incoming>) -> Result<Admitted, Error> {
     let Some(slot) = state.admission.try_admit() else {
-        state.metrics.record_shed("in_flight");
+        state.metrics.record_shed(ShedReason::InFlight);
         return Err(Error::Overloaded(OVERLOADED_RETRY_AFTER_SECS));
     };
     let unflushed = request.extensions().get::<Arc<Unflushed>>().cloned();

@@ -1,8 +1,9 @@
 //! The operational endpoints: liveness, readiness, metrics and the API description.
 
 use super::{Body, full, json_response};
+use crate::cache::CacheKind;
 use crate::circuit::CircuitState;
-use crate::health;
+use crate::health::{self, RedisState, UpstreamState};
 use crate::metrics::Current;
 use crate::state::AppState;
 use hyper::header::{self, HeaderValue};
@@ -50,14 +51,14 @@ pub(super) async fn readyz(state: &AppState) -> Response<Body> {
     let upstream = match circuit {
         CircuitState::Closed => state.health.upstream_state(),
         // Open or probing: lookups without a stale value get `upstream_unavailable`.
-        CircuitState::Open | CircuitState::HalfOpen => "unavailable",
+        CircuitState::Open | CircuitState::HalfOpen => UpstreamState::Unavailable,
     };
     let (ready, status) = health::readiness(state.health.phase(), cache_ok, upstream);
     // `redis` is always there, for dashboards; `unused` when the in-process cache serves.
     let redis = match (cache.kind(), cache_ok) {
-        ("redis", true) => "ok",
-        ("redis", false) => "down",
-        _ => "unused",
+        (CacheKind::Redis, true) => RedisState::Ok,
+        (CacheKind::Redis, false) => RedisState::Down,
+        (CacheKind::Memory, _) => RedisState::Unused,
     };
     let body = json!({
         "status": status,

@@ -12,7 +12,7 @@ pub use self::retry::RetryPolicy;
 use self::url::UrlTemplate;
 
 use crate::circuit::{Circuit, CircuitSettings, CircuitState};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, UpstreamOutcome};
 use crate::secret::Secret;
 use bytes::{Bytes, BytesMut};
 use reqwest::StatusCode;
@@ -278,10 +278,12 @@ impl UpstreamClient {
         };
         self.metrics.upstream_in_flight().dec();
         let outcome = match &result {
-            Ok(Fetched::Found(_)) => "ok",
-            Ok(Fetched::NotFound) => "not_found",
-            Err(failure) if matches!(failure.error, UpstreamError::Timeout(_)) => "timeout",
-            Err(_) => "error",
+            Ok(Fetched::Found(_)) => UpstreamOutcome::Ok,
+            Ok(Fetched::NotFound) => UpstreamOutcome::NotFound,
+            Err(failure) if matches!(failure.error, UpstreamError::Timeout(_)) => {
+                UpstreamOutcome::Timeout
+            }
+            Err(_) => UpstreamOutcome::Error,
         };
         self.metrics.record_upstream(outcome, started.elapsed());
         match &result {

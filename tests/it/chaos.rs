@@ -106,7 +106,7 @@ async fn chaos_redis_restarts_and_a_flaky_upstream() {
         "errors_on_never_cached_sns": t(&tally.errors_on_new_sns),
         "non_200_responses": t(&tally.non_200),
         "upstream_calls": app.upstream.total_calls(),
-        "redis_errors_counted": app.state.health.redis_errors(),
+        "redis_errors_counted": app.redis_failures(),
         "keys_in_redis_at_the_end": cached,
     });
     eprintln!(

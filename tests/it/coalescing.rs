@@ -29,7 +29,7 @@ async fn a_thousand_concurrent_gets_of_one_cold_sn_make_one_upstream_call() {
         })
         .collect();
     wait_until("999 lookups joined the first one's fetch", WAIT, || async {
-        app.state.lookup.coalesced_joins() == 999
+        joins(&app) == 999
     })
     .await;
     assert_eq!(app.upstream.calls("HOT-1"), 1);
@@ -80,7 +80,7 @@ async fn twenty_overlapping_batches_fetch_each_sn_exactly_once() {
     wait_until(
         "every batch joined or started its fetches",
         WAIT,
-        || async { app.state.lookup.coalesced_joins() == 900 },
+        || async { joins(&app) == 900 },
     )
     .await;
     app.upstream.release();
@@ -113,10 +113,7 @@ async fn a_leader_that_disconnects_does_not_fail_the_fetch_for_the_others() {
     let waiters: Vec<_> = (0..5)
         .map(|_| tokio::spawn(app.client.get(app.url("/v1/discounts/LEAD-1")).send()))
         .collect();
-    wait_until("the waiters joined", WAIT, || async {
-        app.state.lookup.coalesced_joins() == 5
-    })
-    .await;
+    wait_until("the waiters joined", WAIT, || async { joins(&app) == 5 }).await;
     // The leader's client goes away: its connection closes mid-request.
     leader.abort();
     assert!(leader.await.unwrap_err().is_cancelled());
@@ -149,7 +146,7 @@ async fn after_an_invalidation_a_lookup_starts_its_own_fetch_instead_of_joining(
         app.upstream.calls("INV-1") == 2
     })
     .await;
-    assert_eq!(app.state.lookup.coalesced_joins(), 0);
+    assert_eq!(joins(&app), 0);
     app.upstream.release();
     for lookup in [before, after] {
         assert_eq!(lookup.await.unwrap().unwrap().status(), 200);
@@ -184,7 +181,7 @@ async fn lookups_of_an_sn_being_fetched_join_it_without_reading_redis() {
         .map(|_| tokio::spawn(app.client.get(app.url("/v1/discounts/HERD-1")).send()))
         .collect();
     wait_until("the herd joined the fetch", WAIT, || async {
-        app.state.lookup.coalesced_joins() == 200
+        joins(&app) == 200
     })
     .await;
     assert_eq!(
@@ -197,4 +194,9 @@ async fn lookups_of_an_sn_being_fetched_join_it_without_reading_redis() {
         assert_eq!(request.await.unwrap().unwrap().status(), 200);
     }
     assert_eq!(app.upstream.calls("HERD-1"), 1);
+}
+
+/// Lookups that joined a fetch under way, as `discount_proxy_coalesced_joins_total` counts.
+fn joins(app: &TestApp) -> u64 {
+    app.metric("discount_proxy_coalesced_joins_total") as u64
 }

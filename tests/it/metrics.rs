@@ -112,7 +112,7 @@ async fn joins_sheds_and_upstream_errors_are_counted() {
     wait_until(
         "the second lookup joined the first's fetch",
         Duration::from_secs(10),
-        || async { app.state.lookup.coalesced_joins() == 1 },
+        || async { app.metric("discount_proxy_coalesced_joins_total") == 1.0 },
     )
     .await;
     assert_eq!(app.get("/v1/discounts/SHED").await.status(), 503);

@@ -25,7 +25,7 @@ async fn with_redis_down_from_the_start_lookups_come_from_the_upstream() {
     assert_eq!(single.status(), 200);
     assert_eq!(single.headers()["x-cache"], "MISS");
     assert!(
-        app.state.health.redis_errors() >= 2,
+        app.redis_failures() >= 2,
         "the failures are counted, not silent"
     );
 }
@@ -43,7 +43,7 @@ async fn redis_dying_during_a_lookup_still_gives_a_correct_200() {
         )
         .await;
         // The read is done; now the write-back will find Redis gone.
-        let errors_before = app.state.health.redis_errors();
+        let errors_before = app.redis_failures();
         std::process::Command::new("kill")
             .arg("-9")
             .arg(app.redis.pid().to_string())
@@ -59,7 +59,7 @@ async fn redis_dying_during_a_lookup_still_gives_a_correct_200() {
     );
     assert_eq!(results(&body)[1]["status"], "ok");
     assert!(
-        app.state.health.redis_errors() > errors_before,
+        app.redis_failures() > errors_before,
         "the failed write-back is counted"
     );
     app.redis.stop();
@@ -103,7 +103,7 @@ async fn a_hung_redis_costs_its_timeout_not_the_request() {
     .await;
     app.lookup(&["P1"]).await;
     app.redis.signal("STOP");
-    let errors_before = app.state.health.redis_errors();
+    let errors_before = app.redis_failures();
     let body = app.lookup(&["P1", "P2"]).await;
     let single = app.get("/v1/discounts/P1").await;
     app.redis.signal("CONT");
@@ -117,7 +117,7 @@ async fn a_hung_redis_costs_its_timeout_not_the_request() {
     );
     assert_eq!(single.status(), 200);
     assert!(
-        app.state.health.redis_errors() >= errors_before + 2,
+        app.redis_failures() >= errors_before + 2,
         "read and write-back timed out"
     );
 }
@@ -140,7 +140,7 @@ async fn a_tls_redis_is_used_through_rediss() {
     assert_eq!(results(&again)[0]["source"], "cache");
     assert_eq!(app.upstream.calls("TLS1"), 1);
     assert!(app.redis_value("TLS1").await.is_some(), "written over TLS");
-    assert_eq!(app.state.health.redis_errors(), 0);
+    assert_eq!(app.redis_failures(), 0);
 }
 
 /// Asserts the answer has one item per requested SN, in order, each `ok` with its own SN's
@@ -196,7 +196,7 @@ async fn a_silent_redis_network_delays_no_lookup_past_its_deadline_and_caching_r
         "Redis is reached through the fault proxy"
     );
     app.redis_proxy().set_mode(Fault::Blackhole);
-    let errors_before = app.state.health.redis_errors();
+    let errors_before = app.redis_failures();
     let (mixed, cold, single) = tokio::join!(
         lookup_within(&app, limit, &["S1", "S3", "S2"]),
         lookup_within(&app, limit, &["S4"]),
@@ -215,7 +215,7 @@ async fn a_silent_redis_network_delays_no_lookup_past_its_deadline_and_caching_r
         "the cached SNs could not be read, so the upstream answered: {mixed}"
     );
     assert!(
-        app.state.health.redis_errors() > errors_before,
+        app.redis_failures() > errors_before,
         "the silence is counted"
     );
     app.redis_proxy().set_mode(Fault::Pass);
@@ -262,7 +262,7 @@ async fn redis_out_of_memory_still_serves_hits_caches_nothing_new_and_recovers()
     app.lookup(&["O1", "O2"]).await;
     app.redis.config_set("maxmemory-policy", "noeviction").await;
     app.redis.config_set("maxmemory", "1").await;
-    let errors_before = app.state.health.redis_errors();
+    let errors_before = app.redis_failures();
     let body = app.lookup(&["O1", "O3", "O2", "O4"]).await;
     assert_each_ok_with_its_own_discount(&["O1", "O3", "O2", "O4"], &body);
     let sources: Vec<_> = results(&body).iter().map(|item| &item["source"]).collect();
@@ -281,7 +281,7 @@ async fn redis_out_of_memory_still_serves_hits_caches_nothing_new_and_recovers()
         );
     }
     assert!(
-        app.state.health.redis_errors() > errors_before,
+        app.redis_failures() > errors_before,
         "the refused write-backs are counted"
     );
     app.redis.config_set("maxmemory", "0").await;
@@ -296,7 +296,7 @@ async fn a_read_only_replica_still_serves_hits_caches_nothing_new_and_recovers()
     // and serves reads, and refuses every write with READONLY.
     let (_refusing, dead_master) = crate::support::refusing_port();
     app.redis.replica_of(Some(dead_master)).await;
-    let errors_before = app.state.health.redis_errors();
+    let errors_before = app.redis_failures();
     let body = app.lookup(&["RO1", "RO2"]).await;
     assert_each_ok_with_its_own_discount(&["RO1", "RO2"], &body);
     assert_eq!(results(&body)[0]["source"], "cache", "{body}");
@@ -309,7 +309,7 @@ async fn a_read_only_replica_still_serves_hits_caches_nothing_new_and_recovers()
         );
     }
     assert!(
-        app.state.health.redis_errors() > errors_before,
+        app.redis_failures() > errors_before,
         "the refused write-backs are counted"
     );
     app.redis.replica_of(None).await;
@@ -377,7 +377,7 @@ async fn redis_restarted_under_load_never_fails_a_lookup_nor_mixes_up_values() {
     }
     load.await.expect("every lookup under load was correct");
     assert!(
-        app.state.health.redis_errors() > 0,
+        app.redis_failures() > 0,
         "no lookup met the restarts: the test proved nothing"
     );
     assert_eq!(answered.load(Ordering::SeqCst), LOAD_REQUESTS);
@@ -454,7 +454,7 @@ async fn a_chaos_run_with_a_flaky_upstream_and_killed_connections_caches_no_erro
         "the queued 429 and 503"
     );
     assert!(
-        app.state.health.upstream_errors() > 2,
+        app.upstream_failures() > 2,
         "the dice failed some calls besides Q's queued ones"
     );
     let q_calls = app.upstream.call_times("Q");

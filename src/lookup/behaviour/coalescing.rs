@@ -17,7 +17,7 @@ async fn a_hundred_concurrent_lookups_of_one_cold_sn_make_one_upstream_call() {
             .all(|batch| described(batch) == ["A ok upstream"])
     );
     assert_eq!(rig.upstream.calls("A"), 1);
-    assert_eq!(rig.lookup.coalesced_joins(), 99);
+    assert_eq!(rig.joins(), 99);
     assert!(started.elapsed() < 2 * LATENCY, "{:?}", started.elapsed());
 }
 
@@ -58,7 +58,7 @@ async fn a_lookup_of_an_sn_being_fetched_joins_it_without_reading_the_cache() {
         1,
         "the second lookup joined without a read"
     );
-    assert_eq!(rig.lookup.coalesced_joins(), 1);
+    assert_eq!(rig.joins(), 1);
     assert_eq!(described(&first.await.unwrap()), ["A ok upstream"]);
     assert_eq!(rig.upstream.calls("A"), 1);
 }
@@ -69,7 +69,7 @@ async fn a_lookup_right_after_a_fetch_reads_the_cache_instead_of_joining() {
     rig.resolve(&["A"]).await;
     let again = rig.resolve(&["A"]).await;
     assert_eq!(described(&again), ["A ok cache"]);
-    assert_eq!(rig.lookup.coalesced_joins(), 0);
+    assert_eq!(rig.joins(), 0);
     assert_eq!(rig.upstream.calls("A"), 1);
 }
 

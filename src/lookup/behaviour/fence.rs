@@ -50,7 +50,7 @@ async fn after_an_invalidation_a_lookup_starts_its_own_fetch_instead_of_joining(
     rig.lookup.invalidate(&["A"]).await.unwrap();
     let after = rig.resolve(&["A"]).await;
     assert_eq!(described(&after), ["A ok upstream"]);
-    assert_eq!(rig.lookup.coalesced_joins(), 0);
+    assert_eq!(rig.joins(), 0);
     assert_eq!(rig.upstream.calls("A"), 2);
     assert_eq!(described(&before.await.unwrap()), ["A ok upstream"]);
     rig.settled().await;

@@ -56,8 +56,8 @@ impl Cache for CountingCache {
         self.memory.ping()
     }
 
-    fn kind(&self) -> &'static str {
-        "memory"
+    fn kind(&self) -> crate::cache::CacheKind {
+        self.memory.kind()
     }
 }
 
@@ -129,6 +129,20 @@ impl Rig {
             cache,
             metrics,
         }
+    }
+
+    /// One sample of the metrics (`name{labels}`), 0 when not recorded yet.
+    pub(super) fn metric(&self, sample: &str) -> f64 {
+        self.metrics
+            .encode()
+            .lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Lookups that joined a fetch under way, as `discount_proxy_coalesced_joins_total` counts.
+    pub(super) fn joins(&self) -> u64 {
+        self.metric("discount_proxy_coalesced_joins_total") as u64
     }
 
     /// A JSON lookup of `sns` arriving now.
@@ -224,12 +238,9 @@ impl Rig {
 
     /// `discount_proxy_write_backs_total{outcome}`, 0 when never counted.
     pub(super) fn write_backs(&self, outcome: &str) -> u64 {
-        let prefix = format!("discount_proxy_write_backs_total{{outcome=\"{outcome}\"}} ");
-        self.metrics
-            .encode()
-            .lines()
-            .find_map(|line| line.strip_prefix(prefix.as_str())?.parse().ok())
-            .unwrap_or(0)
+        self.metric(&format!(
+            "discount_proxy_write_backs_total{{outcome=\"{outcome}\"}}"
+        )) as u64
     }
 }
 

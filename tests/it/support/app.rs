@@ -217,6 +217,40 @@ impl TestApp {
             .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or(0.0)
     }
+
+    /// Redis commands that failed or timed out (not those skipped by the breaker), from
+    /// `discount_proxy_redis_commands_total`.
+    pub fn redis_failures(&self) -> u64 {
+        self.sum_of(
+            "discount_proxy_redis_commands_total{",
+            &["error", "timeout"],
+        )
+    }
+
+    /// Upstream requests that failed or timed out, from
+    /// `discount_proxy_upstream_requests_total`.
+    pub fn upstream_failures(&self) -> u64 {
+        self.sum_of(
+            "discount_proxy_upstream_requests_total{",
+            &["error", "timeout"],
+        )
+    }
+
+    /// The sum of the samples of a family whose `outcome` is one of `outcomes`.
+    fn sum_of(&self, family: &str, outcomes: &[&str]) -> u64 {
+        self.state
+            .metrics
+            .encode()
+            .lines()
+            .filter(|line| line.starts_with(family))
+            .filter(|line| {
+                outcomes
+                    .iter()
+                    .any(|outcome| line.contains(&format!("outcome=\"{outcome}\"")))
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
 }
 
 pub fn results(body: &Value) -> &Vec<Value> {

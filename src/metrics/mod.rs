@@ -2,6 +2,18 @@
 //! counts, never a process global, so a test reads exactly its own proxy's numbers.
 //!
 //! Served at `GET /metrics` in the OpenMetrics text format (counters end in `_total`).
+//! Every label value is a type (see the `labels` module), re-exported here.
+
+mod labels;
+
+use self::labels::{
+    CommandLabel, DependencyLabel, EndpointLabel, EndpointStatus, InvalidationLabel, LocalLabel,
+    PoolLabel, RedisLabels, ShedLabel, SnLabel, UpstreamLabel, WriteBackLabel,
+};
+pub use self::labels::{
+    Dependency, Endpoint, InvalidationEvent, LocalResult, PoolState, RedisCommand, RedisOutcome,
+    ShedReason, SnOutcome, UpstreamOutcome, WriteBackOutcome,
+};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -11,34 +23,28 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use std::time::Duration;
 
-/// One label, as `[(name, value)]`.
-type Label = [(&'static str, &'static str); 1];
-
-/// The endpoint and HTTP status of a request.
-type EndpointStatus = ([(&'static str, &'static str); 1], [(&'static str, u16); 1]);
-
 /// Every metric family of the proxy.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     lookups: Family<EndpointStatus, Counter>,
-    request_duration: Family<Label, Histogram, fn() -> Histogram>,
-    sns: Family<Label, Counter>,
-    upstream_requests: Family<Label, Counter>,
+    request_duration: Family<EndpointLabel, Histogram, fn() -> Histogram>,
+    sns: Family<SnLabel, Counter>,
+    upstream_requests: Family<UpstreamLabel, Counter>,
     upstream_duration: Histogram,
     upstream_in_flight: Gauge,
     upstream_retries: Counter,
     coalesced_joins: Counter,
     pending_fetches: Gauge,
-    write_backs: Family<Label, Counter>,
-    redis_commands: Family<[(&'static str, &'static str); 2], Counter>,
-    redis_duration: Family<Label, Histogram, fn() -> Histogram>,
-    redis_pool: Family<Label, Gauge>,
-    load_shed: Family<Label, Counter>,
-    circuit_state: Family<Label, Gauge>,
-    local_lookups: Family<Label, Counter>,
+    write_backs: Family<WriteBackLabel, Counter>,
+    redis_commands: Family<RedisLabels, Counter>,
+    redis_duration: Family<CommandLabel, Histogram, fn() -> Histogram>,
+    redis_pool: Family<PoolLabel, Gauge>,
+    load_shed: Family<ShedLabel, Counter>,
+    circuit_state: Family<DependencyLabel, Gauge>,
+    local_lookups: Family<LocalLabel, Counter>,
     local_bytes: Gauge,
-    invalidation_messages: Family<Label, Counter>,
+    invalidation_messages: Family<InvalidationLabel, Counter>,
     invalidation_channel: Gauge,
     connections_open: Gauge,
     write_timeouts: Counter,
@@ -49,51 +55,6 @@ pub struct Metrics {
 /// the top.
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 17))
-}
-
-/// What an SN of a lookup came to, for `discount_proxy_sns_total{outcome}`.
-#[derive(Debug, Clone, Copy)]
-pub enum SnOutcome {
-    /// A fresh discount from the cache.
-    Hit,
-    /// A discount fetched from the upstream (or joined from a fetch under way).
-    Miss,
-    /// A discount served stale.
-    Stale,
-    /// The upstream does not know the SN (cached or fetched).
-    NotFound,
-    /// The SN failed validation.
-    Invalid,
-    /// No answer: an upstream failure, an open circuit, or the deadline.
-    Error,
-}
-
-impl SnOutcome {
-    /// Every outcome, in the order of [`SnOutcome::index`].
-    pub const ALL: [Self; 6] = [
-        Self::Hit,
-        Self::Miss,
-        Self::Stale,
-        Self::NotFound,
-        Self::Invalid,
-        Self::Error,
-    ];
-
-    /// The outcome's place in [`SnOutcome::ALL`], for counting in an array.
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Hit => "hit",
-            Self::Miss => "miss",
-            Self::Stale => "stale",
-            Self::NotFound => "not_found",
-            Self::Invalid => "invalid",
-            Self::Error => "error",
-        }
-    }
 }
 
 impl Default for Metrics {
@@ -261,12 +222,12 @@ impl Metrics {
     }
 
     /// One `/v1/*` request answered.
-    pub fn record_lookup(&self, endpoint: &'static str, status: u16, took: Duration) {
+    pub fn record_lookup(&self, endpoint: Endpoint, status: u16, took: Duration) {
         self.lookups
-            .get_or_create(&([("endpoint", endpoint)], [("status", status)]))
+            .get_or_create(&EndpointStatus { endpoint, status })
             .inc();
         self.request_duration
-            .get_or_create(&[("endpoint", endpoint)])
+            .get_or_create(&EndpointLabel { endpoint })
             .observe(took.as_secs_f64());
     }
 
@@ -274,16 +235,14 @@ impl Metrics {
     /// the hit path that counts a hundred SNs per request.
     pub fn record_sns(&self, outcome: SnOutcome, count: u64) {
         if count > 0 {
-            self.sns
-                .get_or_create(&[("outcome", outcome.as_str())])
-                .inc_by(count);
+            self.sns.get_or_create(&SnLabel { outcome }).inc_by(count);
         }
     }
 
     /// One upstream request ended with `outcome` after `took`.
-    pub fn record_upstream(&self, outcome: &'static str, took: Duration) {
+    pub fn record_upstream(&self, outcome: UpstreamOutcome, took: Duration) {
         self.upstream_requests
-            .get_or_create(&[("outcome", outcome)])
+            .get_or_create(&UpstreamLabel { outcome })
             .inc();
         self.upstream_duration.observe(took.as_secs_f64());
     }
@@ -304,39 +263,39 @@ impl Metrics {
     }
 
     /// `count` answers came to `outcome` at the write-back.
-    pub fn record_write_backs(&self, outcome: &'static str, count: usize) {
+    pub fn record_write_backs(&self, outcome: WriteBackOutcome, count: usize) {
         self.write_backs
-            .get_or_create(&[("outcome", outcome)])
+            .get_or_create(&WriteBackLabel { outcome })
             .inc_by(count as u64);
     }
 
     /// One Redis command (`command`) ended with `outcome` after `took`.
-    pub fn record_redis(&self, command: &'static str, outcome: &'static str, took: Duration) {
+    pub fn record_redis(&self, command: RedisCommand, outcome: RedisOutcome, took: Duration) {
         self.redis_commands
-            .get_or_create(&[("command", command), ("outcome", outcome)])
+            .get_or_create(&RedisLabels { command, outcome })
             .inc();
-        if outcome != "skipped" {
+        if outcome != RedisOutcome::Skipped {
             self.redis_duration
-                .get_or_create(&[("command", command)])
+                .get_or_create(&CommandLabel { command })
                 .observe(took.as_secs_f64());
         }
     }
 
     /// SNs the in-process tier had (`hits`) and lacked (`misses`) in one read.
     pub fn record_local_lookups(&self, hits: usize, misses: usize) {
-        for (result, count) in [("hit", hits), ("miss", misses)] {
+        for (result, count) in [(LocalResult::Hit, hits), (LocalResult::Miss, misses)] {
             if count > 0 {
                 self.local_lookups
-                    .get_or_create(&[("result", result)])
+                    .get_or_create(&LocalLabel { result })
                     .inc_by(count as u64);
             }
         }
     }
 
     /// One invalidation message `event`: published, publish_failed or received.
-    pub fn record_invalidation_message(&self, event: &'static str) {
+    pub fn record_invalidation_message(&self, event: InvalidationEvent) {
         self.invalidation_messages
-            .get_or_create(&[("event", event)])
+            .get_or_create(&InvalidationLabel { event })
             .inc();
     }
 
@@ -356,8 +315,8 @@ impl Metrics {
     }
 
     /// A request was shed for `reason`.
-    pub fn record_shed(&self, reason: &'static str) {
-        self.load_shed.get_or_create(&[("reason", reason)]).inc();
+    pub fn record_shed(&self, reason: ShedReason) {
+        self.load_shed.get_or_create(&ShedLabel { reason }).inc();
     }
 
     /// The values read at scrape time: pool, pending fetches, circuits.
@@ -367,17 +326,17 @@ impl Metrics {
         self.local_bytes
             .set(i64::try_from(current.local_bytes).unwrap_or(i64::MAX));
         for (state, value) in [
-            ("size", current.pool_size),
-            ("available", current.pool_available),
-            ("waiting", current.pool_waiting),
+            (PoolState::Size, current.pool_size),
+            (PoolState::Available, current.pool_available),
+            (PoolState::Waiting, current.pool_waiting),
         ] {
             self.redis_pool
-                .get_or_create(&[("state", state)])
+                .get_or_create(&PoolLabel { state })
                 .set(gauge(value));
         }
         for (dependency, state) in [
-            ("upstream", current.upstream_circuit),
-            ("redis", current.redis_circuit),
+            (Dependency::Upstream, current.upstream_circuit),
+            (Dependency::Redis, current.redis_circuit),
         ] {
             let value = match state {
                 crate::circuit::CircuitState::Closed => 0,
@@ -385,7 +344,7 @@ impl Metrics {
                 crate::circuit::CircuitState::Open => 2,
             };
             self.circuit_state
-                .get_or_create(&[("dependency", dependency)])
+                .get_or_create(&DependencyLabel { dependency })
                 .set(value);
         }
     }
@@ -423,10 +382,14 @@ mod tests {
     #[test]
     fn families_are_named_with_units_and_counters_end_in_total() {
         let metrics = Metrics::new();
-        metrics.record_lookup("batch", 200, Duration::from_millis(3));
+        metrics.record_lookup(Endpoint::Batch, 200, Duration::from_millis(3));
         metrics.record_sns(SnOutcome::Hit, 1);
-        metrics.record_upstream("ok", Duration::from_millis(500));
-        metrics.record_redis("MGET", "ok", Duration::from_micros(300));
+        metrics.record_upstream(UpstreamOutcome::Ok, Duration::from_millis(500));
+        metrics.record_redis(
+            RedisCommand::Mget,
+            RedisOutcome::Ok,
+            Duration::from_micros(300),
+        );
         let text = metrics.encode();
         for line in [
             r#"discount_proxy_lookups_total{endpoint="batch",status="200"} 1"#,
