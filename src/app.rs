@@ -1,7 +1,7 @@
 //! Wires the configuration into the running parts and serves them until shutdown: the one
 //! start-up path of `serve`, `demo` and the integration tests, so each runs the same proxy.
 
-use crate::cache::{Cache, MemoryCache, RedisCache, RedisSettings, TieredCache};
+use crate::cache::{Cache, MemoryCache, RedisCache, TieredCache};
 use crate::config::{Config, redacted_url};
 use crate::health::Health;
 use crate::lookup::{Lifetimes, Lookup, LookupSettings};
@@ -97,7 +97,7 @@ async fn build_cache(
     if choice == CacheChoice::Memory {
         return Ok(memory());
     }
-    let redis = match RedisCache::new(&RedisSettings::from(&config.redis), Arc::clone(metrics)) {
+    let redis = match RedisCache::new(&config.redis, Arc::clone(metrics)) {
         Ok(redis) => redis,
         Err(err) if choice == CacheChoice::RedisIfAnswering => {
             warn!(error = %err, "redis URL unusable; using the in-process cache");

@@ -8,7 +8,8 @@
 //! `cargo run --release -p bench --example connection_manager`
 
 use anyhow::{Context, Result};
-use discount_proxy::cache::{Cache, RedisCache, RedisSettings};
+use discount_proxy::cache::{Cache, RedisCache};
+use discount_proxy::config::RedisConfig;
 use discount_proxy::metrics::Metrics;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::net::SocketAddr;
@@ -107,15 +108,13 @@ impl Client {
 }
 
 fn ours(url: &str, pool_size: usize) -> Result<RedisCache> {
-    let settings = RedisSettings {
+    let settings = RedisConfig {
         url: url.to_owned(),
         pool_size,
-        key_prefix: "discount:v1:".to_owned(),
         timeout: TIMEOUT,
-        chunk_size: 500,
         // The breaker's cool-down would hide how fast the connections themselves recover.
         breaker_failures: 0,
-        breaker_cooldown: Duration::from_secs(1),
+        ..RedisConfig::default()
     };
     Ok(RedisCache::new(&settings, Arc::new(Metrics::new()))?)
 }

@@ -15,7 +15,7 @@ mod tiered;
 pub use self::entry::{Entry, EntryError, EntryKind};
 pub use self::local::LocalTier;
 pub use self::memory::MemoryCache;
-pub use self::redis::{RedisCache, RedisSettings};
+pub use self::redis::RedisCache;
 pub use self::tiered::TieredCache;
 
 use bytes::Bytes;
@@ -141,42 +141,4 @@ pub struct PoolStatus {
     pub available: usize,
     /// Callers waiting for a connection.
     pub waiting: usize,
-}
-
-impl From<&crate::config::RedisConfig> for RedisSettings {
-    fn from(config: &crate::config::RedisConfig) -> Self {
-        Self {
-            url: config.url.clone(),
-            pool_size: config.pool_size,
-            key_prefix: config.key_prefix.clone(),
-            timeout: config.timeout,
-            chunk_size: config.chunk_size,
-            breaker_failures: config.breaker_failures,
-            breaker_cooldown: config.breaker_cooldown,
-        }
-    }
-}
-
-// Destructured in full: whoever adds a field decides here whether it is a secret.
-impl std::fmt::Debug for RedisSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let Self {
-            url,
-            pool_size,
-            key_prefix,
-            timeout,
-            chunk_size,
-            breaker_failures,
-            breaker_cooldown,
-        } = self;
-        f.debug_struct("RedisSettings")
-            .field("url", &crate::config::RedactedUrl(url))
-            .field("pool_size", pool_size)
-            .field("key_prefix", key_prefix)
-            .field("timeout", timeout)
-            .field("chunk_size", chunk_size)
-            .field("breaker_failures", breaker_failures)
-            .field("breaker_cooldown", breaker_cooldown)
-            .finish()
-    }
 }

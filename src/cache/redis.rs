@@ -5,6 +5,7 @@
 use super::connections::{Connections, Lease};
 use super::{Cache, CacheError, CacheKind, PoolStatus, Values, Write};
 use crate::circuit::{Circuit, CircuitState};
+use crate::config::RedisConfig;
 use crate::metrics::{Metrics, RedisCommand, RedisOutcome};
 use ::redis::{self, AsyncConnectionConfig, FromRedisValue};
 use bytes::Bytes;
@@ -13,26 +14,6 @@ use futures_util::future::join_all;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-
-/// How [`RedisCache`] reaches Redis. `Debug` (in `cache/mod.rs`) redacts the URL.
-#[derive(Clone)]
-pub struct RedisSettings {
-    /// Where Redis is (`redis.url`); `rediss://` connects over TLS.
-    pub url: String,
-    /// How many multiplexed connections are shared (`redis.pool_size`).
-    pub pool_size: usize,
-    /// Prepended to every SN to make its key (`redis.key_prefix`).
-    pub key_prefix: String,
-    /// Bound on one connect and, separately, one command (`redis.timeout`).
-    pub timeout: Duration,
-    /// Most keys in one `MGET` or write-back pipeline (`redis.chunk_size`).
-    pub chunk_size: usize,
-    /// This many failures in a row skip Redis for `breaker_cooldown`; 0 never
-    /// (`redis.breaker_failures`).
-    pub breaker_failures: u32,
-    /// How long Redis is skipped before one probe command (`redis.breaker_cooldown`).
-    pub breaker_cooldown: Duration,
-}
 
 /// Redis as a [`Cache`]. Keys are `<key_prefix><sn>`; big batches are split into chunks so one
 /// command never carries thousands of keys and blocks Redis for other clients.
@@ -100,7 +81,7 @@ impl RedisCache {
     ///
     /// # Errors
     /// A URL redis-rs cannot use.
-    pub fn new(settings: &RedisSettings, metrics: Arc<Metrics>) -> Result<Self, CacheError> {
+    pub fn new(settings: &RedisConfig, metrics: Arc<Metrics>) -> Result<Self, CacheError> {
         // Both redis-rs's own timeouts and ours: a hung Redis must never hang a request.
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(settings.timeout))
