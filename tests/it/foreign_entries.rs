@@ -2,7 +2,7 @@
 //! the in-process tier; a miss, fetched once and overwritten with a proper entry.
 
 use crate::support::{Reply, StubUpstream, TestApp, fresh_header, results, seed_raw, wait_until};
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -15,23 +15,8 @@ fn line_breaking_value() -> String {
     )
 }
 
-/// The sample's value in a `/metrics` scrape, 0 when it has not been recorded.
-async fn scraped(app: &TestApp, sample: &str) -> f64 {
-    let text = app.get("/metrics").await.text().await.unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 async fn ndjson_lookup(app: &TestApp, sns: &[&str]) -> Vec<Value> {
-    let response = app
-        .client
-        .post(app.url("/v1/discounts/lookup"))
-        .header("accept", "application/x-ndjson")
-        .json(&json!({ "sns": sns }))
-        .send()
-        .await
-        .unwrap();
+    let response = app.post_ndjson(sns).await;
     assert_eq!(response.status(), 200);
     let text = response.text().await.unwrap();
     text.lines()
@@ -63,7 +48,8 @@ async fn a_cached_value_whose_json_breaks_lines_is_refetched_and_never_splits_nd
     assert_eq!(results(&again)[0]["source"], "cache");
     assert_eq!(app.upstream.calls("C7"), 1, "the proper entry is a hit");
     assert_eq!(
-        scraped(&app, "discount_proxy_cache_entries_rejected_total").await,
+        app.scraped("discount_proxy_cache_entries_rejected_total")
+            .await,
         1.0
     );
 }
@@ -77,7 +63,7 @@ async fn a_value_we_did_not_write_is_never_kept_in_the_in_process_tier() {
     let lines = ndjson_lookup(&app, &["C9"]).await;
     assert_eq!(lines[0]["status"], "error", "{lines:?}");
     assert_eq!(
-        scraped(&app, "discount_proxy_local_cache_bytes").await,
+        app.scraped("discount_proxy_local_cache_bytes").await,
         0.0,
         "the in-process tier holds nothing"
     );

@@ -36,13 +36,6 @@ async fn closed_by_server(mut socket: TcpStream, within: Duration) -> bool {
     }
 }
 
-async fn metric(app: &TestApp, name: &str) -> f64 {
-    let text = app.get("/metrics").await.text().await.unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing in:\n{text}"))
-}
-
 #[tokio::test]
 async fn thousands_of_idle_or_half_sent_sockets_are_closed_within_the_header_timeout() {
     let header_timeout = Duration::from_secs(1);
@@ -77,7 +70,7 @@ async fn connections_past_max_connections_wait_until_idle_ones_are_closed() {
     .await;
     let sockets = silent_sockets(&app, 200, b"").await;
     // Served once the idle sockets ahead of it time out, a few rounds of 50 at most.
-    let open = metric(&app, "discount_proxy_connections_open").await;
+    let open = app.scraped("discount_proxy_connections_open").await;
     assert!(
         (1.0..=50.0).contains(&open),
         "{open} connections open at once, past max_connections"
@@ -153,7 +146,7 @@ async fn clients_that_stop_reading_hold_their_slots_only_until_the_write_timeout
     wait_until(
         "both stuck responses were abandoned",
         Duration::from_secs(5),
-        || async { metric(&app, "discount_proxy_write_timeouts_total").await == 2.0 },
+        || async { app.scraped("discount_proxy_write_timeouts_total").await == 2.0 },
     )
     .await;
 }
@@ -167,7 +160,7 @@ async fn a_response_the_client_stops_reading_is_abandoned_and_its_connection_clo
     wait_until(
         "the write timeout fires",
         Duration::from_secs(10),
-        || async { metric(&app, "discount_proxy_write_timeouts_total").await == 1.0 },
+        || async { app.scraped("discount_proxy_write_timeouts_total").await == 1.0 },
     )
     .await;
     // What the socket buffers held arrives, then the connection ends short of the body.

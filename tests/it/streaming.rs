@@ -42,15 +42,7 @@ impl Lines {
 }
 
 async fn stream(app: &TestApp, sns: &[&str]) -> Lines {
-    let response = app
-        .client
-        .post(app.url("/v1/discounts/lookup"))
-        .header("accept", "application/x-ndjson")
-        .json(&json!({ "sns": sns }))
-        .send()
-        .await
-        .unwrap();
-    Lines::of(response)
+    Lines::of(app.post_ndjson(sns).await)
 }
 
 #[tokio::test]

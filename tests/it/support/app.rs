@@ -218,6 +218,26 @@ impl TestApp {
             .unwrap_or(0.0)
     }
 
+    /// One sample of a `GET /metrics` scrape, which also reads the values of the moment
+    /// (connections, pools, circuits); 0 when it has not been recorded yet.
+    pub async fn scraped(&self, sample: &str) -> f64 {
+        let text = self.get("/metrics").await.text().await.unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// `POST /v1/discounts/lookup` of these SNs with `Accept: application/x-ndjson`.
+    pub async fn post_ndjson(&self, sns: &[&str]) -> reqwest::Response {
+        self.client
+            .post(self.url("/v1/discounts/lookup"))
+            .header("accept", "application/x-ndjson")
+            .json(&serde_json::json!({ "sns": sns }))
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// Redis commands that failed or timed out (not those skipped by the breaker), from
     /// `discount_proxy_redis_commands_total`.
     pub fn redis_failures(&self) -> u64 {
