@@ -156,7 +156,6 @@ pub struct Flights {
     /// Flights detached by an invalidation that have not ended; changed under the lock.
     detached: AtomicUsize,
     max_pending: usize,
-
     metrics: Arc<Metrics>,
 }
 

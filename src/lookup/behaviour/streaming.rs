@@ -39,10 +39,7 @@ async fn hits_come_at_once_then_misses_as_they_resolve_then_the_end() {
         .script("M2", [(Duration::from_millis(100), Reply::Discount)]);
     let started = Instant::now();
     let requested = owned(&["M1", "H1", "M2", "H2"]);
-    let mut stream = rig
-        .stream(&requested, CancellationToken::new())
-        .await
-        .unwrap();
+    let mut stream = rig.open_stream(&requested).await;
     let mut timed = Vec::new();
     while let Some(line) = next_line(&mut stream).await {
         timed.push((line, started.elapsed().as_millis()));
@@ -70,10 +67,7 @@ async fn a_stream_longer_than_one_window_reports_each_sn_once_with_its_source() 
     for sn in requested.iter().step_by(2) {
         rig.store_found(sn, Duration::ZERO).await;
     }
-    let mut stream = rig
-        .stream(&requested, CancellationToken::new())
-        .await
-        .unwrap();
+    let mut stream = rig.open_stream(&requested).await;
     let lines = all_lines(&mut stream).await;
     assert_eq!(lines.len(), 35);
     let expected: HashSet<String> = requested
@@ -99,10 +93,7 @@ async fn the_next_window_is_read_only_while_few_fetches_are_outstanding() {
         ..Setup::default()
     });
     let requested = sns("P", 40);
-    let mut stream = rig
-        .stream(&requested, CancellationToken::new())
-        .await
-        .unwrap();
+    let mut stream = rig.open_stream(&requested).await;
     assert_eq!(rig.keys_read(), 4, "the first window only");
     let mut reported = 0;
     while let Some(line) = next_line(&mut stream).await {
@@ -128,10 +119,7 @@ async fn a_reader_that_stops_reading_holds_back_the_next_window() {
     for sn in &requested {
         rig.store_found(sn, Duration::ZERO).await;
     }
-    let mut stream = rig
-        .stream(&requested, CancellationToken::new())
-        .await
-        .unwrap();
+    let mut stream = rig.open_stream(&requested).await;
     for _ in 0..5 {
         next_line(&mut stream).await.unwrap();
     }
@@ -188,10 +176,7 @@ async fn past_the_deadline_every_sn_left_is_deadline_exceeded_once_unread_window
         rig.upstream.script(sn, [(Duration::ZERO, Reply::Hang)]);
     }
     let started = Instant::now();
-    let mut stream = rig
-        .stream(&requested, CancellationToken::new())
-        .await
-        .unwrap();
+    let mut stream = rig.open_stream(&requested).await;
     let lines = all_lines(&mut stream).await;
     assert_eq!(started.elapsed(), Duration::from_secs(1));
     assert_eq!(lines[0], "D-0 ok upstream");
@@ -248,10 +233,7 @@ async fn a_stream_that_goes_away_does_not_fail_another_lookup_of_its_queued_sns(
         ..Setup::default()
     });
     let requested = sns("Q", 10);
-    let stream = rig
-        .stream(&requested, CancellationToken::new())
-        .await
-        .unwrap();
+    let stream = rig.open_stream(&requested).await;
     sleep(Duration::from_millis(100)).await;
     let other = rig.spawn_resolve(&["Q-9"]);
     sleep(Duration::from_millis(1)).await;
@@ -274,10 +256,7 @@ async fn a_later_window_without_room_under_max_pending_waits_for_it_instead_of_f
     sleep(Duration::from_millis(10)).await;
     let requested = owned(&["H-0", "H-1", "M-0", "M-1"]);
     let started = Instant::now();
-    let mut stream = rig
-        .stream(&requested, CancellationToken::new())
-        .await
-        .unwrap();
+    let mut stream = rig.open_stream(&requested).await;
     let lines = all_lines(&mut stream).await;
     assert_eq!(&lines[..2], ["H-0 ok cache", "H-1 ok cache"]);
     let misses: HashSet<&str> = lines[2..].iter().map(String::as_str).collect();
@@ -310,10 +289,7 @@ async fn the_summary_comes_after_the_write_backs_so_the_same_lookup_right_after_
     let rig = Rig::new();
     rig.slow_writes(Duration::from_millis(200));
     let requested = sns("S", 3);
-    let mut stream = rig
-        .stream(&requested, CancellationToken::new())
-        .await
-        .unwrap();
+    let mut stream = rig.open_stream(&requested).await;
     assert_eq!(all_lines(&mut stream).await.len(), 3);
     stream.batch().await;
     assert_eq!(rig.keys_written(), 3);

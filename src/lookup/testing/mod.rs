@@ -180,6 +180,13 @@ impl Rig {
             .await
     }
 
+    /// A streamed lookup of `sns` whose client stays, which must not be refused.
+    pub(super) async fn open_stream(&self, sns: &[String]) -> StreamedLookup {
+        self.stream(sns, CancellationToken::new())
+            .await
+            .expect("not overloaded")
+    }
+
     /// Stores `entry` for `sn`, as an earlier fetch would have.
     pub(super) async fn store(&self, sn: &str, entry: &Entry) {
         self.store_raw(sn, entry.encoded().clone()).await;
