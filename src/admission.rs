@@ -106,17 +106,16 @@ impl Unflushed {
 /// A response body that keeps its request's [`Slot`] while hyper writes it.
 ///
 /// When the body is dropped (hyper took its last frame, or the connection went away) the slot
-/// is parked on the connection's [`Unflushed`] until the bytes are on the socket; without a
-/// connection to park it on, it is freed with the body.
+/// is parked on the connection's [`Unflushed`] until the bytes are on the socket.
 pub struct AdmittedBody<B> {
     body: B,
     slot: Option<Slot>,
-    unflushed: Option<Arc<Unflushed>>,
+    unflushed: Arc<Unflushed>,
 }
 
 impl<B> AdmittedBody<B> {
-    /// `body`, holding `slot` until it is written; `unflushed` is the connection's, if known.
-    pub fn new(body: B, slot: Slot, unflushed: Option<Arc<Unflushed>>) -> Self {
+    /// `body`, holding `slot` until it is written on the connection of `unflushed`.
+    pub fn new(body: B, slot: Slot, unflushed: Arc<Unflushed>) -> Self {
         Self {
             body,
             slot: Some(slot),
@@ -127,8 +126,8 @@ impl<B> AdmittedBody<B> {
 
 impl<B> Drop for AdmittedBody<B> {
     fn drop(&mut self) {
-        if let (Some(slot), Some(unflushed)) = (self.slot.take(), self.unflushed.as_ref()) {
-            unflushed.park(slot);
+        if let Some(slot) = self.slot.take() {
+            self.unflushed.park(slot);
         }
     }
 }
@@ -166,7 +165,7 @@ mod tests {
         let body = AdmittedBody::new(
             Full::new(bytes::Bytes::from_static(b"{}")),
             slot,
-            Some(Arc::clone(&unflushed)),
+            Arc::clone(&unflushed),
         );
         assert!(admission.try_admit().is_none());
         let collected = body.collect().await.unwrap().to_bytes();
@@ -174,18 +173,6 @@ mod tests {
         // Taken by hyper in full, not yet on the socket.
         assert_eq!(admission.available(), 0);
         unflushed.flushed();
-        assert_eq!(admission.available(), 1);
-    }
-
-    #[test]
-    fn a_body_without_a_connection_frees_its_slot_when_dropped() {
-        let admission = Admission::new(1);
-        let slot = admission.try_admit().unwrap();
-        drop(AdmittedBody::new(
-            Full::new(bytes::Bytes::new()),
-            slot,
-            None,
-        ));
         assert_eq!(admission.available(), 1);
     }
 
@@ -198,7 +185,7 @@ mod tests {
             drop(AdmittedBody::new(
                 Full::new(bytes::Bytes::new()),
                 slot,
-                Some(Arc::clone(&unflushed)),
+                Arc::clone(&unflushed),
             ));
         }
         assert_eq!(admission.available(), 0);

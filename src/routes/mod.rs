@@ -60,11 +60,18 @@ impl From<&Summary> for LookupStats {
 const SN_PATH_PREFIX: &str = "/v1/discounts/";
 
 /// Routes one request. Errors become their JSON error response here.
-pub async fn handle(state: &AppState, request: Request<Incoming>) -> Response<Body> {
+///
+/// `unflushed` is the connection's: an admitted request's slot is parked there until its
+/// response is on the socket (see [`crate::admission`]).
+pub async fn handle(
+    state: &AppState,
+    request: Request<Incoming>,
+    unflushed: &Arc<Unflushed>,
+) -> Response<Body> {
     // A lookup's deadline counts from here, reading its body included.
     let arrived = Instant::now();
     let endpoint = endpoint(request.method(), request.uri().path());
-    let response = route(state, request, arrived)
+    let response = route(state, request, arrived, unflushed)
         .await
         .unwrap_or_else(error_response);
     if let Some(endpoint) = endpoint {
@@ -91,6 +98,7 @@ async fn route(
     state: &AppState,
     request: Request<Incoming>,
     arrived: Instant,
+    unflushed: &Arc<Unflushed>,
 ) -> Result<Response<Body>, Error> {
     let method = request.method().clone();
     // A Uri clone shares its bytes: the request is moved into the handler, the path stays.
@@ -119,14 +127,14 @@ async fn route(
         "/v1/discounts/lookup" => {
             allow(&method, route_methods(path))?;
             authorize(state, &request)?;
-            let admitted = admit(state, &request)?;
+            let admitted = admit(state, unflushed)?;
             let response = lookups::lookup_batch(state, request, arrived).await;
             Ok(admitted.hold(response?))
         }
         "/v1/discounts/invalidate" => {
             allow(&method, route_methods(path))?;
             authorize(state, &request)?;
-            let admitted = admit(state, &request)?;
+            let admitted = admit(state, unflushed)?;
             Ok(admitted.hold(cache_control::invalidate(state, request).await?))
         }
         _ => match path
@@ -136,7 +144,7 @@ async fn route(
             Some(raw_sn) => {
                 allow(&method, route_methods(SN_ROUTE))?;
                 authorize(state, &request)?;
-                let admitted = admit(state, &request)?;
+                let admitted = admit(state, unflushed)?;
                 let sn = sn::decode_path_segment(raw_sn)?;
                 let response = if method == Method::DELETE {
                     cache_control::delete_one(state, &sn).await
@@ -221,7 +229,7 @@ const OVERLOADED_RETRY_AFTER_SECS: u64 = 1;
 /// out on.
 struct Admitted {
     slot: Slot,
-    unflushed: Option<Arc<Unflushed>>,
+    unflushed: Arc<Unflushed>,
 }
 
 impl Admitted {
@@ -234,13 +242,15 @@ impl Admitted {
 
 /// A slot among `server.max_in_flight`; none free is `503 overloaded`, decided before the
 /// body is read, so shedding costs next to nothing.
-fn admit(state: &AppState, request: &Request<Incoming>) -> Result<Admitted, Error> {
+fn admit(state: &AppState, unflushed: &Arc<Unflushed>) -> Result<Admitted, Error> {
     let Some(slot) = state.admission.try_admit() else {
         state.metrics.record_shed(ShedReason::InFlight);
         return Err(Error::Overloaded(OVERLOADED_RETRY_AFTER_SECS));
     };
-    let unflushed = request.extensions().get::<Arc<Unflushed>>().cloned();
-    Ok(Admitted { slot, unflushed })
+    Ok(Admitted {
+        slot,
+        unflushed: Arc::clone(unflushed),
+    })
 }
 
 fn body_limits(state: &AppState) -> BodyLimits {

@@ -101,12 +101,12 @@ fn serve_connection(
         place,
     );
     let state = Arc::clone(state);
-    let service = service_fn(move |mut request: Request<Incoming>| {
+    let service = service_fn(move |request: Request<Incoming>| {
         let state = Arc::clone(&state);
         // The admission slot of a `/v1/*` request is parked here until its response is on
         // the socket.
-        request.extensions_mut().insert(Arc::clone(&unflushed));
-        async move { Ok::<_, Infallible>(handle_logged(&state, request).await) }
+        let unflushed = Arc::clone(&unflushed);
+        async move { Ok::<_, Infallible>(handle_logged(&state, request, &unflushed).await) }
     });
     let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
     tokio::spawn(async move {
@@ -146,6 +146,7 @@ async fn drain(listener: TcpListener, graceful: GracefulShutdown, state: &AppSta
 async fn handle_logged(
     state: &AppState,
     request: Request<Incoming>,
+    unflushed: &Arc<Unflushed>,
 ) -> hyper::Response<routes::Body> {
     let started = Instant::now();
     let method = request.method().clone();
@@ -154,7 +155,7 @@ async fn handle_logged(
     let id = request_id(request.headers());
     let span =
         info_span!("request", id = %id.to_str().unwrap_or_default(), %method, path = uri.path());
-    let mut response = routes::handle(state, request)
+    let mut response = routes::handle(state, request, unflushed)
         .instrument(span.clone())
         .await;
     let stats = response
