@@ -1,7 +1,7 @@
 //! Self-tests of the cluster and sentinel support: the topologies the tests of `redis.mode`
 //! run against must be what they claim, fail over as Redis does, and leave nothing running.
 
-use crate::support::{RedisCluster, Role, SLOTS, SentinelSet, Shared, Ttl};
+use crate::support::{ClusterNode, RedisCluster, Role, SLOTS, SentinelSet, Shared, Ttl};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,8 +34,7 @@ async fn cluster_comes_up_with_three_masters_covering_every_slot_each_with_one_r
         assert!(masters.contains(&cluster.master_of_slot(slot).await));
     }
     for replica in &replicas {
-        let role = cluster.command(*replica, &["ROLE"]).await;
-        assert!(format!("{role:?}").contains("slave"), "{replica}: {role:?}");
+        assert_eq!(cluster.role(*replica).await, Role::Replica, "{replica}");
     }
 }
 
@@ -118,7 +117,7 @@ async fn a_killed_cluster_master_is_replaced_by_its_replica_and_the_cluster_heal
     assert_eq!(vec![cluster.master_of_key(key).await], heir);
     let value = cluster.command(heir[0], &["GET", key]).await;
     assert_eq!(value, redis::Value::BulkString(b"kept".to_vec()));
-    let _written = cluster
+    cluster
         .command(heir[0], &["SET", key, "new", "EX", "600"])
         .await;
 }
@@ -141,7 +140,7 @@ async fn reshard_moves_slots_and_their_keys_to_the_other_master() {
             on_from.push(key);
         }
     }
-    let slots_of = |port: u16, topology: &[crate::support::ClusterNode]| {
+    let slots_of = |port: u16, topology: &[ClusterNode]| {
         let node = topology.iter().find(|node| node.port == port);
         node.map(|node| node.slot_count()).unwrap()
     };
@@ -212,6 +211,7 @@ async fn sentinels_name_the_master_and_after_a_failover_the_former_replica() {
     );
     assert_eq!(new, second);
     assert_eq!(set.master_port().await, second);
+    assert_eq!(set.role(second).await, Role::Master);
     let value = set.command(second, &["GET", "topologies:sentinel"]).await;
     assert_eq!(value, redis::Value::BulkString(b"kept".to_vec()));
     set.command(second, &["SET", "topologies:sentinel", "new"])
@@ -246,7 +246,12 @@ async fn a_killed_sentinel_master_is_replaced_by_its_replica() {
 async fn a_shared_sentinel_set_is_one_for_concurrent_users() {
     let set = SentinelSet::shared();
     assert!(Arc::ptr_eq(&set, &SentinelSet::shared()));
-    assert!(set.data_ports().contains(&set.master_port().await));
+    let [first, second] = set.data_ports()[..] else {
+        panic!("a master and a replica")
+    };
+    assert_eq!(set.master_port().await, first);
+    assert_eq!(set.role(first).await, Role::Master);
+    assert_eq!(set.role(second).await, Role::Replica);
 }
 
 fn is_running(pid: u32) -> bool {

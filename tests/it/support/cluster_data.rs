@@ -2,7 +2,7 @@
 //! and their TTLs per master, and moving slots between masters.
 
 use super::RedisCluster;
-use super::node::{connect, query_async, set_replicated};
+use super::node::{Role, connect, query_async, role_of, set_replicated};
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -38,6 +38,12 @@ impl RedisCluster {
             .get_multiplexed_async_connection()
             .await
             .unwrap()
+    }
+
+    /// The role the node on `port` reports of itself, which may lag what the others think.
+    pub async fn role(&self, port: u16) -> Role {
+        self.node(port);
+        role_of(port).await
     }
 
     /// Sets `key` to `value` on its master and waits until the replica has it: a write a

@@ -1,17 +1,11 @@
 //! One node's view of a Redis Cluster, parsed from `CLUSTER NODES`: who is master of which
 //! slots, who replicates whom, who is failing.
 
+pub use super::node::Role;
 use std::ops::RangeInclusive;
 
 /// Every key hashes to one of these many slots.
 pub const SLOTS: u32 = 16384;
-
-/// Whether a node serves slots or copies a master.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    Master,
-    Replica,
-}
 
 /// One line of `CLUSTER NODES`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -161,6 +161,23 @@ pub async fn query_async<T: FromRedisValue + Send + 'static>(
     .unwrap()
 }
 
+/// Whether a node takes writes or copies a master.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Master,
+    Replica,
+}
+
+/// The role the node on `port` reports of itself (`INFO replication`).
+pub async fn role_of(port: u16) -> Role {
+    let info: String = query_async(port, &["INFO", "replication"]).await.unwrap();
+    match info_field(&info, "role") {
+        Some("master") => Role::Master,
+        Some("slave") => Role::Replica,
+        other => panic!("node {port} reports role {other:?}"),
+    }
+}
+
 /// Sets `key` to `value` (for ten minutes) on the master on `port`, and waits until a replica
 /// has acknowledged it (`WAIT`, on the same connection as the write): a write a failover
 /// must not lose. Fails the test if no replica acknowledges it within two seconds.

@@ -1,7 +1,9 @@
 //! A real Redis Sentinel set: a master, its replica and three sentinels watching them, on
 //! free ports, stopped by pid on `Drop`; which node is master is asked of the sentinels.
 
-use super::node::{RedisNode, info_field, log_tails, query, query_async, set_replicated, temp_dir};
+use super::node::{
+    RedisNode, Role, info_field, log_tails, query, query_async, role_of, set_replicated, temp_dir,
+};
 use super::shared::Shared;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -123,6 +125,15 @@ impl SentinelSet {
                 _ => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
+    }
+
+    /// The role the node on `port` reports of itself.
+    pub async fn role(&self, port: u16) -> Role {
+        assert!(
+            self.data_ports().contains(&port),
+            "{port} is not a data node"
+        );
+        role_of(port).await
     }
 
     /// Sets `key` to `value` on the current master and waits until the replica has it: a
