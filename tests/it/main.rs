@@ -32,5 +32,6 @@ mod secrets;
 mod shedding;
 mod stale;
 mod streaming;
+mod topologies;
 mod upstream_errors;
 mod warm;

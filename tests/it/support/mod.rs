@@ -1,18 +1,29 @@
-//! Test support: a real Redis, a stub upstream, a fault-injecting TCP proxy, the proxy under
-//! test, and waiting on conditions.
+//! Test support: a real Redis (standalone, cluster or sentinel set), a stub upstream, a
+//! fault-injecting TCP proxy, the proxy under test, and waiting on conditions.
 
 mod app;
+mod cluster;
+mod cluster_data;
+mod cluster_view;
 mod entries;
 mod faulty;
+mod node;
 mod process;
 mod redis;
+mod sentinel;
+mod shared;
 mod upstream;
 
 pub use self::app::{TestApp, results};
+pub use self::cluster::RedisCluster;
+pub use self::cluster_data::Ttl;
+pub use self::cluster_view::{ClusterNode, Role, SLOTS};
 pub use self::entries::{fresh_header, seed_found, seed_not_found, seed_raw};
 pub use self::faulty::{Fault, FaultProxy};
 pub use self::process::{Finished, Process, run_to_end};
 pub use self::redis::RedisServer;
+pub use self::sentinel::SentinelSet;
+pub use self::shared::Shared;
 pub use self::upstream::{Reply, StubUpstream};
 
 use std::future::Future;

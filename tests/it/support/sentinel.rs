@@ -1,0 +1,259 @@
+//! A real Redis Sentinel set: a master, its replica and three sentinels watching them, on
+//! free ports, stopped by pid on `Drop`; which node is master is asked of the sentinels.
+
+use super::node::{
+    RedisNode, Role, info_field, log_tails, query, query_async, role_of, set_replicated, temp_dir,
+};
+use super::shared::Shared;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MASTER_NAME: &str = "mymaster";
+const SENTINELS: usize = 3;
+
+static SHARED: Shared<SentinelSet> = Shared::new();
+
+/// A master, one replica of it, and three sentinels (quorum 2) that fail over within seconds.
+pub struct SentinelSet {
+    dir: PathBuf,
+    /// The master and the replica as started; a failover swaps their roles.
+    data: Vec<RedisNode>,
+    sentinels: Vec<RedisNode>,
+}
+
+impl SentinelSet {
+    /// Starts a private set and waits until every sentinel knows the master, the replica (in
+    /// sync) and the two other sentinels, so that a failover can happen. Blocks for a few
+    /// seconds. A test that fails over or kills the master needs its own; the others should
+    /// use [`SentinelSet::shared`].
+    pub fn start() -> Self {
+        let dir = temp_dir("sentinel");
+        let master = RedisNode::launch(&dir, super::free_port, |port| data_args(&dir, port, None));
+        let master_port = master.port();
+        let replica = RedisNode::launch(&dir, super::free_port, |port| {
+            data_args(&dir, port, Some(master_port))
+        });
+        let sentinels = (0..SENTINELS)
+            .map(|_| {
+                RedisNode::launch(&dir, super::free_port, |port| {
+                    sentinel_args(&dir, port, master_port)
+                })
+            })
+            .collect();
+        let set = Self {
+            dir,
+            data: vec![master, replica],
+            sentinels,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match set.check_ready(master_port) {
+                Ok(()) => return set,
+                Err(why) if Instant::now() > deadline => set.fail(&why),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// The set the tests running right now share, started if none is running; stopped when
+    /// the last of them drops it. Its users must not fail it over or kill nodes.
+    pub fn shared() -> Arc<Self> {
+        SHARED.get_or_start(Self::start)
+    }
+
+    /// `redis://127.0.0.1:S` for each sentinel: what a sentinel client is configured with.
+    pub fn sentinel_urls(&self) -> Vec<String> {
+        self.sentinels.iter().map(RedisNode::url).collect()
+    }
+
+    /// The name the sentinels monitor the master under.
+    pub fn master_name(&self) -> &'static str {
+        MASTER_NAME
+    }
+
+    /// The ports of the master and the replica as started (a failover swaps their roles).
+    pub fn data_ports(&self) -> Vec<u16> {
+        self.data.iter().map(RedisNode::port).collect()
+    }
+
+    /// The pids of every process of the set, sentinels included.
+    pub fn pids(&self) -> Vec<u32> {
+        self.all_nodes().map(RedisNode::pid).collect()
+    }
+
+    /// The master's port, as a sentinel tells a client (`SENTINEL get-master-addr-by-name`).
+    pub async fn master_port(&self) -> u16 {
+        let (_, port): (String, u16) = query_async(self.sentinel_port(), &master_addr_query())
+            .await
+            .unwrap();
+        port
+    }
+
+    /// Asks a sentinel to fail over now (`SENTINEL FAILOVER`), without agreement of the
+    /// others; the replica is promoted about a second later.
+    pub async fn failover(&self) {
+        let args = ["SENTINEL", "FAILOVER", MASTER_NAME];
+        let _: () = query_async(self.sentinel_port(), &args).await.unwrap();
+    }
+
+    /// SIGKILLs the current master (by pid, like a crash) and returns its port; the sentinels
+    /// notice after a second and promote the replica.
+    pub async fn kill_master(&self) -> u16 {
+        let port = self.master_port().await;
+        let master = self.data.iter().find(|node| node.port() == port);
+        master.expect("the master is a node of this set").kill();
+        port
+    }
+
+    /// Waits until every running sentinel names a master other than `old_port` and that node
+    /// accepts writes (`role:master`); returns its port. Fails the test after `timeout`.
+    pub async fn wait_for_new_master(&self, old_port: u16, timeout: Duration) -> u16 {
+        let deadline = Instant::now() + timeout;
+        let sentinels: Vec<u16> = self.sentinels.iter().map(RedisNode::port).collect();
+        loop {
+            let sentinels = sentinels.clone();
+            let new = tokio::task::spawn_blocking(move || agreed_master(&sentinels))
+                .await
+                .unwrap();
+            match new {
+                Ok(port) if port != old_port => return port,
+                _ if Instant::now() > deadline => {
+                    self.fail(&format!("no new master within {timeout:?}: {new:?}"))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// The role the node on `port` reports of itself.
+    pub async fn role(&self, port: u16) -> Role {
+        assert!(
+            self.data_ports().contains(&port),
+            "{port} is not a data node"
+        );
+        role_of(port).await
+    }
+
+    /// Sets `key` to `value` on the current master and waits until the replica has it: a
+    /// write a failover must keep.
+    pub async fn set_replicated(&self, key: &str, value: &str) {
+        set_replicated(self.master_port().await, key, value).await;
+    }
+
+    /// Runs a raw command on the node (or sentinel) on `port` and returns the reply; an error
+    /// reply fails the test.
+    pub async fn command(&self, port: u16, args: &[&str]) -> redis::Value {
+        assert!(
+            self.all_nodes().any(|node| node.port() == port),
+            "{port} is not ours"
+        );
+        query_async(port, args)
+            .await
+            .unwrap_or_else(|err| panic!("redis :{port} {args:?} failed: {err}"))
+    }
+
+    fn all_nodes(&self) -> impl Iterator<Item = &RedisNode> {
+        self.data.iter().chain(&self.sentinels)
+    }
+
+    fn sentinel_port(&self) -> u16 {
+        let running = self.sentinels.iter().find(|node| node.is_running());
+        running.expect("a sentinel is running").port()
+    }
+
+    /// Every sentinel knows `master_port` as master, its replica in sync, and its peers.
+    fn check_ready(&self, master_port: u16) -> Result<(), String> {
+        let failed = |err: redis::RedisError| err.to_string();
+        for sentinel in &self.sentinels {
+            let port = sentinel.port();
+            let (_, master): (String, u16) = query(port, &master_addr_query()).map_err(failed)?;
+            let state: HashMap<String, String> =
+                query(port, &["SENTINEL", "MASTER", MASTER_NAME]).map_err(failed)?;
+            let replicas: Vec<HashMap<String, String>> =
+                query(port, &["SENTINEL", "REPLICAS", MASTER_NAME]).map_err(failed)?;
+            let field = |name: &str| state.get(name).map(String::as_str);
+            let replica_ok = replicas.iter().any(|replica| {
+                replica.get("flags").map(String::as_str) == Some("slave")
+                    && replica.get("master-link-status").map(String::as_str) == Some("ok")
+            });
+            let ready = master == master_port
+                && field("flags") == Some("master")
+                && field("num-other-sentinels") == Some("2")
+                && replica_ok;
+            if !ready {
+                return Err(format!("sentinel {port} not ready: {state:?} {replicas:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn fail(&self, why: &str) -> ! {
+        panic!(
+            "sentinel set unhealthy: {why}\n{}",
+            log_tails(self.all_nodes())
+        );
+    }
+}
+
+impl Drop for SentinelSet {
+    fn drop(&mut self) {
+        for node in self.all_nodes() {
+            node.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn master_addr_query() -> [&'static str; 3] {
+    ["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME]
+}
+
+/// The master all running `sentinels` name, once that node says it is master.
+fn agreed_master(sentinels: &[u16]) -> Result<u16, String> {
+    let mut named = Vec::new();
+    for &port in sentinels {
+        if let Ok((_, master)) = query::<(String, u16)>(port, &master_addr_query()) {
+            named.push(master);
+        }
+    }
+    named.dedup();
+    let [master] = named[..] else {
+        return Err(format!("sentinels name {named:?}"));
+    };
+    let replication: String = query(master, &["INFO", "replication"]).map_err(|e| e.to_string())?;
+    match info_field(&replication, "role") {
+        Some("master") => Ok(master),
+        role => Err(format!("{master} named master but has role {role:?}")),
+    }
+}
+
+fn data_args(dir: &Path, port: u16, master: Option<u16>) -> Vec<String> {
+    let mut args: Vec<String> = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        .map(String::from)
+        .to_vec();
+    // A replica syncs at once instead of waiting 5 s for more replicas to share the RDB.
+    args.extend(["--repl-diskless-sync-delay".into(), "0".into()]);
+    args.extend(["--port".into(), port.to_string()]);
+    args.extend(["--dir".into(), dir.to_string_lossy().into_owned()]);
+    args.extend(["--dbfilename".into(), format!("dump-{port}.rdb")]);
+    if let Some(master) = master {
+        args.extend(["--replicaof".into(), "127.0.0.1".into(), master.to_string()]);
+    }
+    args
+}
+
+/// Writes the sentinel's own config file (sentinels rewrite it) and returns the arguments.
+fn sentinel_args(dir: &Path, port: u16, master: u16) -> Vec<String> {
+    let config = dir.join(format!("sentinel-{port}.conf"));
+    let text = format!(
+        "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+         sentinel monitor {MASTER_NAME} 127.0.0.1 {master} 2\n\
+         sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+         sentinel failover-timeout {MASTER_NAME} 3000\n",
+        dir = dir.display()
+    );
+    std::fs::write(&config, text).unwrap();
+    vec![config.to_string_lossy().into_owned(), "--sentinel".into()]
+}
