@@ -61,11 +61,17 @@ class Lab:
                     DISCOUNT_PROXY_UPSTREAM__URL=f"http://127.0.0.1:{self.up_port}/contract/?sn={{sn}}")
         full.update({key: value for key, value in env.items()
                      if not (OLD and key.endswith("WRITE_TIMEOUT"))})
-        wait_port(self.redis_port)
-        wait_port(self.up_port)
-        self.proxy = subprocess.Popen([BIN, "serve"], env=full,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
+        self.proxy = None
+        try:
+            wait_port(self.redis_port)
+            wait_port(self.up_port)
+            self.proxy = subprocess.Popen([BIN, "serve"], env=full,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_port(self.port)
+        except BaseException:
+            # A proxy that would not start (a key it does not know): stop what was started.
+            self.stop()
+            raise
 
     def seed(self, sn, discount):
         """An entry in the proxy's format, fetched now, read from stdin (`-x`): values of
@@ -77,6 +83,8 @@ class Lab:
 
     def stop(self):
         for process in (self.proxy, self.upstream, self.redis):
+            if process is None or process.poll() is not None:
+                continue
             os.kill(process.pid, signal.SIGCONT)
             process.kill()
             process.wait()
