@@ -76,6 +76,7 @@ pub async fn build(config: &Config, choice: CacheChoice) -> Result<Arc<AppState>
     );
     Ok(Arc::new(AppState::new(
         &config.server,
+        config.redis.mode,
         lookup,
         health,
         metrics,

@@ -2,7 +2,7 @@
 //! bounds, read from the config once at start.
 
 use crate::admission::Admission;
-use crate::config::ServerConfig;
+use crate::config::{RedisMode, ServerConfig};
 use crate::health::Health;
 use crate::lookup::Lookup;
 use crate::metrics::Metrics;
@@ -40,12 +40,15 @@ pub struct AppState {
     pub write_timeout: Duration,
     /// Every metric family, served at `/metrics`.
     pub metrics: Arc<Metrics>,
+    /// The kind of Redis deployment (`redis.mode`), for `/readyz`.
+    pub redis_mode: RedisMode,
 }
 
 impl AppState {
     /// The shared state of a proxy whose parts are built: `server` supplies its bounds.
     pub fn new(
         server: &ServerConfig,
+        redis_mode: RedisMode,
         lookup: Lookup,
         health: Arc<Health>,
         metrics: Arc<Metrics>,
@@ -64,6 +67,7 @@ impl AppState {
             connections: Admission::new(server.max_connections),
             write_timeout: server.write_timeout,
             metrics,
+            redis_mode,
         }
     }
 }

@@ -89,11 +89,6 @@ impl Connections {
         }
     }
 
-    /// The client the connections are made with.
-    pub(super) fn client(&self) -> &Client {
-        &self.client
-    }
-
     /// The next connection in turn, connecting it first if it is not open.
     ///
     /// # Errors

@@ -4,6 +4,7 @@
 //! ([`LocalTier`]) in front of it when `cache.local.enabled`; the in-memory one serves `demo`
 //! on a machine without Redis.
 
+mod cluster;
 mod connections;
 mod entry;
 mod invalidation_channel;

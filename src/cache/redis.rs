@@ -1,16 +1,25 @@
-//! The shared cache: Redis through a few shared multiplexed connections, every call bounded,
-//! broken connections replaced, and a circuit breaker that skips a dead Redis instead of
-//! paying its timeout on every request.
+//! The shared cache: Redis through a few shared multiplexed connections (or one cluster
+//! connection), every call bounded, broken connections replaced, and a circuit breaker that
+//! skips a dead Redis instead of paying its timeout on every request.
+//!
+//! On a cluster, a batch is split by hash slot before it is chunked: a command's keys must
+//! share a slot (redis-rs would split a cross-slot `MGET` by slot itself, but fail the whole
+//! call when one part fails, and a pipeline across slots is refused), so each slot's keys
+//! go as one command, all of them at once over the shared connection, and a failing shard
+//! turns only its own keys into misses.
 
+use super::cluster::ClusterLink;
 use super::connections::{Connections, Lease};
 use super::{Cache, CacheError, CacheKind, PoolStatus, Values, Write};
 use crate::circuit::{Circuit, CircuitState};
-use crate::config::RedisConfig;
+use crate::config::{RedisConfig, RedisMode};
 use crate::metrics::{Metrics, RedisCommand, RedisOutcome};
 use ::redis::{self, AsyncConnectionConfig, FromRedisValue};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::future::join_all;
+use redis::cluster_routing::Slot;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -18,12 +27,23 @@ use tokio::time::Instant;
 /// Redis as a [`Cache`]. Keys are `<key_prefix><sn>`; big batches are split into chunks so one
 /// command never carries thousands of keys and blocks Redis for other clients.
 pub struct RedisCache {
-    connections: Connections,
+    route: Route,
+    /// For connections of their own (the invalidation subscription): `redis.url`, or on a
+    /// cluster its first seed (a `PUBLISH` reaches subscribers on every node).
+    subscriber: redis::Client,
     key_prefix: String,
     timeout: Duration,
     chunk_size: usize,
     circuit: Circuit,
     metrics: Arc<Metrics>,
+}
+
+/// Where commands go.
+enum Route {
+    /// One Redis, over a few shared multiplexed connections.
+    Standalone(Connections),
+    /// A Redis Cluster, over one cluster connection that routes each command to its shard.
+    Cluster(ClusterLink),
 }
 
 /// A command to send: one, or a pipeline.
@@ -36,11 +56,42 @@ enum Command<'a> {
 impl Command<'_> {
     async fn query<T: FromRedisValue>(
         self,
-        conn: &mut redis::aio::MultiplexedConnection,
+        conn: &mut impl redis::aio::ConnectionLike,
     ) -> redis::RedisResult<T> {
         match self {
             Self::Single(cmd) => cmd.query_async(conn).await,
             Self::Pipeline(pipe) => pipe.query_async(conn).await,
+        }
+    }
+}
+
+/// The seed URLs: `redis.nodes`, or `redis.url` when that is empty.
+fn seeds(config: &RedisConfig) -> Vec<String> {
+    match config.mode {
+        RedisMode::Cluster if !config.nodes.is_empty() => config.nodes.clone(),
+        _ => vec![config.url.clone()],
+    }
+}
+
+/// A command's result within its deadline; `discard` drops the connection it went over when
+/// that connection broke, hung, or (`READONLY`) points at a former primary.
+fn settle<T>(
+    op: &'static str,
+    queried: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    timed_out: impl FnOnce(&'static str) -> CacheError,
+    discard: impl FnOnce(),
+) -> Result<T, CacheError> {
+    match queried {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(source)) => {
+            if poisons_connection(&source) {
+                discard();
+            }
+            Err(CacheError::Command { op, source })
+        }
+        Err(_) => {
+            discard();
+            Err(timed_out(op))
         }
     }
 }
@@ -86,10 +137,21 @@ impl RedisCache {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(settings.timeout))
             .set_response_timeout(Some(settings.timeout));
-        let client = redis::Client::open(settings.url.as_str()).map_err(CacheError::InvalidUrl)?;
-        let connections = Connections::new(client, config, settings.timeout, settings.pool_size);
+        let seeds = seeds(settings);
+        let subscriber = redis::Client::open(seeds[0].as_str()).map_err(CacheError::InvalidUrl)?;
+        let route = match settings.mode {
+            RedisMode::Cluster => Route::Cluster(ClusterLink::new(&seeds, settings)?),
+            // Sentinel is refused by config validation until it is built.
+            RedisMode::Standalone | RedisMode::Sentinel => Route::Standalone(Connections::new(
+                subscriber.clone(),
+                config,
+                settings.timeout,
+                settings.pool_size,
+            )),
+        };
         Ok(Self {
-            connections,
+            route,
+            subscriber,
             key_prefix: settings.key_prefix.clone(),
             timeout: settings.timeout,
             chunk_size: settings.chunk_size.max(1),
@@ -135,28 +197,76 @@ impl RedisCache {
     ) -> Result<T, CacheError> {
         let timeout = self.timeout;
         let deadline = Instant::now() + timeout;
-        let Lease {
-            mut conn,
-            generation,
-        } = tokio::time::timeout_at(deadline, self.connections.get())
-            .await
-            .map_err(|_| CacheError::Timeout {
-                op: "connect",
-                timeout,
-            })??;
-        match tokio::time::timeout_at(deadline, command.query(&mut conn)).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(source)) => {
-                if poisons_connection(&source) {
-                    self.connections.discard(generation);
-                }
-                Err(CacheError::Command { op, source })
+        let timed_out = |op| CacheError::Timeout { op, timeout };
+        match &self.route {
+            Route::Standalone(connections) => {
+                let Lease {
+                    mut conn,
+                    generation,
+                } = tokio::time::timeout_at(deadline, connections.get())
+                    .await
+                    .map_err(|_| timed_out("connect"))??;
+                let queried = tokio::time::timeout_at(deadline, command.query(&mut conn)).await;
+                settle(op, queried, timed_out, || connections.discard(generation))
             }
-            Err(_) => {
-                self.connections.discard(generation);
-                Err(CacheError::Timeout { op, timeout })
+            Route::Cluster(link) => {
+                let mut conn = tokio::time::timeout_at(deadline, link.get())
+                    .await
+                    .map_err(|_| timed_out("connect"))??;
+                let queried = tokio::time::timeout_at(deadline, command.query(&mut conn)).await;
+                settle(op, queried, timed_out, || link.discard())
             }
         }
+    }
+
+    /// The indices of `sns` by hash slot, each slot's chunked by `chunk_size`: the keys of
+    /// one cluster command.
+    fn by_slot<'s>(&self, sns: impl Iterator<Item = &'s str>) -> Vec<Vec<usize>> {
+        let mut slots: HashMap<Slot, Vec<usize>, ahash::RandomState> = HashMap::default();
+        let mut key = Vec::new();
+        for (index, sn) in sns.enumerate() {
+            self.key_into(&mut key, sn);
+            slots.entry(Slot::for_key(&key)).or_default().push(index);
+        }
+        slots
+            .into_values()
+            .flat_map(|indices| {
+                indices
+                    .chunks(self.chunk_size)
+                    .map(<[usize]>::to_vec)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    fn is_cluster(&self) -> bool {
+        matches!(self.route, Route::Cluster(_))
+    }
+
+    /// A cluster read: one `MGET` per slot (and chunk), all at once; a failed one leaves
+    /// only its own keys missing.
+    async fn get_by_slot(&self, sns: &[&str]) -> Values {
+        let groups = self.by_slot(sns.iter().copied());
+        let reads = groups.iter().map(|group| {
+            let keys: Vec<&str> = group.iter().map(|&index| sns[index]).collect();
+            async move { self.get_chunk(&keys).await }
+        });
+        let reads = join_all(reads).await;
+        let mut found = Values {
+            values: vec![None; sns.len()],
+            failures: Vec::new(),
+        };
+        for (group, read) in groups.iter().zip(reads) {
+            match read {
+                Ok(values) => {
+                    for (&index, value) in group.iter().zip(values) {
+                        found.values[index] = value;
+                    }
+                }
+                Err(err) => found.failures.push(err),
+            }
+        }
+        found
     }
 
     fn key_into(&self, buf: &mut Vec<u8>, sn: &str) {
@@ -186,7 +296,10 @@ impl RedisCache {
             .collect())
     }
 
-    async fn set_chunk(&self, writes: &[Write]) -> Result<(), CacheError> {
+    async fn set_chunk<'w>(
+        &self,
+        writes: impl IntoIterator<Item = &'w Write>,
+    ) -> Result<(), CacheError> {
         let mut pipe = redis::pipe();
         let mut key = Vec::new();
         for write in writes {
@@ -218,7 +331,7 @@ impl RedisCache {
     /// A client for connections of its own, such as a pub/sub subscription, which cannot
     /// share the multiplexed ones.
     pub fn client(&self) -> &redis::Client {
-        self.connections.client()
+        &self.subscriber
     }
 
     async fn delete_chunk(&self, sns: &[&str]) -> Result<u64, CacheError> {
@@ -230,6 +343,9 @@ impl RedisCache {
 impl Cache for RedisCache {
     fn get_many<'a>(&'a self, sns: &'a [&'a str]) -> BoxFuture<'a, Values> {
         Box::pin(async move {
+            if self.is_cluster() {
+                return self.get_by_slot(sns).await;
+            }
             let chunks = sns.chunks(self.chunk_size);
             let reads = join_all(chunks.clone().map(|chunk| self.get_chunk(chunk))).await;
             let mut found = Values {
@@ -251,6 +367,13 @@ impl Cache for RedisCache {
 
     fn set_many<'a>(&'a self, writes: &'a [Write]) -> BoxFuture<'a, Result<(), CacheError>> {
         Box::pin(async move {
+            if self.is_cluster() {
+                let groups = self.by_slot(writes.iter().map(|write| write.sn.as_str()));
+                let sets = groups
+                    .iter()
+                    .map(|group| self.set_chunk(group.iter().map(|&index| &writes[index])));
+                return join_all(sets).await.into_iter().collect();
+            }
             let chunks = writes
                 .chunks(self.chunk_size)
                 .map(|chunk| self.set_chunk(chunk));
@@ -261,6 +384,14 @@ impl Cache for RedisCache {
     fn delete_many<'a>(&'a self, sns: &'a [&'a str]) -> BoxFuture<'a, Result<u64, CacheError>> {
         Box::pin(async move {
             // Every chunk runs to its end, even after one fails: no DEL is cut off half-sent.
+            if self.is_cluster() {
+                let groups = self.by_slot(sns.iter().copied());
+                let deletes = groups.iter().map(|group| {
+                    let keys: Vec<&str> = group.iter().map(|&index| sns[index]).collect();
+                    async move { self.delete_chunk(&keys).await }
+                });
+                return join_all(deletes).await.into_iter().sum();
+            }
             let chunks = sns
                 .chunks(self.chunk_size)
                 .map(|chunk| self.delete_chunk(chunk));
@@ -300,6 +431,9 @@ impl Cache for RedisCache {
     }
 
     fn pool(&self) -> Option<PoolStatus> {
-        Some(self.connections.status())
+        match &self.route {
+            Route::Standalone(connections) => Some(connections.status()),
+            Route::Cluster(_) => None,
+        }
     }
 }

@@ -19,11 +19,13 @@ pub const ENV_PREFIX: &str = "DISCOUNT_PROXY_";
 
 /// String keys whose environment values are taken verbatim. figment parses environment
 /// values, so a token `0123` would become the number 123 and a key prefix `2024` a type error.
-const VERBATIM_KEYS: [&str; 5] = [
+const VERBATIM_KEYS: [&str; 7] = [
     "upstream.token",
     "server.api_tokens",
     "redis.key_prefix",
     "redis.url",
+    "redis.nodes",
+    "redis.sentinel_master",
     "upstream.url",
 ];
 
@@ -164,6 +166,30 @@ pub struct RedisConfig {
     /// How long Redis is skipped before one probe command tries it again.
     #[serde(with = "humantime_serde")]
     pub breaker_cooldown: Duration,
+    /// What kind of Redis deployment the proxy talks to, chosen at start.
+    pub mode: RedisMode,
+    /// Cluster: seed node URLs, each with its own credentials and TLS. Empty: `url` is the
+    /// one seed.
+    #[serde(deserialize_with = "urls_list_or_csv")]
+    pub nodes: Vec<String>,
+    /// Sentinel: the master's service name.
+    pub sentinel_master: Option<String>,
+    /// Cluster: cache reads may be answered by replicas (a little staler, less load on the
+    /// masters).
+    pub read_from_replicas: bool,
+}
+
+/// What kind of Redis deployment `redis.url` and `redis.nodes` point at.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// One Redis (`redis.url`).
+    #[default]
+    Standalone,
+    /// A Redis Cluster: keys spread over its shards by hash slot.
+    Cluster,
+    /// A master with replicas watched by Sentinel.
+    Sentinel,
 }
 
 impl Default for RedisConfig {
@@ -176,6 +202,10 @@ impl Default for RedisConfig {
             chunk_size: 500,
             breaker_failures: 3,
             breaker_cooldown: Duration::from_secs(1),
+            mode: RedisMode::Standalone,
+            nodes: Vec::new(),
+            sentinel_master: None,
+            read_from_replicas: false,
         }
     }
 }
@@ -366,12 +396,25 @@ fn verbatim_env_values(prefix: &str) -> Vec<(&'static str, String)> {
         .collect()
 }
 
-/// A list from TOML, or a comma-separated string from an environment variable.
+/// A list from TOML, or a comma-separated string from an environment variable (an empty one
+/// is an empty list).
 fn list_or_csv<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Secret>, D::Error> {
+    Ok(strings_or_csv(deserializer)?
+        .into_iter()
+        .map(Secret::new)
+        .collect())
+}
+
+/// [`list_or_csv`] for URLs.
+fn urls_list_or_csv<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    strings_or_csv(deserializer)
+}
+
+fn strings_or_csv<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum ListOrCsv {
-        List(Vec<Secret>),
+        List(Vec<String>),
         Csv(String),
     }
     Ok(match ListOrCsv::deserialize(deserializer)? {
@@ -379,8 +422,8 @@ fn list_or_csv<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Secret>
         ListOrCsv::Csv(csv) => csv
             .split(',')
             .map(str::trim)
-            .filter(|token| !token.is_empty())
-            .map(Secret::new)
+            .filter(|item| !item.is_empty())
+            .map(str::to_owned)
             .collect(),
     })
 }
@@ -489,6 +532,47 @@ mod tests {
             assert_eq!(config.cache.ttl, Duration::from_secs(90));
             assert_eq!(config.redis.key_prefix, "2024");
             assert_eq!(config.upstream.url, "http://up:1/?sn={sn}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn redis_topology_keys_load_from_the_environment_and_errors_name_the_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("DISCOUNT_PROXY_REDIS__MODE", "cluster");
+            jail.set_env(
+                "DISCOUNT_PROXY_REDIS__NODES",
+                "redis://10.0.0.1:7000, rediss://u:p@10.0.0.2:7000",
+            );
+            let config = load_in_jail(jail, None).unwrap();
+            assert_eq!(config.redis.mode, RedisMode::Cluster);
+            assert_eq!(
+                config.redis.nodes,
+                ["redis://10.0.0.1:7000", "rediss://u:p@10.0.0.2:7000"]
+            );
+            assert!(
+                !format!("{config:?}").contains("u:p@"),
+                "a node's password is redacted"
+            );
+            jail.set_env("DISCOUNT_PROXY_REDIS__NODES", "");
+            assert!(load_in_jail(jail, None).unwrap().redis.nodes.is_empty());
+            jail.set_env("DISCOUNT_PROXY_REDIS__NODES", "redis://ok:1,nope");
+            let err = load_in_jail(jail, None).unwrap_err().to_string();
+            assert!(err.contains("redis.nodes"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            let err = load_in_jail(
+                jail,
+                Some("[redis]\nmode = \"sentinel\"\nnodes = [\"redis://s:26379\"]\n"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("redis.sentinel_master"), "{err}");
+            let err = load_in_jail(jail, Some("[redis]\nmode = \"shards\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("mode"), "{err}");
             Ok(())
         });
     }

@@ -80,7 +80,12 @@ impl fmt::Debug for RedisConfig {
             chunk_size,
             breaker_failures,
             breaker_cooldown,
+            mode,
+            nodes,
+            sentinel_master,
+            read_from_replicas,
         } = self;
+        let nodes: Vec<RedactedUrl<'_>> = nodes.iter().map(|node| RedactedUrl(node)).collect();
         f.debug_struct("RedisConfig")
             .field("url", &RedactedUrl(url))
             .field("pool_size", pool_size)
@@ -89,6 +94,10 @@ impl fmt::Debug for RedisConfig {
             .field("chunk_size", chunk_size)
             .field("breaker_failures", breaker_failures)
             .field("breaker_cooldown", breaker_cooldown)
+            .field("mode", mode)
+            .field("nodes", &nodes)
+            .field("sentinel_master", sentinel_master)
+            .field("read_from_replicas", read_from_replicas)
             .finish()
     }
 }

@@ -1,6 +1,6 @@
 //! What types alone cannot check: ranges, URL shapes, the `{sn}` placeholder.
 
-use super::{Config, ConfigError, redacted_url};
+use super::{Config, ConfigError, RedisMode, redacted_url};
 use std::time::Duration;
 
 /// The longest timeout or grace period accepted: longer is a typo, and would overflow clocks.
@@ -42,7 +42,8 @@ impl Config {
             MAX_TIMEOUT,
             "server.drain_delay",
         )?;
-        validate_redis_url(&self.redis.url)?;
+        validate_redis_url(&self.redis.url, "redis.url")?;
+        self.validate_topology()?;
         at_least(self.redis.pool_size, 1, "redis.pool_size")?;
         at_least(self.redis.chunk_size, 1, "redis.chunk_size")?;
         timeout(self.redis.timeout, "redis.timeout")?;
@@ -72,6 +73,41 @@ impl Config {
         timeout(self.upstream.connect_timeout, "upstream.connect_timeout")?;
         at_least(self.upstream.max_body_bytes, 2, "upstream.max_body_bytes")?;
         self.validate_resilience()
+    }
+
+    /// `redis.mode` and what it needs: cluster seeds that are Redis URLs, a sentinel master
+    /// name.
+    fn validate_topology(&self) -> Result<(), ConfigError> {
+        let redis = &self.redis;
+        match redis.mode {
+            RedisMode::Standalone => Ok(()),
+            RedisMode::Cluster => redis
+                .nodes
+                .iter()
+                .try_for_each(|node| validate_redis_url(node, "redis.nodes")),
+            RedisMode::Sentinel => {
+                match redis.sentinel_master.as_deref().map(str::trim) {
+                    None | Some("") => {
+                        return Err(ConfigError::invalid(
+                            "redis.sentinel_master",
+                            "is required when redis.mode is sentinel: the master's service name",
+                        ));
+                    }
+                    Some(_) => {}
+                }
+                if redis.nodes.is_empty() {
+                    return Err(ConfigError::invalid(
+                        "redis.nodes",
+                        "must list the sentinels' URLs when redis.mode is sentinel",
+                    ));
+                }
+                // Not built yet: refused before binding rather than half-working.
+                Err(ConfigError::invalid(
+                    "redis.mode",
+                    "sentinel is not supported by this version yet; use standalone or cluster",
+                ))
+            }
+        }
     }
 
     fn validate_resilience(&self) -> Result<(), ConfigError> {
@@ -193,13 +229,12 @@ fn validate_upstream_token(token: Option<&crate::secret::Secret>) -> Result<(), 
 }
 
 // Messages never echo a URL as given: it may hold a password.
-fn validate_redis_url(raw: &str) -> Result<(), ConfigError> {
-    const KEY: &str = "redis.url";
+fn validate_redis_url(raw: &str, key: &'static str) -> Result<(), ConfigError> {
     let url = url::Url::parse(raw)
-        .map_err(|err| ConfigError::invalid(KEY, format!("is not a URL ({err})")))?;
+        .map_err(|err| ConfigError::invalid(key, format!("is not a URL ({err})")))?;
     if !matches!(url.scheme(), "redis" | "rediss") {
         return Err(ConfigError::invalid(
-            KEY,
+            key,
             format!(
                 "scheme {:?} is not supported; use redis://host:port/db or rediss:// for TLS",
                 url.scheme()
@@ -208,7 +243,7 @@ fn validate_redis_url(raw: &str) -> Result<(), ConfigError> {
     }
     // What redis-rs will do with it later, done now: the error names the key, before binding.
     redis::IntoConnectionInfo::into_connection_info(raw).map_err(|err| {
-        ConfigError::invalid(KEY, format!("{} cannot be used: {err}", redacted_url(raw)))
+        ConfigError::invalid(key, format!("{} cannot be used: {err}", redacted_url(raw)))
     })?;
     Ok(())
 }
@@ -243,10 +278,12 @@ mod tests {
 
     #[test]
     fn redis_urls_that_redis_rs_rejects_are_config_errors() {
-        assert!(validate_redis_url("redis://127.0.0.1:6379/0").is_ok());
-        assert!(validate_redis_url("rediss://cache.internal:6380/1").is_ok());
+        assert!(validate_redis_url("redis://127.0.0.1:6379/0", "redis.url").is_ok());
+        assert!(validate_redis_url("rediss://cache.internal:6380/1", "redis.url").is_ok());
         for bad in ["redis://h/abc", "mysql://h", "nope", "redis://"] {
-            let err = validate_redis_url(bad).unwrap_err().to_string();
+            let err = validate_redis_url(bad, "redis.url")
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("redis.url"), "{bad}: {err}");
         }
     }
@@ -314,7 +351,9 @@ mod tests {
             "redis://u:s3cr3t@h:notaport/0",
             "redis://:s3cr3t#x@h",
         ] {
-            let err = validate_redis_url(bad).unwrap_err().to_string();
+            let err = validate_redis_url(bad, "redis.url")
+                .unwrap_err()
+                .to_string();
             assert!(!err.contains("s3cr3t"), "{err}");
         }
         let err = validate_upstream_url("http://u:s3cr3t@up/contract")

@@ -65,6 +65,7 @@ pub(super) async fn readyz(state: &AppState) -> Response<Body> {
         "cache": cache.kind(),
         "redis": redis,
         "redis_circuit": cache.circuit().as_str(),
+        "redis_mode": state.redis_mode,
         "upstream": upstream,
         "upstream_circuit": circuit.as_str(),
         "pending_fetches": state.lookup.pending_fetches(),

@@ -10,6 +10,7 @@ mod batch_bound;
 mod cache_control;
 mod chaos;
 mod circuit;
+mod cluster;
 mod coalescing;
 mod commands;
 mod drain;

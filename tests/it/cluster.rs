@@ -1,0 +1,135 @@
+//! `redis.mode = cluster` against a real Redis Cluster (3 masters, 3 replicas): batches read
+//! and written back over every master with TTLs, invalidations on every shard, and a master
+//! killed under load costing no client error.
+
+use crate::support::{RedisCluster, TestApp, Ttl, results, wait_until};
+use discount_proxy::config::RedisMode;
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn proxy_on(cluster: &RedisCluster, prefix: &str) -> TestApp {
+    let nodes = cluster.nodes();
+    let prefix = prefix.to_owned();
+    TestApp::spawn_with(move |config| {
+        config.redis.mode = RedisMode::Cluster;
+        config.redis.nodes = nodes;
+        config.redis.key_prefix = prefix;
+        // Small chunks: a batch makes many commands per slot group, as a 10,000-SN one would.
+        config.redis.chunk_size = 50;
+    })
+    .await
+}
+
+fn sns(prefix: &str, count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+/// Waits until every SN's key holds a value with a TTL, and returns the masters holding them.
+async fn written_with_ttl(cluster: &RedisCluster, app: &TestApp, sns: &[String]) -> BTreeSet<u16> {
+    for sn in sns {
+        let key = app.key(sn);
+        wait_until("the key is written with a TTL", WAIT, || async {
+            matches!(cluster.ttl(&key).await, Ttl::Expires(_))
+        })
+        .await;
+    }
+    let mut masters = BTreeSet::new();
+    for sn in sns {
+        masters.insert(cluster.master_of_key(&app.key(sn)).await);
+    }
+    masters
+}
+
+#[tokio::test]
+async fn a_cold_batch_on_a_cluster_is_fetched_once_and_written_to_every_master_with_a_ttl() {
+    let cluster = RedisCluster::shared();
+    let app = proxy_on(&cluster, "cl-batch:").await;
+    let batch = sns("B", 300);
+    let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
+    let first = app.lookup(&refs).await;
+    assert!(
+        results(&first).iter().all(|item| item["status"] == "ok"),
+        "{first}"
+    );
+    assert_eq!(app.upstream.total_calls(), 300);
+    let masters = written_with_ttl(&cluster, &app, &batch).await;
+    assert_eq!(masters.len(), 3, "keys on every master: {masters:?}");
+
+    let again = app.lookup(&refs).await;
+    assert_eq!(again["summary"]["cache_hits"], 300, "{}", again["summary"]);
+    assert_eq!(app.upstream.total_calls(), 300);
+    let ready: Value = app.get("/readyz").await.json().await.unwrap();
+    assert_eq!(
+        (&ready["redis_mode"], &ready["redis"]),
+        (&json!("cluster"), &json!("ok"))
+    );
+}
+
+#[tokio::test]
+async fn deletes_and_invalidations_on_a_cluster_remove_keys_on_every_shard() {
+    let cluster = RedisCluster::shared();
+    let app = proxy_on(&cluster, "cl-inv:").await;
+    let batch = sns("I", 60);
+    let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
+    app.lookup(&refs).await;
+    written_with_ttl(&cluster, &app, &batch).await;
+
+    assert_eq!(app.delete("/v1/discounts/I-0").await.status(), 204);
+    let answer: Value = app
+        .post_json("/v1/discounts/invalidate", &json!({ "sns": &refs[1..] }))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["invalidated"], 59, "{answer}");
+    for sn in &batch {
+        assert!(
+            matches!(cluster.ttl(&app.key(sn)).await, Ttl::Missing),
+            "{sn} still cached"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_master_killed_under_load_costs_no_client_error_and_caching_resumes() {
+    // Kills a node: a cluster of its own.
+    let cluster = RedisCluster::start();
+    let app = proxy_on(&cluster, "cl-kill:").await;
+    let batch = sns("K", 100);
+    let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
+    app.lookup(&refs).await;
+    written_with_ttl(&cluster, &app, &batch).await;
+
+    let victim = cluster.master_of_key(&app.key("K-0")).await;
+    cluster.kill_master(victim).await;
+    // Lookups during the failover: every SN answered, from the upstream where its shard is
+    // down, never an error.
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < until {
+        let body = app.lookup(&refs).await;
+        let items = results(&body);
+        assert!(items.iter().all(|item| item["status"] == "ok"), "{body}");
+    }
+    cluster.wait_until_healthy(Duration::from_secs(15)).await;
+    // Caching resumes on the promoted replica: a fresh SN is written back and then hit.
+    wait_until("a fresh SN is cached again", WAIT, || async {
+        let sn = format!("K-fresh-{}", app.upstream.total_calls());
+        app.lookup(&[&sn]).await;
+        wait_for_key(&cluster, &app.key(&sn)).await
+            && results(&app.lookup(&[&sn]).await)[0]["source"] == "cache"
+    })
+    .await;
+}
+
+async fn wait_for_key(cluster: &RedisCluster, key: &str) -> bool {
+    for _ in 0..50 {
+        if matches!(cluster.ttl(key).await, Ttl::Expires(_)) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
