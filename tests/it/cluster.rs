@@ -11,6 +11,10 @@ use std::time::Duration;
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn proxy_on(cluster: &RedisCluster, prefix: &str) -> TestApp {
+    proxy_with_tier(cluster, prefix, false).await
+}
+
+async fn proxy_with_tier(cluster: &RedisCluster, prefix: &str, local_tier: bool) -> TestApp {
     let nodes = cluster.nodes();
     let prefix = prefix.to_owned();
     TestApp::spawn_with(move |config| {
@@ -19,6 +23,8 @@ async fn proxy_on(cluster: &RedisCluster, prefix: &str) -> TestApp {
         config.redis.key_prefix = prefix;
         // Small chunks: a batch makes many commands per slot group, as a 10,000-SN one would.
         config.redis.chunk_size = 50;
+        config.cache.local.enabled = local_tier;
+        config.cache.local.ttl = Duration::from_secs(60);
     })
     .await
 }
@@ -91,6 +97,46 @@ async fn deletes_and_invalidations_on_a_cluster_remove_keys_on_every_shard() {
             "{sn} still cached"
         );
     }
+}
+
+#[tokio::test]
+async fn an_invalidation_on_one_instance_drops_the_other_instances_copy_on_a_cluster() {
+    let cluster = RedisCluster::shared();
+    let first = proxy_with_tier(&cluster, "cl-tier:", true).await;
+    let second = proxy_with_tier(&cluster, "cl-tier:", true).await;
+    for app in [&first, &second] {
+        wait_until(
+            "the instance follows the invalidation channel",
+            WAIT,
+            || async { app.metric("discount_proxy_invalidation_channel_up") == 1.0 },
+        )
+        .await;
+    }
+    second.lookup(&["T-1"]).await;
+    assert_eq!(
+        results(&second.lookup(&["T-1"]).await)[0]["source"],
+        "cache"
+    );
+    assert_eq!(
+        second.upstream.total_calls(),
+        1,
+        "the copy served the second lookup"
+    );
+
+    assert_eq!(first.delete("/v1/discounts/T-1").await.status(), 204);
+    wait_until(
+        "the invalidation reached the other instance",
+        WAIT,
+        || async {
+            second.metric(r#"discount_proxy_invalidation_messages_total{event="received"}"#) >= 1.0
+        },
+    )
+    .await;
+    assert_eq!(
+        results(&second.lookup(&["T-1"]).await)[0]["source"],
+        "upstream"
+    );
+    assert_eq!(second.upstream.total_calls(), 2);
 }
 
 #[tokio::test]
