@@ -87,7 +87,8 @@ async fn healthz_is_ok_and_readyz_names_each_dependency() {
         ready.json::<Value>().await.unwrap(),
         json!({
             "status": "ok", "cache": "redis", "redis": "ok", "redis_circuit": "closed",
-            "upstream": "unknown", "upstream_circuit": "closed", "pending_fetches": 0
+            "redis_mode": "standalone", "upstream": "unknown", "upstream_circuit": "closed",
+            "pending_fetches": 0
         })
     );
     app.lookup(&["H1"]).await;
