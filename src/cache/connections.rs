@@ -24,16 +24,34 @@
 //! tenth waiter would otherwise pay for ten connect timeouts. Callers bound their whole
 //! attempt, wait included, by `redis.timeout` (see `RedisCache::run_shared`).
 
+use super::sentinel::SentinelEndpoint;
 use super::{CacheError, PoolStatus};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+/// Where connections go: one fixed Redis, or the master the sentinels name at each connect.
+pub(super) enum Endpoint {
+    /// `redis.url`.
+    Fixed(Box<Client>),
+    /// The master of `redis.sentinel_master`.
+    Sentinel(Arc<SentinelEndpoint>),
+}
+
+impl Endpoint {
+    async fn client(&self) -> Result<Client, CacheError> {
+        match self {
+            Self::Fixed(client) => Ok(Client::clone(client)),
+            Self::Sentinel(sentinels) => sentinels.master().await,
+        }
+    }
+}
 
 /// The shared connections, connected lazily: a Redis that is down at start is not an error.
 pub(super) struct Connections {
-    client: Client,
+    endpoint: Endpoint,
     config: AsyncConnectionConfig,
     connect_timeout: Duration,
     slots: Box<[Slot]>,
@@ -73,13 +91,13 @@ pub(super) struct Lease {
 impl Connections {
     /// `count` connections (at least one) to the Redis `client` points at.
     pub(super) fn new(
-        client: Client,
+        endpoint: Endpoint,
         config: AsyncConnectionConfig,
         connect_timeout: Duration,
         count: usize,
     ) -> Self {
         Self {
-            client,
+            endpoint,
             config,
             connect_timeout,
             slots: (0..count.max(1)).map(|_| Slot::default()).collect(),
@@ -128,16 +146,24 @@ impl Connections {
     }
 
     async fn connect_once(&self) -> Result<MultiplexedConnection, CacheError> {
-        let connect = self
-            .client
-            .get_multiplexed_async_connection_with_config(&self.config);
+        let connect = async {
+            let client = self.endpoint.client().await?;
+            client
+                .get_multiplexed_async_connection_with_config(&self.config)
+                .await
+                .map_err(CacheError::Connect)
+        };
         tokio::time::timeout(self.connect_timeout, connect)
             .await
             .map_err(|_| CacheError::Timeout {
                 op: "connect",
                 timeout: self.connect_timeout,
             })?
-            .map_err(CacheError::Connect)
+    }
+
+    /// Drops every open connection (the master moved): the next callers connect afresh.
+    pub(super) fn discard_all(&self) {
+        self.discard(u64::MAX);
     }
 
     /// Drops a connection that broke or hung, and every connection made before it: whatever

@@ -11,6 +11,7 @@ mod invalidation_channel;
 mod local;
 mod memory;
 mod redis;
+mod sentinel;
 mod tiered;
 
 pub use self::entry::{Entry, EntryError, EntryKind};

@@ -9,7 +9,8 @@
 //! turns only its own keys into misses.
 
 use super::cluster::ClusterLink;
-use super::connections::{Connections, Lease};
+use super::connections::{Connections, Endpoint, Lease};
+use super::sentinel::{self, SentinelEndpoint};
 use super::{Cache, CacheError, CacheKind, PoolStatus, Values, Write};
 use crate::circuit::{Circuit, CircuitState};
 use crate::config::{RedisConfig, RedisMode};
@@ -40,10 +41,10 @@ pub struct RedisCache {
 
 /// Where commands go.
 enum Route {
-    /// One Redis, over a few shared multiplexed connections.
-    Standalone(Connections),
+    /// One Redis (or the master Sentinel names), over a few shared multiplexed connections.
+    Standalone(Arc<Connections>),
     /// A Redis Cluster, over one cluster connection that routes each command to its shard.
-    Cluster(ClusterLink),
+    Cluster(Box<ClusterLink>),
 }
 
 /// A command to send: one, or a pipeline.
@@ -139,15 +140,30 @@ impl RedisCache {
             .set_response_timeout(Some(settings.timeout));
         let seeds = seeds(settings);
         let subscriber = redis::Client::open(seeds[0].as_str()).map_err(CacheError::InvalidUrl)?;
-        let route = match settings.mode {
-            RedisMode::Cluster => Route::Cluster(ClusterLink::new(&seeds, settings)?),
-            // Sentinel is refused by config validation until it is built.
-            RedisMode::Standalone | RedisMode::Sentinel => Route::Standalone(Connections::new(
-                subscriber.clone(),
-                config,
+        let shared = |endpoint| {
+            Arc::new(Connections::new(
+                endpoint,
+                config.clone(),
                 settings.timeout,
                 settings.pool_size,
-            )),
+            ))
+        };
+        let route = match settings.mode {
+            RedisMode::Cluster => Route::Cluster(Box::new(ClusterLink::new(&seeds, settings)?)),
+            RedisMode::Standalone => {
+                Route::Standalone(shared(Endpoint::Fixed(Box::new(subscriber.clone()))))
+            }
+            RedisMode::Sentinel => {
+                let master = settings.sentinel_master.as_deref().unwrap_or_default();
+                let sentinels = Arc::new(SentinelEndpoint::new(
+                    &settings.nodes,
+                    master,
+                    &settings.url,
+                )?);
+                let connections = shared(Endpoint::Sentinel(Arc::clone(&sentinels)));
+                sentinel::follow_master(Arc::downgrade(&connections), sentinels);
+                Route::Standalone(connections)
+            }
         };
         Ok(Self {
             route,

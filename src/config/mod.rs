@@ -168,11 +168,12 @@ pub struct RedisConfig {
     pub breaker_cooldown: Duration,
     /// What kind of Redis deployment the proxy talks to, chosen at start.
     pub mode: RedisMode,
-    /// Cluster: seed node URLs, each with its own credentials and TLS. Empty: `url` is the
-    /// one seed.
+    /// Cluster: seed node URLs, each with its own credentials and TLS (empty: `url` is the
+    /// one seed). Sentinel: the sentinels' URLs.
     #[serde(deserialize_with = "urls_list_or_csv")]
     pub nodes: Vec<String>,
-    /// Sentinel: the master's service name.
+    /// Sentinel: the master's service name. `url` then gives only the master's database,
+    /// credentials and TLS.
     pub sentinel_master: Option<String>,
     /// Cluster: cache reads may be answered by replicas (a little staler, less load on the
     /// masters).

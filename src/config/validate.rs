@@ -101,11 +101,18 @@ impl Config {
                         "must list the sentinels' URLs when redis.mode is sentinel",
                     ));
                 }
+                redis
+                    .nodes
+                    .iter()
+                    .try_for_each(|node| validate_redis_url(node, "redis.nodes"))?;
                 // Not built yet: refused before binding rather than half-working.
-                Err(ConfigError::invalid(
-                    "redis.mode",
-                    "sentinel is not supported by this version yet; use standalone or cluster",
-                ))
+                if self.cache.local.enabled {
+                    return Err(ConfigError::invalid(
+                        "cache.local.enabled",
+                        "the in-process tier is not supported with redis.mode = sentinel yet",
+                    ));
+                }
+                Ok(())
             }
         }
     }

@@ -30,6 +30,7 @@ mod redis_faults;
 mod request_ids;
 mod retries;
 mod secrets;
+mod sentinel_mode;
 mod shedding;
 mod stale;
 mod streaming;
