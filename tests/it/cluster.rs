@@ -170,6 +170,40 @@ async fn a_master_killed_under_load_costs_no_client_error_and_caching_resumes() 
     .await;
 }
 
+#[tokio::test]
+async fn live_resharding_under_load_costs_no_client_error_and_loses_no_cached_key() {
+    // Moves slots: a cluster of its own.
+    let cluster = RedisCluster::start();
+    let app = proxy_on(&cluster, "cl-move:").await;
+    let batch = sns("M", 200);
+    let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
+    app.lookup(&refs).await;
+    written_with_ttl(&cluster, &app, &batch).await;
+    let masters = cluster.masters().await;
+    let (from, to) = (masters[0], masters[1]);
+    let mut reshard = std::pin::pin!(cluster.reshard(from, to, 2000));
+    let mut rounds = 0;
+    loop {
+        tokio::select! {
+            () = &mut reshard => break,
+            body = app.lookup(&refs) => {
+                rounds += 1;
+                let items = results(&body);
+                assert!(items.iter().all(|item| item["status"] == "ok"), "{body}");
+            }
+        }
+    }
+    assert!(rounds > 0, "no lookup ran during the resharding");
+    // Migrations slow the moving shard down, and Redis's breaker may have opened meanwhile
+    // (it is one for the whole cluster): once it closes, every key is still found where the
+    // cluster says it is, with its TTL.
+    wait_until("every SN is a hit again", WAIT, || async {
+        app.lookup(&refs).await["summary"]["cache_hits"] == 200
+    })
+    .await;
+    assert!(cluster.keys_without_ttl().await.is_empty());
+}
+
 async fn wait_for_key(cluster: &RedisCluster, key: &str) -> bool {
     for _ in 0..50 {
         if matches!(cluster.ttl(key).await, Ttl::Expires(_)) {
