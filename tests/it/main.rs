@@ -11,6 +11,7 @@ mod cache_control;
 mod chaos;
 mod circuit;
 mod cluster;
+mod cluster_reads;
 mod coalescing;
 mod commands;
 mod drain;
