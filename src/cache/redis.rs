@@ -78,8 +78,8 @@ fn seeds(config: &RedisConfig) -> Vec<String> {
 /// that connection broke, hung, or (`READONLY`) points at a former primary.
 fn settle<T>(
     op: &'static str,
+    timeout: Duration,
     queried: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
-    timed_out: impl FnOnce(&'static str) -> CacheError,
     discard: impl FnOnce(),
 ) -> Result<T, CacheError> {
     match queried {
@@ -92,7 +92,7 @@ fn settle<T>(
         }
         Err(_) => {
             discard();
-            Err(timed_out(op))
+            Err(CacheError::Timeout { op, timeout })
         }
     }
 }
@@ -102,6 +102,7 @@ fn outcome<T>(result: &Result<T, CacheError>) -> RedisOutcome {
     match result {
         Ok(_) => RedisOutcome::Ok,
         Err(CacheError::Timeout { .. }) => RedisOutcome::Timeout,
+        Err(CacheError::Skipped) => RedisOutcome::Skipped,
         Err(_) => RedisOutcome::Error,
     }
 }
@@ -187,17 +188,18 @@ impl RedisCache {
         command: Command<'_>,
     ) -> Result<T, CacheError> {
         let started = Instant::now();
-        let Some(ticket) = self.circuit.try_acquire() else {
-            self.metrics
-                .record_redis(name, RedisOutcome::Skipped, started.elapsed());
-            return Err(CacheError::Skipped);
+        let result = match self.circuit.try_acquire() {
+            None => Err(CacheError::Skipped),
+            Some(ticket) => {
+                let result = self.run_shared(name.as_str(), command).await;
+                match &result {
+                    Err(err) if err.is_unreachable() => ticket.failure(),
+                    // Redis answered, even if with an error (`OOM`, `READONLY`): reachable.
+                    _ => ticket.success(),
+                }
+                result
+            }
         };
-        let result = self.run_shared(name.as_str(), command).await;
-        match &result {
-            Err(err) if err.is_unreachable() => ticket.failure(),
-            // Redis answered, even if with an error (`OOM`, `READONLY`): it is reachable.
-            _ => ticket.success(),
-        }
         self.metrics
             .record_redis(name, outcome(&result), started.elapsed());
         result
@@ -223,66 +225,43 @@ impl RedisCache {
                     .await
                     .map_err(|_| timed_out("connect"))??;
                 let queried = tokio::time::timeout_at(deadline, command.query(&mut conn)).await;
-                settle(op, queried, timed_out, || connections.discard(generation))
+                settle(op, timeout, queried, || connections.discard(generation))
             }
             Route::Cluster(link) => {
                 let mut conn = tokio::time::timeout_at(deadline, link.get())
                     .await
                     .map_err(|_| timed_out("connect"))??;
                 let queried = tokio::time::timeout_at(deadline, command.query(&mut conn)).await;
-                settle(op, queried, timed_out, || link.discard())
+                settle(op, timeout, queried, || link.discard())
             }
         }
     }
 
-    /// The indices of `sns` by hash slot, each slot's chunked by `chunk_size`: the keys of
-    /// one cluster command.
-    fn by_slot<'s>(&self, sns: impl Iterator<Item = &'s str>) -> Vec<Vec<usize>> {
+    /// The SNs of each command, as places in the batch: contiguous chunks of `chunk_size`
+    /// on one Redis; on a cluster, grouped by hash slot first (a command's keys must share
+    /// one), so a failing shard fails only its own commands.
+    fn commands<'s>(&self, sns: impl ExactSizeIterator<Item = &'s str>) -> Vec<Vec<usize>> {
+        let chunks = |indices: Vec<usize>| -> Vec<Vec<usize>> {
+            indices
+                .chunks(self.chunk_size)
+                .map(<[usize]>::to_vec)
+                .collect()
+        };
+        if !matches!(self.route, Route::Cluster(_)) {
+            return chunks((0..sns.len()).collect());
+        }
         let mut slots: HashMap<Slot, Vec<usize>, ahash::RandomState> = HashMap::default();
         let mut key = Vec::new();
         for (index, sn) in sns.enumerate() {
             self.key_into(&mut key, sn);
             slots.entry(Slot::for_key(&key)).or_default().push(index);
         }
-        slots
-            .into_values()
-            .flat_map(|indices| {
-                indices
-                    .chunks(self.chunk_size)
-                    .map(<[usize]>::to_vec)
-                    .collect::<Vec<_>>()
-            })
-            .collect()
+        slots.into_values().flat_map(chunks).collect()
     }
 
-    fn is_cluster(&self) -> bool {
-        matches!(self.route, Route::Cluster(_))
-    }
-
-    /// A cluster read: one `MGET` per slot (and chunk), all at once; a failed one leaves
-    /// only its own keys missing.
-    async fn get_by_slot(&self, sns: &[&str]) -> Values {
-        let groups = self.by_slot(sns.iter().copied());
-        let reads = groups.iter().map(|group| {
-            let keys: Vec<&str> = group.iter().map(|&index| sns[index]).collect();
-            async move { self.get_chunk(&keys).await }
-        });
-        let reads = join_all(reads).await;
-        let mut found = Values {
-            values: vec![None; sns.len()],
-            failures: Vec::new(),
-        };
-        for (group, read) in groups.iter().zip(reads) {
-            match read {
-                Ok(values) => {
-                    for (&index, value) in group.iter().zip(values) {
-                        found.values[index] = value;
-                    }
-                }
-                Err(err) => found.failures.push(err),
-            }
-        }
-        found
+    /// The SNs at `places`.
+    fn at<'s>(sns: &[&'s str], places: &[usize]) -> Vec<&'s str> {
+        places.iter().map(|&place| sns[place]).collect()
     }
 
     fn key_into(&self, buf: &mut Vec<u8>, sn: &str) {
@@ -357,24 +336,28 @@ impl RedisCache {
 }
 
 impl Cache for RedisCache {
+    /// One command per group of [`RedisCache::commands`], all at once; a failed one leaves
+    /// only its own keys missing.
     fn get_many<'a>(&'a self, sns: &'a [&'a str]) -> BoxFuture<'a, Values> {
         Box::pin(async move {
-            if self.is_cluster() {
-                return self.get_by_slot(sns).await;
-            }
-            let chunks = sns.chunks(self.chunk_size);
-            let reads = join_all(chunks.clone().map(|chunk| self.get_chunk(chunk))).await;
+            let groups = self.commands(sns.iter().copied());
+            let reads = groups.iter().map(|places| {
+                let keys = Self::at(sns, places);
+                async move { self.get_chunk(&keys).await }
+            });
+            let reads = join_all(reads).await;
             let mut found = Values {
-                values: Vec::with_capacity(sns.len()),
+                values: vec![None; sns.len()],
                 failures: Vec::new(),
             };
-            for (chunk, read) in chunks.zip(reads) {
+            for (places, read) in groups.iter().zip(reads) {
                 match read {
-                    Ok(values) => found.values.extend(values),
-                    Err(err) => {
-                        found.values.extend(std::iter::repeat_n(None, chunk.len()));
-                        found.failures.push(err);
+                    Ok(values) => {
+                        for (&place, value) in places.iter().zip(values) {
+                            found.values[place] = value;
+                        }
                     }
+                    Err(err) => found.failures.push(err),
                 }
             }
             found
@@ -383,35 +366,23 @@ impl Cache for RedisCache {
 
     fn set_many<'a>(&'a self, writes: &'a [Write]) -> BoxFuture<'a, Result<(), CacheError>> {
         Box::pin(async move {
-            if self.is_cluster() {
-                let groups = self.by_slot(writes.iter().map(|write| write.sn.as_str()));
-                let sets = groups
-                    .iter()
-                    .map(|group| self.set_chunk(group.iter().map(|&index| &writes[index])));
-                return join_all(sets).await.into_iter().collect();
-            }
-            let chunks = writes
-                .chunks(self.chunk_size)
-                .map(|chunk| self.set_chunk(chunk));
-            join_all(chunks).await.into_iter().collect()
+            let groups = self.commands(writes.iter().map(|write| write.sn.as_str()));
+            let sets = groups
+                .iter()
+                .map(|places| self.set_chunk(places.iter().map(|&place| &writes[place])));
+            join_all(sets).await.into_iter().collect()
         })
     }
 
     fn delete_many<'a>(&'a self, sns: &'a [&'a str]) -> BoxFuture<'a, Result<u64, CacheError>> {
         Box::pin(async move {
-            // Every chunk runs to its end, even after one fails: no DEL is cut off half-sent.
-            if self.is_cluster() {
-                let groups = self.by_slot(sns.iter().copied());
-                let deletes = groups.iter().map(|group| {
-                    let keys: Vec<&str> = group.iter().map(|&index| sns[index]).collect();
-                    async move { self.delete_chunk(&keys).await }
-                });
-                return join_all(deletes).await.into_iter().sum();
-            }
-            let chunks = sns
-                .chunks(self.chunk_size)
-                .map(|chunk| self.delete_chunk(chunk));
-            join_all(chunks).await.into_iter().sum()
+            // Every command runs to its end, even after one fails: no DEL is cut off half-sent.
+            let groups = self.commands(sns.iter().copied());
+            let deletes = groups.iter().map(|places| {
+                let keys = Self::at(sns, places);
+                async move { self.delete_chunk(&keys).await }
+            });
+            join_all(deletes).await.into_iter().sum()
         })
     }
 
@@ -423,15 +394,13 @@ impl Cache for RedisCache {
         Box::pin(async move {
             let started = Instant::now();
             let ping = RedisCommand::Ping;
-            if self.circuit.state() == CircuitState::Open {
-                self.metrics
-                    .record_redis(ping, RedisOutcome::Skipped, started.elapsed());
-                return Err(CacheError::Skipped);
-            }
-            let result = self
-                .run_shared::<String>(ping.as_str(), Command::Single(&redis::cmd("PING")))
-                .await
-                .map(drop);
+            let result = if self.circuit.state() == CircuitState::Open {
+                Err(CacheError::Skipped)
+            } else {
+                self.run_shared::<String>(ping.as_str(), Command::Single(&redis::cmd("PING")))
+                    .await
+                    .map(drop)
+            };
             self.metrics
                 .record_redis(ping, outcome(&result), started.elapsed());
             result
