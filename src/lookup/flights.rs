@@ -91,12 +91,12 @@ impl Flight {
     }
 
     /// Lookups listening for the answer now.
-    pub fn waiters(&self) -> usize {
+    fn waiters(&self) -> usize {
         self.stage.receiver_count()
     }
 
     /// Whether a task has taken the fetch on.
-    pub fn is_claimed(&self) -> bool {
+    fn is_claimed(&self) -> bool {
         self.claimed.load(Ordering::Acquire)
     }
 

@@ -139,8 +139,8 @@ impl Lookup {
     /// [`Lookup::resolve`], the cache is read a window (`redis.chunk_size` SNs) at a time as
     /// the stream is consumed, and each line's discount is let go once it is out, so a
     /// 100,000-SN stream never holds its whole response. The next window is read once the
-    /// previous one's hits are out and fewer than `2 × upstream.concurrency` of its fetches
-    /// are outstanding, so the upstream stays busy. When `cancel` fires (or the lookup is
+    /// previous one's hits are out and fewer than `2 × upstream.concurrency` (at least one
+    /// window) of its fetches are outstanding, so the upstream stays busy. When `cancel` fires (or the lookup is
     /// dropped before its end: a client that went away), the fetches it queued but did not
     /// start are dropped, unless another lookup waits for them; those under way still finish
     /// and are written back.

@@ -23,8 +23,8 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::debug;
 
-/// How [`UpstreamClient`] talks to the discount service. `Debug` redacts the URL's query
-/// values, where an API key may be.
+/// How [`UpstreamClient`] talks to the discount service. Deliberately not `Debug`: its URL
+/// may hold an API key (the config's `Debug` prints it redacted).
 #[derive(Clone)]
 pub struct UpstreamSettings {
     /// The URL with `{sn}` where the percent-encoded SN goes (`upstream.url`).
@@ -43,32 +43,6 @@ pub struct UpstreamSettings {
     pub retry: RetryPolicy,
     /// When to stop calling a failing upstream (`upstream.circuit`).
     pub circuit: CircuitSettings,
-}
-
-// Destructured in full: whoever adds a field decides here whether it is a secret.
-impl std::fmt::Debug for UpstreamSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let Self {
-            url_template,
-            token,
-            concurrency,
-            timeout,
-            connect_timeout,
-            max_body_bytes,
-            retry,
-            circuit,
-        } = self;
-        f.debug_struct("UpstreamSettings")
-            .field("url_template", &crate::config::RedactedUrl(url_template))
-            .field("token", token)
-            .field("concurrency", concurrency)
-            .field("timeout", timeout)
-            .field("connect_timeout", connect_timeout)
-            .field("max_body_bytes", max_body_bytes)
-            .field("retry", retry)
-            .field("circuit", circuit)
-            .finish()
-    }
 }
 
 impl From<&crate::config::UpstreamConfig> for UpstreamSettings {

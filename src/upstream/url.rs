@@ -20,15 +20,6 @@ pub(super) struct UrlTemplate {
     in_path: bool,
 }
 
-impl std::fmt::Debug for UrlTemplate {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let template = format!("{}{{sn}}{}", self.before, self.after);
-        f.debug_tuple("UrlTemplate")
-            .field(&crate::config::RedactedUrl(&template))
-            .finish()
-    }
-}
-
 impl UrlTemplate {
     pub(super) fn parse(template: &str) -> Self {
         let (before, after) = template.split_once("{sn}").unwrap_or((template, ""));
