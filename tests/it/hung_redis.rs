@@ -75,6 +75,25 @@ async fn fifty_concurrent_cold_gets_on_a_hung_redis_are_answered_and_their_write
     app.redis.signal("CONT");
 }
 
+#[tokio::test]
+async fn twenty_concurrent_readiness_probes_on_a_hung_redis_each_end_within_the_redis_timeout() {
+    let app = hung_redis_without_breaker().await;
+    let app = &app;
+    let probes = (0..20).map(|_| async move {
+        let started = Instant::now();
+        let body: serde_json::Value = app.get("/readyz").await.json().await.unwrap();
+        (body["redis"].clone(), started.elapsed())
+    });
+    let answers = join_all(probes).await;
+    app.redis.signal("CONT");
+    assert!(
+        answers.iter().all(|(redis, _)| redis == "down"),
+        "{answers:?}"
+    );
+    let slowest = answers.iter().map(|(_, took)| *took).max().unwrap();
+    assert!(slowest < BOUND, "the slowest /readyz took {slowest:?}");
+}
+
 async fn redis_circuit(app: &TestApp) -> String {
     let body: serde_json::Value = app.get("/readyz").await.json().await.unwrap();
     body["redis_circuit"].as_str().unwrap().to_owned()
