@@ -174,3 +174,32 @@ async fn a_response_the_client_stops_reading_is_abandoned_and_its_connection_clo
     );
     assert_eq!(app.get("/v1/discounts/BIG-1").await.status(), 200);
 }
+
+#[tokio::test]
+async fn fetches_an_abandoned_response_started_go_on_and_are_written_back() {
+    let app = TestApp::spawn_with(|config| {
+        config.server.write_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut sns = big_cached_sns(&app, 50, 200_000).await;
+    let cold: Vec<String> = (0..5).map(|i| format!("COLD-{i}")).collect();
+    sns.extend(cold.iter().cloned());
+    // Slower than the write timeout: the fetches are under way when the response is dropped.
+    app.upstream.set_latency(Duration::from_secs(1));
+    let _stuck = stuck_reader(&app, &sns, "application/x-ndjson").await;
+    wait_until(
+        "the response is abandoned",
+        Duration::from_secs(10),
+        || async { app.scraped("discount_proxy_write_timeouts_total").await == 1.0 },
+    )
+    .await;
+    for sn in &cold {
+        wait_until(
+            "the fetch is written back",
+            Duration::from_secs(10),
+            || async { app.redis_value(sn).await.is_some() },
+        )
+        .await;
+    }
+    assert_eq!(app.upstream.total_calls(), 5);
+}
