@@ -336,7 +336,7 @@ impl RedisCache {
 }
 
 impl Cache for RedisCache {
-    /// One command per group of [`RedisCache::commands`], all at once; a failed one leaves
+    /// One command per group of `RedisCache::commands`, all at once; a failed one leaves
     /// only its own keys missing.
     fn get_many<'a>(&'a self, sns: &'a [&'a str]) -> BoxFuture<'a, Values> {
         Box::pin(async move {
