@@ -15,6 +15,9 @@
 //! key. Keys are remembered by hash, the latest [`KEYS_REMEMBERED`] failures for at most
 //! [`KEY_MEMORY`] since their last failure, so the memory is bounded whatever comes.
 //!
+//! When the circuit opens, the memory is emptied: the dependency is suspect as a whole, and
+//! a failed probe re-opens it whatever SN it was about.
+//!
 //! What this gives up: an outage seen only through the same few keys (a client asking
 //! for the same 3 SNs in a loop) counts those keys once each, so it may never open the
 //! circuit; those calls still fail, each within `upstream.timeout`.
@@ -324,9 +327,7 @@ impl Circuit {
                 }
             }
             Mode::HalfOpen => {
-                inner.mode = Mode::Open {
-                    until: now + self.settings.cooldown,
-                };
+                inner.open(now + self.settings.cooldown);
                 warn!(circuit = self.name, cooldown = ?self.settings.cooldown, "circuit re-opened: a probe failed");
             }
             Mode::Closed => self.record_closed(&mut inner, now, ok),
@@ -352,9 +353,7 @@ impl Circuit {
             && inner.calls >= settings.min_requests
             && f64::from(inner.failures) >= settings.failure_ratio * f64::from(inner.calls);
         if by_streak || by_ratio {
-            inner.mode = Mode::Open {
-                until: now + settings.cooldown,
-            };
+            inner.open(now + settings.cooldown);
             warn!(
                 circuit = self.name,
                 consecutive = inner.consecutive,
@@ -375,6 +374,15 @@ impl Circuit {
 }
 
 impl Inner {
+    /// Opens the circuit until `until`. The failing keys are forgotten: the dependency is
+    /// suspect as a whole now, so a probe's failure counts whatever SN it was about. Else
+    /// clients asking again for the SNs that opened it would keep it half-open through a
+    /// real outage.
+    fn open(&mut self, until: Instant) {
+        self.mode = Mode::Open { until };
+        self.failing = FailingKeys::default();
+    }
+
     fn close(&mut self, now: Instant) {
         self.mode = Mode::Closed;
         self.window_started = now;
@@ -518,14 +526,19 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_known_failing_key_decides_nothing_as_a_probe() {
+    async fn an_outage_seen_through_the_keys_that_opened_it_re_opens_it_on_a_failed_probe() {
         let circuit = Circuit::new("test", settings());
         fail_keys(&circuit, &["A", "B", "C"]);
+        assert_eq!(circuit.state(), CircuitState::Open);
         tokio::time::advance(Duration::from_secs(5)).await;
         circuit.try_acquire_for("A").unwrap().failure();
-        assert_eq!(circuit.state(), CircuitState::HalfOpen, "A is A's problem");
+        assert_eq!(
+            circuit.state(),
+            CircuitState::Open,
+            "A failed before the circuit opened, but an open circuit forgets that"
+        );
+        tokio::time::advance(Duration::from_secs(5)).await;
         let probes = [circuit.try_acquire_for("D"), circuit.try_acquire_for("B")];
-        assert!(probes.iter().all(Option::is_some), "A's slot is free again");
         for probe in probes.into_iter().flatten() {
             probe.success();
         }
