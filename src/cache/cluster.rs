@@ -3,26 +3,100 @@
 //! connections), follows `MOVED`/`ASK` and topology changes by itself, and reaches each shard
 //! over connections of its own, so a failing shard fails only the commands routed to it.
 //!
+//! Beside it, the proxy keeps its own copy of the slot map (see the `slots` module) and a
+//! [`ClusterNode`] per master: a batch is sent as one pipeline per master (chunked), each
+//! with that master's own circuit breaker and metrics. So a dead or slow shard is skipped
+//! alone, and an operator sees which one it is.
+//!
 //! Connected lazily, like the standalone connections: a cluster that is down at start is not
 //! an error. A connection that broke or timed out is dropped and made anew by the next
 //! caller; callers bound their wait for it with `redis.timeout` (see `RedisCache`).
 
 use super::CacheError;
+use super::slots::{Owner, SlotMap};
+use crate::circuit::{Circuit, CircuitState};
 use crate::config::RedisConfig;
+use crate::metrics::{Metrics, NodeCounters};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_read_routing::RoundRobinReplicaStrategy;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
+use tokio::time::Instant;
+use tracing::{info, warn};
 
 /// Retries of a command the cluster library makes itself (after `MOVED`, a lost node): few,
 /// since `redis.timeout` bounds the whole attempt anyway, and its default (16, with waits of
 /// up to minutes) would only ever be cut off by that bound.
 const CLUSTER_RETRIES: u32 = 2;
 
+/// How long a slot map is used before it is taken again even though nothing failed: a
+/// reshard moves slots without failing anything, and a group sent to a former owner is only
+/// redirected (at the cost of the library's retries) until the map is new.
+const SLOT_MAP_MAX_AGE: Duration = Duration::from_secs(5);
+
+/// The least time between two refreshes of the slot map in the background: a reshard fails
+/// many groups at once, and one `CLUSTER SLOTS` answers for all of them.
+const REFRESH_AT_MOST_EVERY: Duration = Duration::from_millis(250);
+
+/// The most masters named in metrics over the proxy's life; later ones count as `other`.
+/// Masters come and go with failovers and rescheduled pods: their names must not grow the
+/// metrics without bound.
+const NODE_LABELS: usize = 32;
+
+/// One master: its name (`host:port`), its circuit breaker and its command counters.
+pub(super) struct ClusterNode {
+    pub(super) name: String,
+    pub(super) circuit: Circuit,
+    pub(super) counters: NodeCounters,
+}
+
+/// The slot map and the master behind each of its node indices.
+pub(super) struct Topology {
+    slots: SlotMap,
+    nodes: Vec<Arc<ClusterNode>>,
+    taken: Instant,
+}
+
+impl Topology {
+    /// The master serving `slot`, if the map knows one.
+    pub(super) fn node_of(&self, slot: Slot) -> Option<(usize, &Arc<ClusterNode>)> {
+        match self.slots.owner(slot) {
+            Owner::Node(index) => self.nodes.get(index).map(|node| (index, node)),
+            Owner::Unowned(_) => None,
+        }
+    }
+
+    /// The worst state among the masters' circuits.
+    fn circuit(&self) -> CircuitState {
+        let states = self.nodes.iter().map(|node| node.circuit.state());
+        states
+            .max_by_key(|state| match state {
+                CircuitState::Closed => 0,
+                CircuitState::HalfOpen => 1,
+                CircuitState::Open => 2,
+            })
+            .unwrap_or(CircuitState::Closed)
+    }
+}
+
 pub(super) struct ClusterLink {
     client: ClusterClient,
     connect_timeout: Duration,
     current: tokio::sync::Mutex<Option<ClusterConnection>>,
+    topology: RwLock<Option<Arc<Topology>>>,
+    /// A group failed: the map may be behind the cluster, take it again.
+    stale: AtomicBool,
+    refreshing: Arc<tokio::sync::Mutex<()>>,
+    last_refresh: Mutex<Option<Instant>>,
+    /// The master names used as metric labels so far.
+    labelled: Mutex<HashSet<String>>,
+    breaker_failures: u32,
+    breaker_cooldown: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl ClusterLink {
@@ -31,7 +105,11 @@ impl ClusterLink {
     ///
     /// # Errors
     /// A seed URL redis-rs cannot use.
-    pub(super) fn new(seeds: &[String], config: &RedisConfig) -> Result<Self, CacheError> {
+    pub(super) fn new(
+        seeds: &[String],
+        config: &RedisConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, CacheError> {
         let mut builder = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
             .connection_timeout(config.timeout)
             .response_timeout(config.timeout)
@@ -44,6 +122,14 @@ impl ClusterLink {
             client,
             connect_timeout: config.timeout,
             current: tokio::sync::Mutex::new(None),
+            topology: RwLock::new(None),
+            stale: AtomicBool::new(false),
+            refreshing: Arc::new(tokio::sync::Mutex::new(())),
+            last_refresh: Mutex::new(None),
+            labelled: Mutex::new(HashSet::new()),
+            breaker_failures: config.breaker_failures,
+            breaker_cooldown: config.breaker_cooldown,
+            metrics,
         })
     }
 
@@ -73,5 +159,154 @@ impl ClusterLink {
         if let Ok(mut current) = self.current.try_lock() {
             *current = None;
         }
+    }
+
+    /// Marks the slot map as possibly behind the cluster: the next batch takes it again.
+    pub(super) fn mark_stale(&self) {
+        self.stale.store(true, Ordering::Relaxed);
+    }
+
+    fn current_topology(&self) -> Option<Arc<Topology>> {
+        self.topology
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The worst state among the masters' circuits (closed before the first map).
+    pub(super) fn circuit(&self) -> CircuitState {
+        self.current_topology()
+            .map_or(CircuitState::Closed, |topology| topology.circuit())
+    }
+
+    /// The slot map to group a batch by, if there is one. One that is stale or old is used
+    /// all the same, and taken again in the background (by one task at a time, at most once
+    /// per [`REFRESH_AT_MOST_EVERY`]), so no batch waits for a refresh.
+    pub(super) fn topology_now(self: &Arc<Self>) -> Option<Arc<Topology>> {
+        let topology = self.current_topology()?;
+        let fresh =
+            !self.stale.load(Ordering::Relaxed) && topology.taken.elapsed() < SLOT_MAP_MAX_AGE;
+        if !fresh {
+            self.refresh_in_background(&topology);
+        }
+        Some(topology)
+    }
+
+    fn refresh_in_background(self: &Arc<Self>, topology: &Arc<Topology>) {
+        let Ok(refreshing) = Arc::clone(&self.refreshing).try_lock_owned() else {
+            return;
+        };
+        {
+            let mut last = self
+                .last_refresh
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if last.is_some_and(|last| last.elapsed() < REFRESH_AT_MOST_EVERY) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let (link, old) = (Arc::clone(self), Arc::clone(topology));
+        tokio::spawn(async move {
+            let _refreshing = refreshing;
+            if let Err(err) = link.refresh(Some(&old)).await {
+                // The old map stays: most of it is likely still right.
+                warn!(error = %err, "redis cluster slot map not taken again");
+            }
+        });
+    }
+
+    /// The first slot map, taken now; callers wait for the one taking it.
+    ///
+    /// # Errors
+    /// The cluster could not be asked for it.
+    pub(super) async fn first_topology(&self) -> Result<Arc<Topology>, CacheError> {
+        let _refreshing = self.refreshing.lock().await;
+        match self.current_topology() {
+            Some(topology) => Ok(topology),
+            None => self.refresh(None).await,
+        }
+    }
+
+    /// Asks a master for `CLUSTER SLOTS` and installs the map, keeping the circuit and
+    /// counters of every master the old map had.
+    async fn refresh(&self, old: Option<&Arc<Topology>>) -> Result<Arc<Topology>, CacheError> {
+        let mut conn = self.get().await?;
+        let mut cmd = redis::cmd("CLUSTER");
+        cmd.arg("SLOTS");
+        let ask = conn.route_command(
+            cmd,
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
+        );
+        let reply = tokio::time::timeout(self.connect_timeout, ask)
+            .await
+            .map_err(|_| CacheError::Timeout {
+                op: "CLUSTER SLOTS",
+                timeout: self.connect_timeout,
+            })?
+            .map_err(|source| CacheError::Command {
+                op: "CLUSTER SLOTS",
+                source,
+            })?;
+        let slots =
+            SlotMap::from_cluster_slots(&reply).map_err(|malformed| CacheError::Command {
+                op: "CLUSTER SLOTS",
+                source: redis::RedisError::from((
+                    redis::ErrorKind::UnexpectedReturnType,
+                    "unexpected CLUSTER SLOTS reply",
+                    malformed.to_string(),
+                )),
+            })?;
+        let known: HashMap<&str, &Arc<ClusterNode>> = old
+            .map(|old| {
+                old.nodes
+                    .iter()
+                    .map(|node| (node.name.as_str(), node))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let nodes = slots
+            .nodes()
+            .iter()
+            .map(|name| match known.get(name.as_str()) {
+                Some(node) => Arc::clone(node),
+                None => self.new_node(name),
+            })
+            .collect::<Vec<_>>();
+        if old.is_none_or(|old| old.slots.nodes() != slots.nodes()) {
+            info!(masters = ?slots.nodes(), "redis cluster slot map taken");
+        }
+        let topology = Arc::new(Topology {
+            slots,
+            nodes,
+            taken: Instant::now(),
+        });
+        self.stale.store(false, Ordering::Relaxed);
+        *self
+            .topology
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&topology));
+        Ok(topology)
+    }
+
+    fn new_node(&self, name: &str) -> Arc<ClusterNode> {
+        let label = {
+            let mut labelled = self.labelled.lock().unwrap_or_else(PoisonError::into_inner);
+            if labelled.contains(name) || labelled.len() < NODE_LABELS {
+                labelled.insert(name.to_owned());
+                name
+            } else {
+                "other"
+            }
+        };
+        Arc::new(ClusterNode {
+            name: name.to_owned(),
+            circuit: Circuit::on_streak(
+                "redis cluster node",
+                self.breaker_failures,
+                self.breaker_cooldown,
+            ),
+            counters: self.metrics.redis_node(label),
+        })
     }
 }

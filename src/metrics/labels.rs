@@ -100,6 +100,8 @@ label_values! {
     pub enum RedisCommand {
         /// A batch read.
         Mget => "MGET",
+        /// The cluster's slot map, asked for when it may have changed.
+        ClusterSlots => "CLUSTER SLOTS",
         /// Write-backs.
         Set => "SET",
         /// Invalidations.
@@ -219,6 +221,13 @@ pub(super) struct WriteBackLabel {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(super) struct RedisLabels {
     pub(super) command: RedisCommand,
+    pub(super) outcome: RedisOutcome,
+}
+
+/// `node` (a cluster master, `host:port`) and `outcome` of a Redis command.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(super) struct NodeLabels {
+    pub(super) node: String,
     pub(super) outcome: RedisOutcome,
 }
 

@@ -8,7 +8,7 @@ mod labels;
 
 use self::labels::{
     CommandLabel, DependencyLabel, EndpointLabel, EndpointStatus, InvalidationLabel, LocalLabel,
-    PoolLabel, RedisLabels, ShedLabel, SnLabel, UpstreamLabel, WriteBackLabel,
+    NodeLabels, PoolLabel, RedisLabels, ShedLabel, SnLabel, UpstreamLabel, WriteBackLabel,
 };
 pub use self::labels::{
     Dependency, Endpoint, InvalidationEvent, LocalResult, PoolState, RedisCommand, RedisOutcome,
@@ -38,6 +38,7 @@ pub struct Metrics {
     pending_fetches: Gauge,
     write_backs: Family<WriteBackLabel, Counter>,
     redis_commands: Family<RedisLabels, Counter>,
+    redis_node_commands: Family<NodeLabels, Counter>,
     redis_duration: Family<CommandLabel, Histogram, fn() -> Histogram>,
     redis_pool: Family<PoolLabel, Gauge>,
     load_shed: Family<ShedLabel, Counter>,
@@ -79,6 +80,7 @@ impl Metrics {
             pending_fetches: Gauge::default(),
             write_backs: Family::default(),
             redis_commands: Family::default(),
+            redis_node_commands: Family::default(),
             redis_duration: Family::new_with_constructor(latency_histogram),
             redis_pool: Family::default(),
             load_shed: Family::default(),
@@ -153,6 +155,11 @@ impl Metrics {
             "redis_commands",
             "Redis commands, by command and outcome: ok, error, timeout, skipped",
             self.redis_commands.clone(),
+        );
+        registry.register(
+            "redis_node_commands",
+            "Redis commands sent to one master of a cluster, by node (host:port; past 32 masters, other) and outcome",
+            self.redis_node_commands.clone(),
         );
         registry.register_with_unit(
             "redis_command_duration",
@@ -281,6 +288,25 @@ impl Metrics {
         }
     }
 
+    /// The counters of the cluster master `node`, made once per master so a command counts
+    /// without building its labels again.
+    pub fn redis_node(&self, node: &str) -> NodeCounters {
+        let counter = |outcome| {
+            self.redis_node_commands
+                .get_or_create(&NodeLabels {
+                    node: node.to_owned(),
+                    outcome,
+                })
+                .clone()
+        };
+        NodeCounters {
+            ok: counter(RedisOutcome::Ok),
+            error: counter(RedisOutcome::Error),
+            timeout: counter(RedisOutcome::Timeout),
+            skipped: counter(RedisOutcome::Skipped),
+        }
+    }
+
     /// SNs the in-process tier had (`hits`) and lacked (`misses`) in one read.
     pub fn record_local_lookups(&self, hits: usize, misses: usize) {
         for (result, count) in [(LocalResult::Hit, hits), (LocalResult::Miss, misses)] {
@@ -347,6 +373,28 @@ impl Metrics {
                 .get_or_create(&DependencyLabel { dependency })
                 .set(value);
         }
+    }
+}
+
+/// One cluster master's command counters, by outcome.
+#[derive(Debug, Clone)]
+pub struct NodeCounters {
+    ok: Counter,
+    error: Counter,
+    timeout: Counter,
+    skipped: Counter,
+}
+
+impl NodeCounters {
+    /// One command to the master ended with `outcome`.
+    pub fn record(&self, outcome: RedisOutcome) {
+        match outcome {
+            RedisOutcome::Ok => &self.ok,
+            RedisOutcome::Error => &self.error,
+            RedisOutcome::Timeout => &self.timeout,
+            RedisOutcome::Skipped => &self.skipped,
+        }
+        .inc();
     }
 }
 

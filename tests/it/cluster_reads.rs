@@ -6,11 +6,17 @@
 //! chunked `MGET` read of the same keys on one standalone Redis, in the same run: one `MGET`
 //! per hash slot (what `RedisCache` does), one `GET` per key (the cluster connection
 //! pipelines them per node), and one `MGET` of the whole batch left to redis-rs to split.
+//! Then what the proxy does, through its own `RedisCache` on both: on the cluster, one
+//! pipeline per master (chunked) with one `MGET` per slot in it.
 
 use crate::support::{RedisCluster, RedisServer};
+use discount_proxy::cache::{Cache, RedisCache};
+use discount_proxy::config::{RedisConfig, RedisMode};
+use discount_proxy::metrics::Metrics;
 use futures_util::future::join_all;
 use redis::cluster_routing::Slot;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const KEYS: usize = 10_000;
@@ -149,8 +155,32 @@ async fn cluster_read_strategies() {
     })
     .await;
 
+    let sns: Vec<String> = (0..KEYS).map(|i| format!("R-{i}")).collect();
+    let sns: Vec<&str> = sns.iter().map(String::as_str).collect();
+    let proxy_standalone = proxy_cache(RedisConfig {
+        url: standalone.url(),
+        ..RedisConfig::default()
+    });
+    let proxy_cluster = proxy_cache(RedisConfig {
+        mode: RedisMode::Cluster,
+        nodes: cluster.nodes(),
+        ..RedisConfig::default()
+    });
+    let through_proxy_standalone = best(|| read_all(&proxy_standalone, &sns)).await;
+    let through_proxy_cluster = best(|| read_all(&proxy_cluster, &sns)).await;
+
     println!(
-        "{KEYS} keys, best of {ROUNDS}: standalone MGET×500 {standalone_mget:?}; cluster: MGET per slot ({} slots) {per_slot:?}, GET per key {per_key:?}, one MGET split by redis-rs {split_by_library:?}",
+        "{KEYS} keys, best of {ROUNDS}: standalone MGET×500 {standalone_mget:?}; cluster: MGET per slot ({} slots) {per_slot:?}, GET per key {per_key:?}, one MGET split by redis-rs {split_by_library:?}; the proxy's RedisCache: standalone {through_proxy_standalone:?}, cluster (a pipeline per master) {through_proxy_cluster:?}",
         by_slot.len()
     );
+}
+
+fn proxy_cache(config: RedisConfig) -> RedisCache {
+    RedisCache::new(&config, Arc::new(Metrics::default())).unwrap()
+}
+
+async fn read_all(cache: &RedisCache, sns: &[&str]) -> usize {
+    let values = cache.get_many(sns).await;
+    assert!(values.failures.is_empty(), "{:?}", values.failures);
+    values.values.into_iter().flatten().count()
 }

@@ -12,6 +12,7 @@ mod chaos;
 mod circuit;
 mod cluster;
 mod cluster_reads;
+mod cluster_shards;
 mod coalescing;
 mod commands;
 mod drain;
