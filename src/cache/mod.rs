@@ -12,6 +12,7 @@ mod local;
 mod memory;
 mod redis;
 mod sentinel;
+mod subscription;
 mod tiered;
 
 pub use self::entry::{Entry, EntryError, EntryKind};
