@@ -100,7 +100,8 @@ async fn proxy_on(sentinels: &SentinelSet, prefix: &str) -> TestApp {
 /// tiers on the way, which happens before the channel is reported up).
 async fn both_follow_on(sentinels: &SentinelSet, master: u16, apps: [&TestApp; 2]) {
     let channel = format!("{}invalidations", apps[0].config.redis.key_prefix);
-    wait_until("both instances subscribe on the master", WAIT, || async {
+    let what = format!("both instances subscribe on the master, :{master}");
+    wait_until(&what, WAIT, || async {
         let numsub = sentinels
             .command(master, &["PUBSUB", "NUMSUB", &channel])
             .await;
