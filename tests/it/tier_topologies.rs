@@ -80,6 +80,68 @@ async fn on_a_cluster_whose_first_seed_is_down_an_invalidation_still_reaches_the
     a_delete_on_first_drops_the_copy_of_second(&first, &second, "DS-1").await;
 }
 
+/// Subscriptions to `channel` on the running nodes of `cluster` (each node counts its own).
+async fn subscribers_on(cluster: &RedisCluster, ports: &[u16], channel: &str) -> i64 {
+    let mut total = 0;
+    for &port in ports {
+        let reply = cluster.command(port, &["PUBSUB", "NUMSUB", channel]).await;
+        if let redis::Value::Array(reply) = reply
+            && let Some(redis::Value::Int(count)) = reply.get(1)
+        {
+            total += count;
+        }
+    }
+    total
+}
+
+#[tokio::test]
+async fn on_a_cluster_the_subscription_moves_to_another_seed_when_its_node_dies() {
+    // Kills a node: a cluster of its own.
+    let cluster = RedisCluster::start();
+    let replica = cluster.replicas().await[0];
+    let first_seed = format!("redis://127.0.0.1:{replica}");
+    let mut nodes = vec![first_seed.clone()];
+    nodes.extend(
+        cluster
+            .nodes()
+            .into_iter()
+            .filter(|node| *node != first_seed),
+    );
+    let spawn = || {
+        let nodes = nodes.clone();
+        TestApp::spawn_with(move |config| {
+            config.redis.mode = RedisMode::Cluster;
+            config.redis.nodes = nodes;
+            with_tier(config, "tt-moves:");
+        })
+    };
+    let first = spawn().await;
+    let second = spawn().await;
+    let channel = "tt-moves:invalidations";
+    wait_until(
+        "both instances subscribe on the first seed",
+        WAIT,
+        || async { subscribers_on(&cluster, &[replica], channel).await == 2 },
+    )
+    .await;
+
+    cluster.kill_replica(replica).await;
+    let others: Vec<u16> = cluster
+        .masters()
+        .await
+        .into_iter()
+        .chain(cluster.replicas().await)
+        .filter(|&port| port != replica)
+        .collect();
+    wait_until("both instances subscribe on another node", WAIT, || async {
+        subscribers_on(&cluster, &others, channel).await == 2
+    })
+    .await;
+    following(&first).await;
+    following(&second).await;
+    a_delete_on_first_drops_the_copy_of_second(&first, &second, "MS-1").await;
+}
+
 /// An instance in sentinel mode whose `redis.url` host is a port nothing listens on: only
 /// the master the sentinels name can serve it.
 async fn proxy_on(sentinels: &SentinelSet, prefix: &str) -> TestApp {
