@@ -1,11 +1,12 @@
 //! The Redis pub/sub channel that carries invalidations to every instance's in-process tier.
 //!
-//! Each instance subscribes on a connection of its own and drops the copies each message
-//! names. The subscription is checked with a `PING` every second; when it is lost, the tier is
+//! Each instance subscribes on a connection of its own, on the node its
+//! [`SubscriptionEndpoint`] names for each attempt, and drops the copies each message names. The subscription is checked with a `PING` every second; when it is lost, the tier is
 //! emptied on the way back (a message may have been missed meanwhile), and while it is down
 //! no copy outlives `cache.local.ttl`: that is the staleness bound.
 
 use super::LocalTier;
+use super::subscription::SubscriptionEndpoint;
 use crate::metrics::{InvalidationEvent, Metrics};
 use futures_util::StreamExt;
 use std::sync::Arc;
@@ -61,13 +62,13 @@ impl InvalidationChannel {
     /// lost, until the returned token is cancelled.
     pub(super) fn follow(
         &self,
-        client: redis::Client,
+        endpoint: Arc<SubscriptionEndpoint>,
         local: Arc<LocalTier>,
         metrics: Arc<Metrics>,
     ) -> CancellationToken {
         let stop = CancellationToken::new();
         let follower = Follower {
-            client,
+            endpoint,
             channel: self.name.clone(),
             local,
             metrics,
@@ -84,7 +85,9 @@ impl InvalidationChannel {
 }
 
 struct Follower {
-    client: redis::Client,
+    /// Asked for a client at each attempt: on a cluster or behind Sentinel, where to
+    /// subscribe changes.
+    endpoint: Arc<SubscriptionEndpoint>,
     channel: String,
     local: Arc<LocalTier>,
     metrics: Arc<Metrics>,
@@ -112,20 +115,15 @@ impl Follower {
 
     /// Subscribes and applies messages until the subscription is lost; returns why.
     async fn session(&self) -> String {
-        let subscribe = async {
-            let mut pubsub = self.client.get_async_pubsub().await?;
-            pubsub.subscribe(&self.channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
-        };
-        let pubsub = match tokio::time::timeout(HEARTBEAT * 5, subscribe).await {
-            Ok(Ok(pubsub)) => pubsub,
-            Ok(Err(err)) => return err.to_string(),
+        let (pubsub, node) = match tokio::time::timeout(HEARTBEAT * 5, self.subscribe()).await {
+            Ok(Ok(subscribed)) => subscribed,
+            Ok(Err(err)) => return err,
             Err(_) => return "subscribing timed out".to_owned(),
         };
         // Whatever was copied while not subscribed may have missed its invalidation.
         self.local.clear();
         self.metrics.set_invalidation_channel_up(true);
-        info!(channel = %self.channel, "following invalidations");
+        info!(channel = %self.channel, %node, "following invalidations");
         let (mut sink, mut messages) = pubsub.split();
         let mut heartbeat = tokio::time::interval_at(Instant::now() + HEARTBEAT, HEARTBEAT);
         loop {
@@ -145,6 +143,21 @@ impl Follower {
                 }
             }
         }
+    }
+
+    /// Subscribes on the node the endpoint names for this attempt; returns the subscription
+    /// and that node's address (host and port only: no credentials).
+    async fn subscribe(&self) -> Result<(redis::aio::PubSub, String), String> {
+        let client = self
+            .endpoint
+            .client()
+            .await
+            .map_err(|err| err.to_string())?;
+        let node = client.get_connection_info().addr().to_string();
+        let failed = |err: redis::RedisError| format!("{node}: {err}");
+        let mut pubsub = client.get_async_pubsub().await.map_err(failed)?;
+        pubsub.subscribe(&self.channel).await.map_err(failed)?;
+        Ok((pubsub, node))
     }
 
     fn apply(&self, message: &[u8]) {

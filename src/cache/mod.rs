@@ -13,6 +13,7 @@ mod memory;
 mod redis;
 mod sentinel;
 mod slots;
+mod subscription;
 mod tiered;
 
 pub use self::entry::{Entry, EntryError, EntryKind};

@@ -18,6 +18,7 @@ use super::cluster::{ClusterLink, ClusterNode, Topology};
 use super::connections::{Connections, Endpoint, Lease};
 use super::sentinel::{self, SentinelEndpoint};
 use super::slots::Owner;
+use super::subscription::{SeedRotation, SubscriptionEndpoint};
 use super::{Cache, CacheError, CacheKind, PoolStatus, Values, Write};
 use crate::circuit::{Circuit, CircuitState};
 use crate::config::{RedisConfig, RedisMode};
@@ -39,9 +40,8 @@ use tokio::time::Instant;
 /// command never carries thousands of keys and blocks Redis for other clients.
 pub struct RedisCache {
     route: Route,
-    /// For connections of their own (the invalidation subscription): `redis.url`, or on a
-    /// cluster its first seed (a `PUBLISH` reaches subscribers on every node).
-    subscriber: redis::Client,
+    /// Where connections of their own (the invalidation subscription) go, asked per attempt.
+    subscription: Arc<SubscriptionEndpoint>,
     key_prefix: String,
     timeout: Duration,
     chunk_size: usize,
@@ -233,7 +233,7 @@ impl RedisCache {
             .set_connection_timeout(Some(settings.timeout))
             .set_response_timeout(Some(settings.timeout));
         let seeds = seeds(settings);
-        let subscriber = redis::Client::open(seeds[0].as_str()).map_err(CacheError::InvalidUrl)?;
+        let first = redis::Client::open(seeds[0].as_str()).map_err(CacheError::InvalidUrl)?;
         let shared = |endpoint| {
             Arc::new(Connections::new(
                 endpoint,
@@ -242,15 +242,20 @@ impl RedisCache {
                 settings.pool_size,
             ))
         };
-        let route = match settings.mode {
-            RedisMode::Cluster => Route::Cluster(Arc::new(ClusterLink::new(
-                &seeds,
-                settings,
-                Arc::clone(&metrics),
-            )?)),
-            RedisMode::Standalone => {
-                Route::Standalone(shared(Endpoint::Fixed(Box::new(subscriber.clone()))))
-            }
+        let fixed = || SubscriptionEndpoint::Fixed(Box::new(first.clone()));
+        let (route, subscription) = match settings.mode {
+            RedisMode::Cluster => (
+                Route::Cluster(Arc::new(ClusterLink::new(
+                    &seeds,
+                    settings,
+                    Arc::clone(&metrics),
+                )?)),
+                SeedRotation::new(&seeds)?.map_or_else(fixed, SubscriptionEndpoint::Seeds),
+            ),
+            RedisMode::Standalone => (
+                Route::Standalone(shared(Endpoint::Fixed(Box::new(first.clone())))),
+                fixed(),
+            ),
             RedisMode::Sentinel => {
                 let master = settings.sentinel_master.as_deref().unwrap_or_default();
                 let sentinels = Arc::new(SentinelEndpoint::new(
@@ -259,13 +264,16 @@ impl RedisCache {
                     &settings.url,
                 )?);
                 let connections = shared(Endpoint::Sentinel(Arc::clone(&sentinels)));
-                sentinel::follow_master(Arc::downgrade(&connections), sentinels);
-                Route::Standalone(connections)
+                sentinel::follow_master(Arc::downgrade(&connections), Arc::clone(&sentinels));
+                (
+                    Route::Standalone(connections),
+                    SubscriptionEndpoint::Sentinel(sentinels),
+                )
             }
         };
         Ok(Self {
             route,
-            subscriber,
+            subscription: Arc::new(subscription),
             key_prefix: settings.key_prefix.clone(),
             timeout: settings.timeout,
             chunk_size: settings.chunk_size.max(1),
@@ -566,10 +574,11 @@ impl RedisCache {
         })
     }
 
-    /// A client for connections of their own, such as a pub/sub subscription, which cannot
-    /// share the multiplexed ones.
-    pub fn client(&self) -> &redis::Client {
-        &self.subscriber
+    /// Where connections of its own go, such as a pub/sub subscription, which cannot share
+    /// the multiplexed ones: asked for a client at each attempt, since on a cluster or behind
+    /// Sentinel the node that answers changes.
+    pub(super) fn subscription(&self) -> Arc<SubscriptionEndpoint> {
+        Arc::clone(&self.subscription)
     }
 
     /// The circuit that decides whether Redis is asked at all: one Redis's, or the worst of

@@ -39,7 +39,7 @@ impl TieredCache {
         let local = Arc::new(LocalTier::new(max_bytes, ttl));
         let channel = InvalidationChannel::new(key_prefix);
         let following = channel.follow(
-            remote.client().clone(),
+            remote.subscription(),
             Arc::clone(&local),
             Arc::clone(&metrics),
         );

@@ -104,15 +104,7 @@ impl Config {
                 redis
                     .nodes
                     .iter()
-                    .try_for_each(|node| validate_redis_url(node, "redis.nodes"))?;
-                // Not built yet: refused before binding rather than half-working.
-                if self.cache.local.enabled {
-                    return Err(ConfigError::invalid(
-                        "cache.local.enabled",
-                        "the in-process tier is not supported with redis.mode = sentinel yet",
-                    ));
-                }
-                Ok(())
+                    .try_for_each(|node| validate_redis_url(node, "redis.nodes"))
             }
         }
     }
@@ -342,6 +334,26 @@ mod tests {
             if let Err(err) = result {
                 assert!(err.to_string().contains("upstream.token"));
             }
+        }
+    }
+
+    #[test]
+    fn the_in_process_tier_is_accepted_in_every_redis_mode() {
+        for mode in [
+            RedisMode::Standalone,
+            RedisMode::Cluster,
+            RedisMode::Sentinel,
+        ] {
+            let mut config = Config::default();
+            config.redis.mode = mode;
+            config.redis.nodes = vec!["redis://127.0.0.1:26379".to_owned()];
+            config.redis.sentinel_master = Some("mymaster".to_owned());
+            config.cache.local.enabled = true;
+            assert!(
+                config.validate().is_ok(),
+                "{mode:?}: {:?}",
+                config.validate()
+            );
         }
     }
 

@@ -36,6 +36,7 @@ mod sentinel_mode;
 mod shedding;
 mod stale;
 mod streaming;
+mod tier_topologies;
 mod topologies;
 mod upstream_errors;
 mod warm;

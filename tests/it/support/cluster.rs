@@ -159,6 +159,16 @@ impl RedisCluster {
         self.node(port).kill();
     }
 
+    /// SIGKILLs the replica on `port` (by pid, like a crash): a node lost without a failover,
+    /// every slot still served. Fails the test if `port` is not a replica now.
+    pub async fn kill_replica(&self, port: u16) {
+        assert!(
+            self.replicas().await.contains(&port),
+            "{port} is not a replica now"
+        );
+        self.node(port).kill();
+    }
+
     /// Waits until every running node reports `cluster_state:ok`, sees all slots served by
     /// running, non-failing masters and has its replicas in sync: after a failover, until
     /// clients can use the cluster again. Fails the test with the nodes' logs after `timeout`.

@@ -107,6 +107,13 @@ impl SentinelSet {
         port
     }
 
+    /// SIGKILLs the data node on `port` (by pid, like a crash), whatever its role now: after a
+    /// `SENTINEL FAILOVER`, the old master, which would otherwise go on as a replica.
+    pub fn kill_data_node(&self, port: u16) {
+        let node = self.data.iter().find(|node| node.port() == port);
+        node.expect("a data node of this set").kill();
+    }
+
     /// Waits until every running sentinel names a master other than `old_port` and that node
     /// accepts writes (`role:master`); returns its port. Fails the test after `timeout`.
     pub async fn wait_for_new_master(&self, old_port: u16, timeout: Duration) -> u16 {
