@@ -1,6 +1,7 @@
 //! TLS and ACL users in cluster and sentinel mode: against a cluster and a sentinel set whose
-//! nodes serve TLS only and take only ACL users, the proxy caches with the user and TLS its
-//! URLs carry; with a wrong password it answers from the upstream and never shows it.
+//! nodes serve TLS only and take only ACL users, the proxy caches and follows invalidations
+//! with the user and TLS its URLs carry; with a wrong password it answers from the upstream
+//! and never shows it.
 
 use crate::support::{
     PROXY_PASSWORD, PROXY_USER, Process, RedisCluster, SentinelSet, StubUpstream, TestApp, Ttl,
@@ -27,7 +28,7 @@ fn seeds_as(cluster: &RedisCluster, password: &str) -> Vec<String> {
         .collect()
 }
 
-async fn proxy_on_cluster(cluster: &RedisCluster, prefix: &str) -> TestApp {
+async fn proxy_on_cluster(cluster: &RedisCluster, prefix: &str, local_tier: bool) -> TestApp {
     let nodes = seeds_as(cluster, PROXY_PASSWORD);
     let prefix = prefix.to_owned();
     TestApp::spawn_with(move |config| {
@@ -35,6 +36,8 @@ async fn proxy_on_cluster(cluster: &RedisCluster, prefix: &str) -> TestApp {
         config.redis.nodes = nodes;
         config.redis.key_prefix = prefix;
         config.redis.timeout = REDIS_TIMEOUT;
+        config.cache.local.enabled = local_tier;
+        config.cache.local.ttl = Duration::from_secs(60);
     })
     .await
 }
@@ -69,7 +72,7 @@ async fn a_cluster_over_tls_with_an_acl_user_caches_batches_on_every_master_and_
         .replace("rediss://", "redis://")
         .replace("#insecure", "");
     assert!(!pings(&plain).await, "plain TCP is served");
-    let app = proxy_on_cluster(&cluster, "sec-cl:").await;
+    let app = proxy_on_cluster(&cluster, "sec-cl:", false).await;
     let batch = sns("C", 100);
     let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
     let first = app.lookup(&refs).await;
@@ -105,6 +108,42 @@ async fn a_cluster_over_tls_with_an_acl_user_caches_batches_on_every_master_and_
         cluster.ttl(&app.key("C-1")).await,
         Ttl::Expires(_)
     ));
+}
+
+#[tokio::test]
+async fn an_invalidation_reaches_the_other_instances_tier_over_a_tls_cluster_with_an_acl_user() {
+    let cluster = RedisCluster::shared_secured();
+    let first = proxy_on_cluster(&cluster, "sec-tier:", true).await;
+    let second = proxy_on_cluster(&cluster, "sec-tier:", true).await;
+    for app in [&first, &second] {
+        // The subscription is a connection of its own, with the seed's TLS and user.
+        wait_until(
+            "the instance follows the invalidation channel",
+            WAIT,
+            || async { app.metric("discount_proxy_invalidation_channel_up") == 1.0 },
+        )
+        .await;
+    }
+    second.lookup(&["T-1"]).await;
+    assert_eq!(
+        results(&second.lookup(&["T-1"]).await)[0]["source"],
+        "cache"
+    );
+
+    assert_eq!(first.delete("/v1/discounts/T-1").await.status(), 204);
+    wait_until(
+        "the invalidation reached the other instance",
+        WAIT,
+        || async {
+            second.metric(r#"discount_proxy_invalidation_messages_total{event="received"}"#) >= 1.0
+        },
+    )
+    .await;
+    assert_eq!(
+        results(&second.lookup(&["T-1"]).await)[0]["source"],
+        "upstream"
+    );
+    assert_eq!(second.upstream.total_calls(), 2);
 }
 
 #[tokio::test]
