@@ -32,6 +32,7 @@ mod redis_faults;
 mod request_ids;
 mod retries;
 mod secrets;
+mod secured_topologies;
 mod sentinel_mode;
 mod shedding;
 mod stale;

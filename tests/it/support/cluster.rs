@@ -1,9 +1,11 @@
 //! A real Redis Cluster of six `redis-server`s (3 masters, 3 replicas) on free ports, formed
 //! by `redis-cli --cluster create`, stopped by pid on `Drop`; its topology read at call time.
+//! Plain, or serving TLS only to ACL users (client, bus and replication links alike).
 
 use super::cluster_view::{ClusterNode, Role, SLOTS, parse_nodes};
 use super::node::{RedisNode, info_field, log_tails, query, query_async, temp_dir};
 use super::shared::Shared;
+use super::tls::{Access, TestCertificate, as_args};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -23,10 +25,12 @@ const PORTS: Range<u16> = 10000..22768;
 const NODE_TIMEOUT_MS: u32 = 2000;
 
 static SHARED: Shared<RedisCluster> = Shared::new();
+static SHARED_SECURED: Shared<RedisCluster> = Shared::new();
 
 /// Six nodes: 3 masters sharing the 16384 slots, each with one replica.
 pub struct RedisCluster {
     dir: PathBuf,
+    access: Access,
     nodes: Vec<RedisNode>,
 }
 
@@ -36,15 +40,33 @@ impl RedisCluster {
     /// spawning anything that needs the test's runtime. A test that kills, reshards or
     /// fails over nodes needs its own; the others should use [`RedisCluster::shared`].
     pub fn start() -> Self {
-        let dir = temp_dir("cluster");
+        Self::start_in(temp_dir("cluster"), Access::plain())
+    }
+
+    /// [`RedisCluster::start`], but every node serves TLS only (`--port 0`), on the cluster
+    /// bus and for replication too, and takes only ACL users (replicas log in to their
+    /// masters as one): clients log in as [`super::PROXY_USER`] over `rediss://…#insecure`.
+    pub fn start_secured() -> Self {
+        let dir = temp_dir("cluster-tls");
+        let certificate = TestCertificate::make(&dir);
+        Self::start_in(dir, Access::tls_acl(certificate))
+    }
+
+    fn start_in(dir: PathBuf, access: Access) -> Self {
         let nodes = (0..NODES)
-            .map(|_| RedisNode::launch(&dir, cluster_port, |port| node_args(&dir, port)))
+            .map(|_| {
+                RedisNode::launch(&dir, &access, cluster_port, |port| {
+                    node_args(&dir, port, &access)
+                })
+            })
             .collect();
-        let cluster = Self { dir, nodes };
+        let cluster = Self { dir, access, nodes };
         cluster.create();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match check_health(&cluster.live_ports()).and_then(|()| cluster.check_shape()) {
+            match check_health(&cluster.access, &cluster.live_ports())
+                .and_then(|()| cluster.check_shape())
+            {
                 Ok(()) => return cluster,
                 Err(why) if Instant::now() > deadline => cluster.fail(&why),
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
@@ -59,7 +81,13 @@ impl RedisCluster {
         SHARED.get_or_start(Self::start)
     }
 
-    /// Every node's URL (`redis://127.0.0.1:P`), killed ones too: a client's seed list.
+    /// [`RedisCluster::shared`] for the secured cluster of [`RedisCluster::start_secured`].
+    pub fn shared_secured() -> Arc<Self> {
+        SHARED_SECURED.get_or_start(Self::start_secured)
+    }
+
+    /// Every node's URL (`redis://127.0.0.1:P`, or `rediss://127.0.0.1:P#insecure` when
+    /// secured), without credentials, killed ones too: a client's seed list.
     pub fn nodes(&self) -> Vec<String> {
         self.nodes.iter().map(RedisNode::url).collect()
     }
@@ -80,7 +108,9 @@ impl RedisCluster {
             .live_ports()
             .first()
             .expect("a cluster node is running");
-        let reply: String = query_async(port, &["CLUSTER", "NODES"]).await.unwrap();
+        let reply: String = query_async(&self.access, port, &["CLUSTER", "NODES"])
+            .await
+            .unwrap();
         parse_nodes(&reply)
     }
 
@@ -128,7 +158,7 @@ impl RedisCluster {
             .live_ports()
             .first()
             .expect("a cluster node is running");
-        query_async(port, &["CLUSTER", "KEYSLOT", key])
+        query_async(&self.access, port, &["CLUSTER", "KEYSLOT", key])
             .await
             .unwrap()
     }
@@ -176,7 +206,8 @@ impl RedisCluster {
         let deadline = Instant::now() + timeout;
         loop {
             let live = self.live_ports();
-            let health = tokio::task::spawn_blocking(move || check_health(&live))
+            let access = self.access.clone();
+            let health = tokio::task::spawn_blocking(move || check_health(&access, &live))
                 .await
                 .unwrap();
             match health {
@@ -190,6 +221,11 @@ impl RedisCluster {
     pub(super) fn node(&self, port: u16) -> &RedisNode {
         let node = self.nodes.iter().find(|node| node.port() == port);
         node.unwrap_or_else(|| panic!("no node of this cluster on port {port}"))
+    }
+
+    /// How the support reaches the nodes.
+    pub(super) fn access(&self) -> &Access {
+        &self.access
     }
 
     pub(super) fn live_ports(&self) -> Vec<u16> {
@@ -207,6 +243,7 @@ impl RedisCluster {
             .arg("create")
             .args(addresses)
             .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .args(self.access.cli_args())
             .stdin(Stdio::null())
             .output();
         match output {
@@ -224,7 +261,7 @@ impl RedisCluster {
     fn check_shape(&self) -> Result<(), String> {
         for port in self.live_ports() {
             let reply: String =
-                query(port, &["CLUSTER", "NODES"]).map_err(|err| err.to_string())?;
+                query(&self.access, port, &["CLUSTER", "NODES"]).map_err(|err| err.to_string())?;
             let view = parse_nodes(&reply);
             let masters: Vec<&ClusterNode> =
                 view.iter().filter(|n| n.role == Role::Master).collect();
@@ -257,10 +294,11 @@ impl Drop for RedisCluster {
 
 /// Whether the nodes on `live` ports agree that the cluster serves every slot from running
 /// masters whose replicas are in sync; the first reason it does not, otherwise.
-fn check_health(live: &[u16]) -> Result<(), String> {
+fn check_health(access: &Access, live: &[u16]) -> Result<(), String> {
     for &port in live {
-        let text =
-            |args: &[&str]| query::<String>(port, args).map_err(|err| format!("{port}: {err}"));
+        let text = |args: &[&str]| {
+            query::<String>(access, port, args).map_err(|err| format!("{port}: {err}"))
+        };
         let info = text(&["CLUSTER", "INFO"])?;
         if info_field(&info, "cluster_state") != Some("ok") {
             return Err(format!("node {port} reports {info}"));
@@ -285,7 +323,7 @@ fn check_health(live: &[u16]) -> Result<(), String> {
     Ok(())
 }
 
-fn node_args(dir: &Path, port: u16) -> Vec<String> {
+fn node_args(dir: &Path, port: u16, access: &Access) -> Vec<String> {
     let file = |name: String| dir.join(name).to_string_lossy().into_owned();
     let mut args: Vec<String> = [
         "--bind",
@@ -305,7 +343,7 @@ fn node_args(dir: &Path, port: u16) -> Vec<String> {
     ]
     .map(String::from)
     .to_vec();
-    args.extend(["--port".into(), port.to_string()]);
+    args.extend(as_args(&access.server_directives(port)));
     args.extend(["--cluster-node-timeout".into(), NODE_TIMEOUT_MS.to_string()]);
     args.extend([
         "--cluster-config-file".into(),

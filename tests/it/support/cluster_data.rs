@@ -3,6 +3,7 @@
 
 use super::RedisCluster;
 use super::node::{Role, connect, query_async, role_of, set_replicated};
+use super::tls::Access;
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -14,6 +15,17 @@ pub enum Ttl {
     /// The key never expires: what the proxy must never leave behind.
     Forever,
     Expires(Duration),
+}
+
+impl Ttl {
+    /// What a `PTTL` reply of `millis` says.
+    fn from_pttl(millis: i64) -> Self {
+        match millis {
+            -2 => Self::Missing,
+            -1 => Self::Forever,
+            millis => Self::Expires(Duration::from_millis(millis.unsigned_abs())),
+        }
+    }
 }
 
 impl RedisCluster {
@@ -28,12 +40,14 @@ impl RedisCluster {
     /// Runs a raw command on the node on `port`, an error reply included in the result.
     pub async fn try_command(&self, port: u16, args: &[&str]) -> redis::RedisResult<redis::Value> {
         self.node(port);
-        query_async(port, args).await
+        query_async(self.access(), port, args).await
     }
 
     /// A client connection to the node on `port`, such as the master of a key to seed.
     pub async fn client(&self, port: u16) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.node(port).url())
+        self.node(port);
+        discount_proxy::tls::install_crypto_provider();
+        redis::Client::open(self.access().admin_url(port))
             .unwrap()
             .get_multiplexed_async_connection()
             .await
@@ -43,13 +57,14 @@ impl RedisCluster {
     /// The role the node on `port` reports of itself, which may lag what the others think.
     pub async fn role(&self, port: u16) -> Role {
         self.node(port);
-        role_of(port).await
+        role_of(self.access(), port).await
     }
 
     /// Sets `key` to `value` on its master and waits until the replica has it: a write a
     /// failover must keep.
     pub async fn set_replicated(&self, key: &str, value: &str) {
-        set_replicated(self.master_of_key(key).await, key, value).await;
+        let master = self.master_of_key(key).await;
+        set_replicated(self.access(), master, key, value).await;
     }
 
     /// How many keys each master holds now (`DBSIZE`), by port: keys spread over every master
@@ -57,7 +72,8 @@ impl RedisCluster {
     pub async fn key_counts_by_master(&self) -> BTreeMap<u16, u64> {
         let mut counts = BTreeMap::new();
         for port in self.masters().await {
-            counts.insert(port, query_async(port, &["DBSIZE"]).await.unwrap());
+            let count = query_async(self.access(), port, &["DBSIZE"]).await;
+            counts.insert(port, count.unwrap());
         }
         counts
     }
@@ -65,19 +81,70 @@ impl RedisCluster {
     /// The TTL of `key`, asked of the master that owns it.
     pub async fn ttl(&self, key: &str) -> Ttl {
         let port = self.master_of_key(key).await;
-        let millis: i64 = query_async(port, &["PTTL", key]).await.unwrap();
-        match millis {
-            -2 => Ttl::Missing,
-            -1 => Ttl::Forever,
-            millis => Ttl::Expires(Duration::from_millis(millis.unsigned_abs())),
+        let millis: i64 = query_async(self.access(), port, &["PTTL", key])
+            .await
+            .unwrap();
+        Ttl::from_pttl(millis)
+    }
+
+    /// The TTL of each of `keys`, asked of the masters that own them over one connection
+    /// each: a batch's keys checked over TLS cost a few handshakes, not three per key.
+    pub async fn ttls(&self, keys: &[String]) -> Vec<Ttl> {
+        let topology = self.topology().await;
+        let port = *self
+            .live_ports()
+            .first()
+            .expect("a cluster node is running");
+        let slots: Vec<u16> = self
+            .pipelined(port, keys, |key| {
+                redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).to_owned()
+            })
+            .await;
+        let mut by_master: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+        for (index, slot) in slots.into_iter().enumerate() {
+            let owner = topology
+                .iter()
+                .find(|node| node.role == Role::Master && !node.failing && node.owns(slot));
+            let owner = owner.unwrap_or_else(|| panic!("no master serves slot {slot}"));
+            by_master.entry(owner.port).or_default().push(index);
         }
+        let mut ttls = vec![Ttl::Missing; keys.len()];
+        for (master, indices) in by_master {
+            let owned: Vec<String> = indices.iter().map(|&index| keys[index].clone()).collect();
+            let millis: Vec<i64> = self
+                .pipelined(master, &owned, |key| redis::cmd("PTTL").arg(key).to_owned())
+                .await;
+            for (index, millis) in indices.into_iter().zip(millis) {
+                ttls[index] = Ttl::from_pttl(millis);
+            }
+        }
+        ttls
+    }
+
+    /// `command(key)` for every key in one pipeline on the node on `port`.
+    async fn pipelined<T: redis::FromRedisValue + Send + 'static>(
+        &self,
+        port: u16,
+        keys: &[String],
+        command: impl Fn(&str) -> redis::Cmd,
+    ) -> Vec<T> {
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.add_command(command(key));
+        }
+        let access = self.access().clone();
+        let replies = tokio::task::spawn_blocking(move || -> redis::RedisResult<Vec<T>> {
+            pipe.query(&mut connect(&access, port)?)
+        });
+        replies.await.unwrap().unwrap()
     }
 
     /// Every key on any master that has no TTL, sorted.
     pub async fn keys_without_ttl(&self) -> Vec<String> {
         let mut found = Vec::new();
         for port in self.masters().await {
-            let on_master = tokio::task::spawn_blocking(move || keys_without_ttl_on(port));
+            let access = self.access().clone();
+            let on_master = tokio::task::spawn_blocking(move || keys_without_ttl_on(&access, port));
             found.extend(on_master.await.unwrap().unwrap());
         }
         found.sort();
@@ -89,21 +156,25 @@ impl RedisCluster {
     /// on meanwhile; returns when it is done.
     pub async fn reshard(&self, from: u16, to: u16, slots: u16) {
         let (from_id, to_id) = (self.node_id(from).await, self.node_id(to).await);
-        tokio::task::spawn_blocking(move || run_reshard(from, &from_id, &to_id, slots))
+        let access = self.access().clone();
+        tokio::task::spawn_blocking(move || run_reshard(&access, from, &from_id, &to_id, slots))
             .await
             .unwrap();
     }
 
     async fn node_id(&self, port: u16) -> String {
-        query_async(port, &["CLUSTER", "MYID"]).await.unwrap()
+        query_async(self.access(), port, &["CLUSTER", "MYID"])
+            .await
+            .unwrap()
     }
 }
 
-fn run_reshard(entry: u16, from_id: &str, to_id: &str, slots: u16) {
+fn run_reshard(access: &Access, entry: u16, from_id: &str, to_id: &str, slots: u16) {
     let output = Command::new("redis-cli")
         .args(["--cluster", "reshard", &format!("127.0.0.1:{entry}")])
         .args(["--cluster-from", from_id, "--cluster-to", to_id])
         .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+        .args(access.cli_args())
         .stdin(Stdio::null())
         .output()
         .expect("redis-cli runs");
@@ -115,8 +186,8 @@ fn run_reshard(entry: u16, from_id: &str, to_id: &str, slots: u16) {
     );
 }
 
-fn keys_without_ttl_on(port: u16) -> redis::RedisResult<Vec<String>> {
-    let mut connection = connect(port)?;
+fn keys_without_ttl_on(access: &Access, port: u16) -> redis::RedisResult<Vec<String>> {
+    let mut connection = connect(access, port)?;
     let mut without = Vec::new();
     let mut cursor = 0u64;
     loop {

@@ -1,5 +1,6 @@
-//! Test support: a real Redis (standalone, cluster or sentinel set), a stub upstream, a
-//! fault-injecting TCP proxy, the proxy under test, and waiting on conditions.
+//! Test support: a real Redis (standalone, cluster or sentinel set, plain or over TLS with ACL
+//! users), a stub upstream, a fault-injecting TCP proxy, the proxy under test, and waiting on
+//! conditions.
 
 mod app;
 mod cluster;
@@ -12,6 +13,7 @@ mod process;
 mod redis;
 mod sentinel;
 mod shared;
+mod tls;
 mod upstream;
 
 pub use self::app::{TestApp, results};
@@ -24,6 +26,7 @@ pub use self::process::{Finished, Process, run_to_end};
 pub use self::redis::RedisServer;
 pub use self::sentinel::SentinelSet;
 pub use self::shared::Shared;
+pub use self::tls::{PROXY_PASSWORD, PROXY_USER, with_user};
 pub use self::upstream::{Reply, StubUpstream};
 
 use std::future::Future;

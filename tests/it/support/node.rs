@@ -2,6 +2,7 @@
 //! port the caller picks, proven to be ours by its pid, killed by pid; plus the blocking
 //! one-command client the topologies use to inspect their nodes.
 
+use super::tls::Access;
 use redis::FromRedisValue;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,15 +18,18 @@ pub struct RedisNode {
     port: u16,
     pid: u32,
     log: PathBuf,
+    access: Access,
     child: Mutex<Option<Child>>,
 }
 
 impl RedisNode {
     /// Starts `redis-server` with the arguments `args(port)` gives for a port from
-    /// `pick_port`, logging to a file in `dir`, and waits until that very process answers.
-    /// Retries on a fresh port when the server exits (most likely: its port was taken).
+    /// `pick_port`, logging to a file in `dir`, and waits until that very process answers
+    /// (reached as `access` says). Retries on a fresh port when the server exits (most
+    /// likely: its port was taken).
     pub fn launch(
         dir: &Path,
+        access: &Access,
         pick_port: impl Fn() -> u16,
         args: impl Fn(u16) -> Vec<String>,
     ) -> Self {
@@ -47,6 +51,7 @@ impl RedisNode {
                 port,
                 pid: child.id(),
                 log,
+                access: access.clone(),
                 child: Mutex::new(Some(child)),
             };
             if node.wait_until_answering(Duration::from_secs(10)) {
@@ -68,9 +73,10 @@ impl RedisNode {
         self.pid
     }
 
-    /// `redis://127.0.0.1:port`, what a client is configured with.
+    /// `redis://127.0.0.1:port` (or `rediss://…#insecure`), without credentials: what a
+    /// client is configured with.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        self.access.url(self.port)
     }
 
     /// Whether the process still runs (false once killed or crashed).
@@ -109,7 +115,8 @@ impl RedisNode {
             if !self.is_running() {
                 return false;
             }
-            let info = query::<String>(self.port, &["INFO", "server"]).unwrap_or_default();
+            let info =
+                query::<String>(&self.access, self.port, &["INFO", "server"]).unwrap_or_default();
             if info_field(&info, "process_id") == Some(self.pid.to_string().as_str()) {
                 return true;
             }
@@ -126,10 +133,15 @@ impl Drop for RedisNode {
     }
 }
 
-/// Runs one command against the node on `port`, over a connection of its own, with short
-/// timeouts so that a killed or hung node is an error and not a hang.
-pub fn query<T: FromRedisValue>(port: u16, args: &[&str]) -> redis::RedisResult<T> {
-    let mut connection = connect(port)?;
+/// Runs one command against the node on `port` (reached as `access` says), over a
+/// connection of its own, with short timeouts so that a killed or hung node is an error and
+/// not a hang.
+pub fn query<T: FromRedisValue>(
+    access: &Access,
+    port: u16,
+    args: &[&str],
+) -> redis::RedisResult<T> {
+    let mut connection = connect(access, port)?;
     let mut command = redis::cmd(args[0]);
     for arg in &args[1..] {
         command.arg(*arg);
@@ -138,8 +150,9 @@ pub fn query<T: FromRedisValue>(port: u16, args: &[&str]) -> redis::RedisResult<
 }
 
 /// A blocking connection to the node on `port`, with the timeouts of [`query`].
-pub fn connect(port: u16) -> redis::RedisResult<redis::Connection> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+pub fn connect(access: &Access, port: u16) -> redis::RedisResult<redis::Connection> {
+    discount_proxy::tls::install_crypto_provider();
+    let client = redis::Client::open(access.admin_url(port))?;
     let connection = client.get_connection_with_timeout(Duration::from_secs(1))?;
     connection.set_read_timeout(Some(Duration::from_secs(5)))?;
     connection.set_write_timeout(Some(Duration::from_secs(1)))?;
@@ -149,13 +162,15 @@ pub fn connect(port: u16) -> redis::RedisResult<redis::Connection> {
 /// [`query`] from async code: on the blocking pool, so the test's runtime (and a proxy
 /// running in it) keeps going meanwhile.
 pub async fn query_async<T: FromRedisValue + Send + 'static>(
+    access: &Access,
     port: u16,
     args: &[&str],
 ) -> redis::RedisResult<T> {
     let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
+    let access = access.clone();
     tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        query(port, &args)
+        query(&access, port, &args)
     })
     .await
     .unwrap()
@@ -169,8 +184,10 @@ pub enum Role {
 }
 
 /// The role the node on `port` reports of itself (`INFO replication`).
-pub async fn role_of(port: u16) -> Role {
-    let info: String = query_async(port, &["INFO", "replication"]).await.unwrap();
+pub async fn role_of(access: &Access, port: u16) -> Role {
+    let info: String = query_async(access, port, &["INFO", "replication"])
+        .await
+        .unwrap();
     match info_field(&info, "role") {
         Some("master") => Role::Master,
         Some("slave") => Role::Replica,
@@ -181,10 +198,11 @@ pub async fn role_of(port: u16) -> Role {
 /// Sets `key` to `value` (for ten minutes) on the master on `port`, and waits until a replica
 /// has acknowledged it (`WAIT`, on the same connection as the write): a write a failover
 /// must not lose. Fails the test if no replica acknowledges it within two seconds.
-pub async fn set_replicated(port: u16, key: &str, value: &str) {
+pub async fn set_replicated(access: &Access, port: u16, key: &str, value: &str) {
     let (key, value) = (key.to_owned(), value.to_owned());
+    let access = access.clone();
     let acknowledged = tokio::task::spawn_blocking(move || -> redis::RedisResult<i64> {
-        let mut connection = connect(port)?;
+        let mut connection = connect(&access, port)?;
         let set = redis::cmd("SET")
             .arg(&key)
             .arg(&value)

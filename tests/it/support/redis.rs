@@ -28,27 +28,7 @@ impl RedisServer {
             super::free_port()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let status = Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=127.0.0.1",
-            ])
-            .args(["-keyout", "key.pem", "-out", "cert.pem"])
-            .current_dir(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        assert!(
-            status.is_ok_and(|s| s.success()),
-            "openssl could not make a test certificate"
-        );
+        super::tls::TestCertificate::make(&dir);
         Self::start_with(Some(dir))
     }
 

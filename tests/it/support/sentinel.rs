@@ -1,10 +1,12 @@
 //! A real Redis Sentinel set: a master, its replica and three sentinels watching them, on
 //! free ports, stopped by pid on `Drop`; which node is master is asked of the sentinels.
+//! Plain, or secured: every process serves TLS only, the data nodes take only ACL users.
 
 use super::node::{
     RedisNode, Role, info_field, log_tails, query, query_async, role_of, set_replicated, temp_dir,
 };
 use super::shared::Shared;
+use super::tls::{Access, TestCertificate, as_args, as_config};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,10 +16,15 @@ const MASTER_NAME: &str = "mymaster";
 const SENTINELS: usize = 3;
 
 static SHARED: Shared<SentinelSet> = Shared::new();
+static SHARED_SECURED: Shared<SentinelSet> = Shared::new();
 
 /// A master, one replica of it, and three sentinels (quorum 2) that fail over within seconds.
 pub struct SentinelSet {
     dir: PathBuf,
+    /// How the master and the replica are reached.
+    access: Access,
+    /// How the sentinels are reached: the same TLS, no users.
+    sentinel_access: Access,
     /// The master and the replica as started; a failover swaps their roles.
     data: Vec<RedisNode>,
     sentinels: Vec<RedisNode>,
@@ -29,21 +36,41 @@ impl SentinelSet {
     /// seconds. A test that fails over or kills the master needs its own; the others should
     /// use [`SentinelSet::shared`].
     pub fn start() -> Self {
-        let dir = temp_dir("sentinel");
-        let master = RedisNode::launch(&dir, super::free_port, |port| data_args(&dir, port, None));
+        Self::start_in(temp_dir("sentinel"), Access::plain())
+    }
+
+    /// [`SentinelSet::start`], but every process serves TLS only (`--port 0`), replication
+    /// and the sentinels' links included; the master and the replica take only ACL users
+    /// (the replica and the sentinels log in as one), the sentinels take anyone. Clients
+    /// reach the sentinels over `rediss://…#insecure` and the master as
+    /// [`super::PROXY_USER`].
+    pub fn start_secured() -> Self {
+        let dir = temp_dir("sentinel-tls");
+        let certificate = TestCertificate::make(&dir);
+        Self::start_in(dir, Access::tls_acl(certificate))
+    }
+
+    fn start_in(dir: PathBuf, access: Access) -> Self {
+        let sentinel_access = access.without_acl();
+        let launch_data = |master: Option<u16>| {
+            RedisNode::launch(&dir, &access, super::free_port, |port| {
+                data_args(&dir, port, master, &access)
+            })
+        };
+        let master = launch_data(None);
         let master_port = master.port();
-        let replica = RedisNode::launch(&dir, super::free_port, |port| {
-            data_args(&dir, port, Some(master_port))
-        });
+        let replica = launch_data(Some(master_port));
         let sentinels = (0..SENTINELS)
             .map(|_| {
-                RedisNode::launch(&dir, super::free_port, |port| {
-                    sentinel_args(&dir, port, master_port)
+                RedisNode::launch(&dir, &sentinel_access, super::free_port, |port| {
+                    sentinel_args(&dir, port, master_port, &access)
                 })
             })
             .collect();
         let set = Self {
             dir,
+            access,
+            sentinel_access,
             data: vec![master, replica],
             sentinels,
         };
@@ -63,7 +90,13 @@ impl SentinelSet {
         SHARED.get_or_start(Self::start)
     }
 
-    /// `redis://127.0.0.1:S` for each sentinel: what a sentinel client is configured with.
+    /// [`SentinelSet::shared`] for the secured set of [`SentinelSet::start_secured`].
+    pub fn shared_secured() -> Arc<Self> {
+        SHARED_SECURED.get_or_start(Self::start_secured)
+    }
+
+    /// `redis://127.0.0.1:S` (or `rediss://…#insecure`) for each sentinel: what a sentinel
+    /// client is configured with.
     pub fn sentinel_urls(&self) -> Vec<String> {
         self.sentinels.iter().map(RedisNode::url).collect()
     }
@@ -85,9 +118,9 @@ impl SentinelSet {
 
     /// The master's port, as a sentinel tells a client (`SENTINEL get-master-addr-by-name`).
     pub async fn master_port(&self) -> u16 {
-        let (_, port): (String, u16) = query_async(self.sentinel_port(), &master_addr_query())
-            .await
-            .unwrap();
+        let sentinel = self.sentinel_port();
+        let asked = query_async(&self.sentinel_access, sentinel, &master_addr_query()).await;
+        let (_, port): (String, u16) = asked.unwrap();
         port
     }
 
@@ -95,7 +128,9 @@ impl SentinelSet {
     /// others; the replica is promoted about a second later.
     pub async fn failover(&self) {
         let args = ["SENTINEL", "FAILOVER", MASTER_NAME];
-        let _: () = query_async(self.sentinel_port(), &args).await.unwrap();
+        let _: () = query_async(&self.sentinel_access, self.sentinel_port(), &args)
+            .await
+            .unwrap();
     }
 
     /// SIGKILLs the current master (by pid, like a crash) and returns its port; the sentinels
@@ -121,7 +156,8 @@ impl SentinelSet {
         let sentinels: Vec<u16> = self.sentinels.iter().map(RedisNode::port).collect();
         loop {
             let sentinels = sentinels.clone();
-            let new = tokio::task::spawn_blocking(move || agreed_master(&sentinels))
+            let access = [self.sentinel_access.clone(), self.access.clone()];
+            let new = tokio::task::spawn_blocking(move || agreed_master(&access, &sentinels))
                 .await
                 .unwrap();
             match new {
@@ -140,23 +176,27 @@ impl SentinelSet {
             self.data_ports().contains(&port),
             "{port} is not a data node"
         );
-        role_of(port).await
+        role_of(&self.access, port).await
     }
 
     /// Sets `key` to `value` on the current master and waits until the replica has it: a
     /// write a failover must keep.
     pub async fn set_replicated(&self, key: &str, value: &str) {
-        set_replicated(self.master_port().await, key, value).await;
+        set_replicated(&self.access, self.master_port().await, key, value).await;
     }
 
     /// Runs a raw command on the node (or sentinel) on `port` and returns the reply; an error
     /// reply fails the test.
     pub async fn command(&self, port: u16, args: &[&str]) -> redis::Value {
+        let access = match self.sentinels.iter().any(|node| node.port() == port) {
+            true => &self.sentinel_access,
+            false => &self.access,
+        };
         assert!(
             self.all_nodes().any(|node| node.port() == port),
             "{port} is not ours"
         );
-        query_async(port, args)
+        query_async(access, port, args)
             .await
             .unwrap_or_else(|err| panic!("redis :{port} {args:?} failed: {err}"))
     }
@@ -173,13 +213,15 @@ impl SentinelSet {
     /// Every sentinel knows `master_port` as master, its replica in sync, and its peers.
     fn check_ready(&self, master_port: u16) -> Result<(), String> {
         let failed = |err: redis::RedisError| err.to_string();
+        let access = &self.sentinel_access;
         for sentinel in &self.sentinels {
             let port = sentinel.port();
-            let (_, master): (String, u16) = query(port, &master_addr_query()).map_err(failed)?;
+            let (_, master): (String, u16) =
+                query(access, port, &master_addr_query()).map_err(failed)?;
             let state: HashMap<String, String> =
-                query(port, &["SENTINEL", "MASTER", MASTER_NAME]).map_err(failed)?;
+                query(access, port, &["SENTINEL", "MASTER", MASTER_NAME]).map_err(failed)?;
             let replicas: Vec<HashMap<String, String>> =
-                query(port, &["SENTINEL", "REPLICAS", MASTER_NAME]).map_err(failed)?;
+                query(access, port, &["SENTINEL", "REPLICAS", MASTER_NAME]).map_err(failed)?;
             let field = |name: &str| state.get(name).map(String::as_str);
             let replica_ok = replicas.iter().any(|replica| {
                 replica.get("flags").map(String::as_str) == Some("slave")
@@ -217,11 +259,16 @@ fn master_addr_query() -> [&'static str; 3] {
     ["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME]
 }
 
-/// The master all running `sentinels` name, once that node says it is master.
-fn agreed_master(sentinels: &[u16]) -> Result<u16, String> {
+/// The master all running `sentinels` name, once that node says it is master; `access`
+/// reaches the sentinels, then the data nodes.
+fn agreed_master(
+    [sentinel_access, access]: &[Access; 2],
+    sentinels: &[u16],
+) -> Result<u16, String> {
     let mut named = Vec::new();
     for &port in sentinels {
-        if let Ok((_, master)) = query::<(String, u16)>(port, &master_addr_query()) {
+        if let Ok((_, master)) = query::<(String, u16)>(sentinel_access, port, &master_addr_query())
+        {
             named.push(master);
         }
     }
@@ -229,20 +276,21 @@ fn agreed_master(sentinels: &[u16]) -> Result<u16, String> {
     let [master] = named[..] else {
         return Err(format!("sentinels name {named:?}"));
     };
-    let replication: String = query(master, &["INFO", "replication"]).map_err(|e| e.to_string())?;
+    let replication: String =
+        query(access, master, &["INFO", "replication"]).map_err(|e| e.to_string())?;
     match info_field(&replication, "role") {
         Some("master") => Ok(master),
         role => Err(format!("{master} named master but has role {role:?}")),
     }
 }
 
-fn data_args(dir: &Path, port: u16, master: Option<u16>) -> Vec<String> {
+fn data_args(dir: &Path, port: u16, master: Option<u16>, access: &Access) -> Vec<String> {
     let mut args: Vec<String> = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         .map(String::from)
         .to_vec();
     // A replica syncs at once instead of waiting 5 s for more replicas to share the RDB.
     args.extend(["--repl-diskless-sync-delay".into(), "0".into()]);
-    args.extend(["--port".into(), port.to_string()]);
+    args.extend(as_args(&access.server_directives(port)));
     args.extend(["--dir".into(), dir.to_string_lossy().into_owned()]);
     args.extend(["--dbfilename".into(), format!("dump-{port}.rdb")]);
     if let Some(master) = master {
@@ -252,11 +300,16 @@ fn data_args(dir: &Path, port: u16, master: Option<u16>) -> Vec<String> {
 }
 
 /// Writes the sentinel's own config file (sentinels rewrite it) and returns the arguments.
-fn sentinel_args(dir: &Path, port: u16, master: u16) -> Vec<String> {
+/// `access` is the data nodes': the sentinel serves the same TLS without users, and logs in
+/// to the data nodes as their admin user.
+fn sentinel_args(dir: &Path, port: u16, master: u16, access: &Access) -> Vec<String> {
     let config = dir.join(format!("sentinel-{port}.conf"));
+    let listen = as_config(&access.without_acl().server_directives(port));
+    let auth = as_config(&access.sentinel_auth(MASTER_NAME));
     let text = format!(
-        "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+        "{listen}bind 127.0.0.1\ndir {dir}\n\
          sentinel monitor {MASTER_NAME} 127.0.0.1 {master} 2\n\
+         {auth}\
          sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
          sentinel failover-timeout {MASTER_NAME} 3000\n",
         dir = dir.display()
