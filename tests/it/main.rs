@@ -17,6 +17,7 @@ mod coalescing;
 mod commands;
 mod drain;
 mod failing_sns;
+mod failover_windows;
 mod foreign_entries;
 mod garbage_input;
 mod hostile_clients;
