@@ -28,11 +28,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Measure targets P1–P8 against Redis and nginx in one run, and print one table.
+/// Measure targets P1–P8 against Redis and nginx, and a Redis Cluster against one node, in
+/// one run, and print one table.
 #[derive(Debug, Parser)]
 #[command(name = "bench")]
 struct Args {
-    /// A run under two minutes: shorter wrk runs and smaller P5, P7 and P8 (marked as scaled).
+    /// A shorter run: shorter wrk runs, smaller P5, P7 and P8, fewer timed cluster-row batches
+    /// (marked as scaled).
     #[arg(long)]
     quick: bool,
     /// Only these scenarios, e.g. `P1,P3` or `cluster` (references are measured as needed).
