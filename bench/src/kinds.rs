@@ -4,6 +4,9 @@
 use crate::scenarios::Scale;
 use std::time::Duration;
 
+/// `redis.timeout` of the cluster row's two proxies.
+pub const CLUSTER_ROW_REDIS_TIMEOUT: &str = "2s";
+
 /// The simulated upstreams, by latency.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Upstream {
@@ -11,7 +14,7 @@ pub enum Upstream {
     Slow,
     /// 50 ms: the throughput and overload scenarios.
     Normal,
-    /// No delay: only for warming the P7 key set quickly.
+    /// No delay: for warming the P7 key set and the cluster row's key sets quickly.
     Fast,
 }
 
@@ -43,6 +46,11 @@ pub enum ProxyKind {
     Stream,
     /// Concurrency 64, 128 pending, on the 50 ms upstream: P8.
     Overload,
+    /// Redis only, on one standalone node and the instant upstream: the cluster row's
+    /// reference.
+    Standalone,
+    /// The same on the local 3-master Redis Cluster: the cluster row.
+    Cluster,
 }
 
 impl ProxyKind {
@@ -56,6 +64,8 @@ impl ProxyKind {
             Self::Warmer => "warmer",
             Self::Stream => "stream",
             Self::Overload => "overload",
+            Self::Standalone => "standalone",
+            Self::Cluster => "cluster",
         }
     }
 
@@ -63,9 +73,16 @@ impl ProxyKind {
     pub fn upstream(self) -> Upstream {
         match self {
             Self::Cold => Upstream::Slow,
-            Self::Warmer | Self::Stream => Upstream::Fast,
+            // The cluster row warms 10,000 SNs on each of its proxies; its measurements are
+            // all hits, so the upstream's latency is not part of them.
+            Self::Warmer | Self::Stream | Self::Standalone | Self::Cluster => Upstream::Fast,
             _ => Upstream::Normal,
         }
+    }
+
+    /// Whether it runs on the lab's Redis Cluster rather than its standalone Redis.
+    pub fn on_cluster(self) -> bool {
+        self == Self::Cluster
     }
 
     /// The `DISCOUNT_PROXY_…` variables that make this kind (besides listen, Redis, upstream).
@@ -84,6 +101,12 @@ impl ProxyKind {
             ("SERVER__MAX_BATCH", max_batch.to_string()),
             ("SERVER__MAX_BODY_BYTES", (16 << 20).to_string()),
         ];
+        if matches!(self, Self::Standalone | Self::Cluster) {
+            // The row measures how fast each topology reads a batch, not whether a 10,000-key
+            // read fits the default 250 ms bound: a read cut off by it would turn hits into
+            // upstream fetches (and open the Redis breaker). Both get the same bound.
+            env.push(("REDIS__TIMEOUT", CLUSTER_ROW_REDIS_TIMEOUT.to_owned()));
+        }
         if self == Self::LocalTier {
             env.push(("CACHE__LOCAL__ENABLED", "true".to_owned()));
             env.push(("CACHE__LOCAL__TTL", "5m".to_owned()));

@@ -1,11 +1,13 @@
-//! What a run starts and owns: redis-server, the simulated upstreams, the proxies and nginx,
-//! each started when a scenario first needs it and stopped when the lab is dropped.
+//! What a run starts and owns: redis-server, a 3-master Redis Cluster, the simulated
+//! upstreams, the proxies and nginx, each started when a scenario first needs it (redis-server
+//! at once) and stopped when the lab is dropped.
 
 use crate::api::Api;
 use crate::http1::Conn;
 use crate::kinds::{ProxyKind, Upstream};
 use crate::nginx;
 use crate::processes::{self, Service, TempDir};
+use crate::redis_cluster::RedisCluster;
 use crate::scenarios::Scale;
 use anyhow::{Context, Result, bail};
 use std::net::SocketAddr;
@@ -67,6 +69,7 @@ pub struct Lab {
     unsupported: Vec<(ProxyKind, Na)>,
     nginx: Option<(SocketAddr, Service)>,
     simulators: Vec<(Upstream, SocketAddr, Service)>,
+    cluster: Option<RedisCluster>,
     _redis: Service,
     /// Where the run's redis-server listens.
     pub redis_addr: SocketAddr,
@@ -77,6 +80,7 @@ pub struct Lab {
     /// The sizes and durations of this run.
     pub scale: Scale,
     proxy_bin: PathBuf,
+    redis_server: PathBuf,
     dir: TempDir,
 }
 
@@ -99,7 +103,7 @@ impl Lab {
         let dir = TempDir::create()?;
         std::fs::write(dir.path().join("empty.toml"), "").context("writing the empty config")?;
         let redis_addr = processes::free_port()?;
-        let mut command = Command::new(redis_server);
+        let mut command = Command::new(&redis_server);
         command
             .args(["--port", &redis_addr.port().to_string()])
             .args(["--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
@@ -112,12 +116,14 @@ impl Lab {
             unsupported: Vec::new(),
             nginx: None,
             simulators: Vec::new(),
+            cluster: None,
             _redis: redis,
             redis_addr,
             tools: Tools::find(),
             api: Api::new()?,
             scale,
             proxy_bin,
+            redis_server,
             dir,
         })
     }
@@ -149,6 +155,25 @@ impl Lab {
         Ok(addr)
     }
 
+    /// The 3-master Redis Cluster, started on first use; `Na` without `redis-cli`, which
+    /// forms it.
+    ///
+    /// # Errors
+    /// A node does not start or the cluster does not become ready.
+    pub async fn cluster(&mut self) -> Result<Result<&RedisCluster, Na>> {
+        let cluster = match self.cluster.take() {
+            Some(cluster) => cluster,
+            None => {
+                let cli = match &self.tools.redis_cli {
+                    Ok(cli) => cli.clone(),
+                    Err(na) => return Ok(Err(na.clone())),
+                };
+                RedisCluster::start(&self.redis_server, &cli, self.dir.path()).await?
+            }
+        };
+        Ok(Ok(self.cluster.insert(cluster)))
+    }
+
     /// The proxy of this kind, started on first use; `Na` when this build cannot run it.
     ///
     /// # Errors
@@ -160,9 +185,20 @@ impl Lab {
         if let Some((_, na)) = self.unsupported.iter().find(|(k, _)| *k == kind) {
             return Ok(Err(na.clone()));
         }
+        let redis = if kind.on_cluster() {
+            match self.cluster().await? {
+                Ok(cluster) => vec![
+                    ("REDIS__MODE", "cluster".to_owned()),
+                    ("REDIS__NODES", cluster.nodes_env()),
+                ],
+                Err(na) => return Ok(Err(na)),
+            }
+        } else {
+            vec![("REDIS__URL", format!("redis://{}/0", self.redis_addr))]
+        };
         let upstream = self.simulator(kind.upstream()).await?;
         let addr = processes::free_port()?;
-        let command = self.proxy_command(kind, addr, upstream);
+        let command = self.proxy_command(kind, addr, upstream, redis);
         let log = self.dir().join(format!("proxy-{kind:?}.log"));
         let mut service = Service::spawn(&format!("proxy {}", kind.name()), command, log)?;
         let ready = service.wait_until(READY, || healthy(addr)).await;
@@ -191,7 +227,14 @@ impl Lab {
         self.proxies.iter().map(|(proxy, _)| *proxy).collect()
     }
 
-    fn proxy_command(&self, kind: ProxyKind, addr: SocketAddr, upstream: SocketAddr) -> Command {
+    /// The proxy's command line and environment; `redis` says which Redis it uses.
+    fn proxy_command(
+        &self,
+        kind: ProxyKind,
+        addr: SocketAddr,
+        upstream: SocketAddr,
+        redis: Vec<(&'static str, String)>,
+    ) -> Command {
         let mut command = Command::new(&self.proxy_bin);
         command
             .arg("serve")
@@ -207,7 +250,6 @@ impl Lab {
         let base = [
             ("SERVER__LISTEN", addr.to_string()),
             ("SERVER__SHUTDOWN_GRACE", "2s".to_owned()),
-            ("REDIS__URL", format!("redis://{}/0", self.redis_addr)),
             ("REDIS__KEY_PREFIX", KEY_PREFIX.to_owned()),
             (
                 "UPSTREAM__URL",
@@ -215,7 +257,8 @@ impl Lab {
             ),
             ("UPSTREAM__RETRIES", "0".to_owned()),
         ];
-        for (key, value) in base.into_iter().chain(kind.env(&self.scale)) {
+        let settings = base.into_iter().chain(redis).chain(kind.env(&self.scale));
+        for (key, value) in settings {
             command.env(format!("DISCOUNT_PROXY_{key}"), value);
         }
         command.env("RUST_LOG", "warn");

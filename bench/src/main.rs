@@ -1,9 +1,10 @@
 //! The benchmark: measures PERFORMANCE.md's targets P1–P8 side by side with their
-//! references (Redis itself, nginx `proxy_cache`) in one run on this machine, and prints one
-//! table of figure, reference, ratio and verdict.
+//! references (Redis itself, nginx `proxy_cache`), and the proxy on a Redis Cluster against
+//! one Redis node, in one run on this machine, and prints one table of figure, reference,
+//! ratio and verdict.
 //!
-//! Everything it starts (redis-server, simulated upstreams, proxies, nginx) listens on
-//! 127.0.0.1 only and is stopped by pid when the run ends, fails or is interrupted.
+//! Everything it starts (redis-server, a Redis Cluster, simulated upstreams, proxies, nginx)
+//! listens on 127.0.0.1 only and is stopped by pid when the run ends, fails or is interrupted.
 
 mod api;
 mod http1;
@@ -13,6 +14,7 @@ mod load;
 mod nginx;
 mod processes;
 mod redis_bench;
+mod redis_cluster;
 mod report;
 mod scenarios;
 mod wrk;
@@ -26,14 +28,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Measure targets P1–P8 against Redis and nginx in one run, and print one table.
+/// Measure targets P1–P8 against Redis and nginx, and a Redis Cluster against one node, in
+/// one run, and print one table.
 #[derive(Debug, Parser)]
 #[command(name = "bench")]
 struct Args {
-    /// A run under two minutes: shorter wrk runs and smaller P5, P7 and P8 (marked as scaled).
+    /// A shorter run: shorter wrk runs, smaller P5, P7 and P8, fewer timed cluster-row batches
+    /// (marked as scaled).
     #[arg(long)]
     quick: bool,
-    /// Only these scenarios, e.g. `P1,P3` (their references are measured as needed).
+    /// Only these scenarios, e.g. `P1,P3` or `cluster` (references are measured as needed).
     #[arg(long, value_name = "LIST")]
     only: Option<String>,
     /// Also write the table as Markdown to FILE.
@@ -108,11 +112,12 @@ fn header(args: &Args, scale: &Scale, started: &str, load_at_start: &str) -> Vec
     }
     let scaled = if scale.quick {
         format!(
-            " (scaled: wrk {} s, P5 {} SNs, P7 {} SNs, P8 {} s)",
+            " (scaled: wrk {} s, P5 {} SNs, P7 {} SNs, P8 {} s, cluster row {} batches)",
             scale.wrk.as_secs(),
             report::count(scale.p5_sns as u64),
             report::count(scale.p7_sns as u64),
-            scale.p8.as_secs()
+            scale.p8.as_secs(),
+            scale.cluster_batches
         )
     } else {
         format!(" (wrk {} s per row)", scale.wrk.as_secs())

@@ -46,7 +46,7 @@ async fn batch_of_hits(
     let reference = refs.mget(lab, report).await;
     let body = serde_json::json!({ "sns": api::sns("HOT", HOT_SET) }).to_string();
     let url = format!("http://{}/v1/discounts/lookup", proxy.addr);
-    let (result, misses) = match drive(lab, &url, Some(&body)).await? {
+    let (result, misses) = match drive(lab, &url, Some(&body), kind.upstream()).await? {
         Ok(measured) => measured,
         Err(na) => return Ok(vec![row.na(na.0)]),
     };
@@ -110,7 +110,7 @@ async fn single_hits(
     expect_hit(proxy.addr, &name, &path, "x-cache", "HIT").await?;
     let reference = refs.nginx(lab, report).await;
     let url = format!("http://{}{path}", proxy.addr);
-    let (result, misses) = match drive(lab, &url, None).await? {
+    let (result, misses) = match drive(lab, &url, None, kind.upstream()).await? {
         Ok(measured) => measured,
         Err(na) => return Ok(row.na(na.0)),
     };
@@ -133,18 +133,19 @@ async fn single_hits(
     })
 }
 
-/// Runs `wrk` at `url` and counts the upstream calls made meanwhile (there must be none:
-/// a hit figure measured on misses is not a hit figure).
+/// Runs `wrk` at `url` and counts the calls made meanwhile to the proxy's `upstream` (there
+/// must be none: a hit figure measured on misses is not a hit figure).
 pub(super) async fn drive(
     lab: &mut Lab,
     url: &str,
     body: Option<&str>,
+    upstream: Upstream,
 ) -> Result<Result<(WrkResult, u64), Na>> {
     let tool = match &lab.tools.wrk {
         Ok(tool) => tool.clone(),
         Err(na) => return Ok(Err(na.clone())),
     };
-    let simulator = lab.simulator(Upstream::Normal).await?;
+    let simulator = lab.simulator(upstream).await?;
     let before = lab.api.upstream_requests(simulator).await?;
     let load = Load {
         url,
@@ -156,7 +157,7 @@ pub(super) async fn drive(
     Ok(Ok((result, misses)))
 }
 
-fn misses_note(misses: u64) -> String {
+pub(super) fn misses_note(misses: u64) -> String {
     if misses == 0 {
         String::new()
     } else {

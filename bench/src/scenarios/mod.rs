@@ -1,6 +1,7 @@
-//! The scenarios P1–P8 and their references, run in an order that keeps them apart: the hit
-//! paths first, then the cold paths, memory, and overload last.
+//! The scenarios P1–P8, the cluster row and their references, run in an order that keeps
+//! them apart: the hit paths first, then the cold paths, memory, and overload last.
 
+mod cluster;
 mod cold;
 mod hits;
 mod memory;
@@ -31,6 +32,8 @@ pub struct Scale {
     pub mget_requests: u64,
     /// `redis-benchmark -n` for GET.
     pub get_requests: u64,
+    /// Timed 10,000-SN batches of the cluster row, on each topology.
+    pub cluster_batches: usize,
 }
 
 impl Scale {
@@ -44,6 +47,7 @@ impl Scale {
             p8: Duration::from_secs(5),
             mget_requests: 200_000,
             get_requests: 500_000,
+            cluster_batches: 20,
         }
     }
 
@@ -57,6 +61,7 @@ impl Scale {
             p8: Duration::from_secs(2),
             mget_requests: 50_000,
             get_requests: 100_000,
+            cluster_batches: 5,
         }
     }
 
@@ -70,22 +75,28 @@ impl Scale {
     }
 }
 
-/// Which of P1–P8 to run (`--only P1,P3`; all by default).
-#[derive(Debug, Clone, Copy)]
-pub struct Selection([bool; 8]);
+/// Which of P1–P8 and the cluster row to run (`--only P1,P3,cluster`; all by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Selection([bool; GROUPS]);
+
+/// P1–P8, then the cluster row.
+const GROUPS: usize = 9;
+
+/// The cluster row's group: its rows print after P8's, and `--only cluster` picks it.
+const CLUSTER_GROUP: u8 = 9;
 
 impl Selection {
     /// Every scenario.
     pub fn all() -> Self {
-        Self([true; 8])
+        Self([true; GROUPS])
     }
 
-    /// Parses `P1,P3` (case-insensitive).
+    /// Parses `P1,P3,cluster` (case-insensitive).
     ///
     /// # Errors
-    /// A name that is not P1–P8.
+    /// A name that is not P1–P8 or `cluster`.
     pub fn parse(list: &str) -> Result<Self> {
-        let mut chosen = [false; 8];
+        let mut chosen = [false; GROUPS];
         for name in list
             .split(',')
             .map(str::trim)
@@ -96,7 +107,10 @@ impl Selection {
                 .and_then(|number| number.parse::<usize>().ok());
             match number {
                 Some(n @ 1..=8) => chosen[n - 1] = true,
-                _ => bail!("--only: {name:?} is not one of P1–P8"),
+                _ if name.eq_ignore_ascii_case("cluster") => {
+                    chosen[usize::from(CLUSTER_GROUP) - 1] = true;
+                }
+                _ => bail!("--only: {name:?} is not one of P1–P8 or cluster"),
             }
         }
         if !chosen.contains(&true) {
@@ -105,13 +119,17 @@ impl Selection {
         Ok(Self(chosen))
     }
 
-    fn wants(&self, n: usize) -> bool {
-        self.0.get(n - 1).copied().unwrap_or(false)
+    fn wants(&self, group: u8) -> bool {
+        usize::from(group)
+            .checked_sub(1)
+            .and_then(|index| self.0.get(index))
+            .copied()
+            .unwrap_or(false)
     }
 }
 
 /// One step of a run.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Step {
     P1,
     P2,
@@ -122,17 +140,20 @@ enum Step {
     P6,
     Stream,
     P8,
+    Cluster,
 }
 
 /// The steps in the order they run: the hit paths first (nothing else loads the machine),
-/// memory after P1–P5 as the target says, overload last.
-const ORDER: [Step; 9] = [
+/// memory after P1–P5 as the target says (before the cluster row's proxies exist), the
+/// cluster row while the machine is still quiet, overload last.
+const ORDER: [Step; 10] = [
     Step::P1,
     Step::P2,
     Step::P3,
     Step::P4,
     Step::P5,
     Step::Rss,
+    Step::Cluster,
     Step::P6,
     Step::Stream,
     Step::P8,
@@ -150,6 +171,15 @@ impl Step {
             Self::P6 => 6,
             Self::Rss | Self::Stream => 7,
             Self::P8 => 8,
+            Self::Cluster => CLUSTER_GROUP,
+        }
+    }
+
+    /// The name of a failed step's row.
+    fn name(self) -> String {
+        match self {
+            Self::Cluster => "Cluster".to_owned(),
+            other => format!("P{}", other.target()),
         }
     }
 
@@ -165,6 +195,7 @@ impl Step {
             Self::P6 => "P6: 1,000 concurrent GETs of one cold SN",
             Self::Stream => "P7: a huge streamed lookup",
             Self::P8 => "P8: overload",
+            Self::Cluster => "Cluster: 100- and 10,000-SN hits, 3-master cluster vs one node",
         }
     }
 
@@ -184,6 +215,7 @@ impl Step {
             Self::P6 => cold::p6(lab).await,
             Self::Stream => memory::stream(lab).await,
             Self::P8 => overload::p8(lab, report).await,
+            Self::Cluster => cluster::cluster(lab, report).await,
         }
     }
 }
@@ -193,21 +225,46 @@ impl Step {
 pub async fn run(lab: &mut Lab, only: Selection, report: &mut Report) {
     let mut refs = References::default();
     for step in ORDER {
-        let target = step.target();
-        if only.wants(usize::from(target)) {
+        if only.wants(step.target()) {
             eprintln!("bench: {}", step.title());
             let rows = step.run(lab, &mut refs, report).await;
-            record(report, target, rows);
+            record(report, step, rows);
         }
     }
 }
 
-fn record(report: &mut Report, group: u8, rows: Result<Vec<Row>>) {
+fn record(report: &mut Report, step: Step, rows: Result<Vec<Row>>) {
     match rows {
         Ok(rows) => rows.into_iter().for_each(|row| report.push(row)),
         Err(err) => report.error(
-            Row::new(group, format!("P{group}"), "see PERFORMANCE.md"),
+            Row::new(step.target(), step.name(), "see PERFORMANCE.md"),
             &err,
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_picks_targets_and_the_cluster_row_by_name() {
+        let chosen = Selection::parse("p1, Cluster,P8").unwrap();
+        assert!(chosen.wants(1) && chosen.wants(8) && chosen.wants(CLUSTER_GROUP));
+        assert!(!chosen.wants(2));
+        assert!(!Selection::parse("P1").unwrap().wants(CLUSTER_GROUP));
+        assert!(Selection::all().wants(CLUSTER_GROUP));
+        assert!(Selection::parse("P9").is_err());
+        assert!(Selection::parse("clusters").is_err());
+        assert!(Selection::parse(" , ").is_err());
+    }
+
+    #[test]
+    fn the_cluster_row_runs_after_the_memory_rows_and_before_the_loads() {
+        let at = |wanted: Step| ORDER.iter().position(|&step| step == wanted);
+        assert!(at(Step::Rss) < at(Step::Cluster));
+        assert!(at(Step::Cluster) < at(Step::P6));
+        assert_eq!(Step::Cluster.name(), "Cluster");
+        assert_eq!(Step::P5.name(), "P5");
     }
 }

@@ -4,7 +4,7 @@
 use super::hits::{HOT_SET, drive, expect_hit, warm_hot_set};
 use crate::api;
 use crate::http1::Conn;
-use crate::kinds::ProxyKind;
+use crate::kinds::{ProxyKind, Upstream};
 use crate::lab::{KEY_PREFIX, Lab, Na};
 use crate::redis_bench;
 use crate::report::{self, Report, Row, Verdict};
@@ -125,10 +125,11 @@ async fn nginx_reference(lab: &mut Lab, report: &mut Report) -> Result<Result<Wr
     let limit = Duration::from_secs(5);
     Conn::connect(addr, limit).await?.get(&path, limit).await?;
     expect_hit(addr, "nginx", &path, "x-cache", "HIT").await?;
-    let (result, _) = match drive(lab, &format!("http://{addr}{path}"), None).await? {
-        Ok(measured) => measured,
-        Err(na) => return Ok(Err(na)),
-    };
+    let (result, _) =
+        match drive(lab, &format!("http://{addr}{path}"), None, Upstream::Normal).await? {
+            Ok(measured) => measured,
+            Err(na) => return Ok(Err(na)),
+        };
     report.push(reference_row(
         NGINX_LABEL.to_owned(),
         format!(
