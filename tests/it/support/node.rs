@@ -184,10 +184,19 @@ pub enum Role {
 }
 
 /// The role the node on `port` reports of itself (`INFO replication`).
+/// A node in the middle of a failover may refuse a moment (a dropped connection, `LOADING`):
+/// it is asked again until it answers, for a few seconds.
 pub async fn role_of(access: &Access, port: u16) -> Role {
-    let info: String = query_async(access, port, &["INFO", "replication"])
-        .await
-        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let info: String = loop {
+        match query_async(access, port, &["INFO", "replication"]).await {
+            Ok(info) => break info,
+            Err(err) if Instant::now() > deadline => {
+                panic!("node {port} did not say its role: {err}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
     match info_field(&info, "role") {
         Some("master") => Role::Master,
         Some("slave") => Role::Replica,
