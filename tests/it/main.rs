@@ -25,6 +25,7 @@ mod http_errors;
 mod hung_redis;
 mod invalidation_loop;
 mod lifecycle;
+mod load_balancer;
 mod local_tier;
 mod lookup;
 mod metrics;

@@ -22,6 +22,7 @@ pub use self::cluster_data::Ttl;
 pub use self::cluster_view::{ClusterNode, Role, SLOTS};
 pub use self::entries::{fresh_header, seed_found, seed_not_found, seed_raw};
 pub use self::faulty::{Fault, FaultProxy};
+pub use self::node::temp_dir;
 pub use self::process::{Finished, Process, run_to_end};
 pub use self::redis::RedisServer;
 pub use self::sentinel::SentinelSet;
