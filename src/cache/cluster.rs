@@ -13,16 +13,17 @@
 //! caller; callers bound their wait for it with `redis.timeout` (see `RedisCache`).
 
 use super::CacheError;
-use super::slots::{Owner, SlotMap};
+use super::slots::{Address, Owner, SlotMap};
 use crate::circuit::{Circuit, CircuitState};
 use crate::config::RedisConfig;
 use crate::metrics::{Metrics, NodeCounters};
+use redis::aio::MultiplexedConnection;
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_read_routing::RoundRobinReplicaStrategy;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot};
+use redis::{ConnectionAddr, IntoConnectionInfo};
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -52,6 +53,8 @@ pub(super) struct ClusterNode {
     pub(super) name: String,
     pub(super) circuit: Circuit,
     pub(super) counters: NodeCounters,
+    /// Turns of its replicas for reads, with `redis.read_from_replicas`.
+    next_replica: AtomicUsize,
 }
 
 /// The slot map and the master behind each of its node indices.
@@ -70,6 +73,17 @@ impl Topology {
         }
     }
 
+    /// A replica of the master at `index` of the map to read from, taken in turn; `None`
+    /// when it has none.
+    pub(super) fn replica_of(&self, index: usize, node: &ClusterNode) -> Option<Address> {
+        let replicas = self.slots.replicas_of(index);
+        if replicas.is_empty() {
+            return None;
+        }
+        let turn = node.next_replica.fetch_add(1, Ordering::Relaxed) % replicas.len();
+        replicas.get(turn).cloned()
+    }
+
     /// The worst state among the masters' circuits.
     fn circuit(&self) -> CircuitState {
         let states = self.nodes.iter().map(|node| node.circuit.state());
@@ -83,8 +97,65 @@ impl Topology {
     }
 }
 
+/// Connections of the proxy's own to replicas, for reads with `redis.read_from_replicas`.
+///
+/// Why not redis-rs's replica routing: its cluster connection (1.8), given a replica read
+/// strategy, still connects to the masters only. Reads routed to a replica fell back to the
+/// master (a replica's `INFO commandstats` stayed at 0 `MGET`s), and a pipeline addressed to
+/// a replica failed with `ClusterConnectionNotFound`. So reads go over a multiplexed
+/// connection per replica made here, with `READONLY`, and the seeds' credentials and TLS.
+struct ReplicaConnections {
+    /// The first seed's connection settings; each replica's host and port replace its own.
+    seed: redis::ConnectionInfo,
+    config: redis::AsyncConnectionConfig,
+    open: tokio::sync::Mutex<HashMap<Address, MultiplexedConnection>>,
+}
+
+impl ReplicaConnections {
+    /// The connection to `replica`, made first if there is none.
+    async fn get(&self, replica: &Address) -> Result<MultiplexedConnection, CacheError> {
+        let mut open = self.open.lock().await;
+        if let Some(conn) = open.get(replica) {
+            return Ok(conn.clone());
+        }
+        let addr = match self.seed.addr() {
+            ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => ConnectionAddr::TcpTls {
+                host: replica.host.clone(),
+                port: replica.port,
+                insecure: *insecure,
+                tls_params: tls_params.clone(),
+            },
+            _ => ConnectionAddr::Tcp(replica.host.clone(), replica.port),
+        };
+        let client = redis::Client::open(self.seed.clone().set_addr(addr))
+            .map_err(CacheError::InvalidUrl)?;
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await
+            .map_err(CacheError::Connect)?;
+        let () = redis::cmd("READONLY")
+            .query_async(&mut conn)
+            .await
+            .map_err(CacheError::Connect)?;
+        open.insert(replica.clone(), conn.clone());
+        Ok(conn)
+    }
+
+    /// Drops the connection to `replica` after it broke or hung.
+    fn discard(&self, replica: &Address) {
+        if let Ok(mut open) = self.open.try_lock() {
+            open.remove(replica);
+        }
+    }
+}
+
 pub(super) struct ClusterLink {
     client: ClusterClient,
+    replicas: ReplicaConnections,
     connect_timeout: Duration,
     current: tokio::sync::Mutex<Option<ClusterConnection>>,
     topology: RwLock<Option<Arc<Topology>>>,
@@ -110,16 +181,27 @@ impl ClusterLink {
         config: &RedisConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self, CacheError> {
-        let mut builder = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
+        let builder = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
             .connection_timeout(config.timeout)
             .response_timeout(config.timeout)
             .retries(CLUSTER_RETRIES);
-        if config.read_from_replicas {
-            builder = builder.read_routing_strategy(RoundRobinReplicaStrategy::new());
-        }
         let client = builder.build().map_err(CacheError::InvalidUrl)?;
+        let seed = seeds
+            .first()
+            .map(String::as_str)
+            .unwrap_or_default()
+            .into_connection_info()
+            .map_err(CacheError::InvalidUrl)?;
+        let replicas = ReplicaConnections {
+            seed,
+            config: redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(config.timeout))
+                .set_response_timeout(Some(config.timeout)),
+            open: tokio::sync::Mutex::new(HashMap::new()),
+        };
         Ok(Self {
             client,
+            replicas,
             connect_timeout: config.timeout,
             current: tokio::sync::Mutex::new(None),
             topology: RwLock::new(None),
@@ -152,6 +234,22 @@ impl ClusterLink {
             .map_err(CacheError::Connect)?;
         *current = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// The connection to `replica` for reads, made first if there is none.
+    ///
+    /// # Errors
+    /// The replica could not be reached.
+    pub(super) async fn replica(
+        &self,
+        replica: &Address,
+    ) -> Result<MultiplexedConnection, CacheError> {
+        self.replicas.get(replica).await
+    }
+
+    /// Drops the connection to `replica` after it broke or hung.
+    pub(super) fn discard_replica(&self, replica: &Address) {
+        self.replicas.discard(replica);
     }
 
     /// Drops the shared connection after it broke or hung: the next caller makes a new one.
@@ -307,6 +405,7 @@ impl ClusterLink {
                 self.breaker_cooldown,
             ),
             counters: self.metrics.redis_node(label),
+            next_replica: AtomicUsize::new(0),
         })
     }
 }

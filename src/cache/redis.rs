@@ -17,7 +17,7 @@
 use super::cluster::{ClusterLink, ClusterNode, Topology};
 use super::connections::{Connections, Endpoint, Lease};
 use super::sentinel::{self, SentinelEndpoint};
-use super::slots::Owner;
+use super::slots::{Address, Owner};
 use super::subscription::{SeedRotation, SubscriptionEndpoint};
 use super::{Cache, CacheError, CacheKind, PoolStatus, Values, Write};
 use crate::circuit::{Circuit, CircuitState};
@@ -119,6 +119,10 @@ enum Destination {
     Shard {
         slot: Slot,
         node: Option<Arc<ClusterNode>>,
+        /// With `redis.read_from_replicas`: the replica this group's reads go to (over a
+        /// connection of the proxy's own, see `cluster`), counted against its master's
+        /// breaker.
+        replica: Option<Address>,
     },
 }
 
@@ -352,42 +356,45 @@ impl RedisCache {
                 let queried = tokio::time::timeout_at(deadline, command.send(&mut conn)).await;
                 settle(op, timeout, queried, || connections.discard(generation))
             }
-            Route::Cluster(link) => {
-                let mut conn = tokio::time::timeout_at(deadline, link.get())
-                    .await
-                    .map_err(|_| timed_out("connect"))??;
-                match to {
-                    Destination::Any => {
-                        let queried =
-                            tokio::time::timeout_at(deadline, command.send(&mut conn)).await;
-                        settle(op, timeout, queried, || link.discard())
-                    }
-                    // One master failing is that master's: the connection stays, since a new
-                    // one would have to reach every master again, the failing one included
-                    // (a hung master would then fail them all). redis-rs reconnects a node
-                    // whose connection dropped by itself; the master's breaker spares it
-                    // meanwhile.
-                    Destination::Shard { slot, .. } => {
-                        let route = SingleNodeRoutingInfo::SpecificNode(SlotRoute::with_slot(
-                            *slot,
-                            self.slot_addr(op),
-                        ));
-                        let queried =
-                            tokio::time::timeout_at(deadline, command.route(&mut conn, route))
-                                .await;
-                        settle(op, timeout, queried, || {})
+            Route::Cluster(link) => match to {
+                Destination::Shard {
+                    replica: Some(replica),
+                    ..
+                } if op == RedisCommand::Mget.as_str() => {
+                    let mut conn = tokio::time::timeout_at(deadline, link.replica(replica))
+                        .await
+                        .map_err(|_| timed_out("connect"))??;
+                    let queried = tokio::time::timeout_at(deadline, command.send(&mut conn)).await;
+                    settle(op, timeout, queried, || link.discard_replica(replica))
+                }
+                _ => {
+                    let mut conn = tokio::time::timeout_at(deadline, link.get())
+                        .await
+                        .map_err(|_| timed_out("connect"))??;
+                    match to {
+                        Destination::Any => {
+                            let queried =
+                                tokio::time::timeout_at(deadline, command.send(&mut conn)).await;
+                            settle(op, timeout, queried, || link.discard())
+                        }
+                        // One master failing is that master's: the connection stays, since a
+                        // new one would have to reach every master again, the failing one
+                        // included (a hung master would then fail them all). redis-rs
+                        // reconnects a node whose connection dropped by itself; the master's
+                        // breaker spares it meanwhile.
+                        Destination::Shard { slot, .. } => {
+                            let route = SingleNodeRoutingInfo::SpecificNode(SlotRoute::with_slot(
+                                *slot,
+                                SlotAddr::Master,
+                            ));
+                            let queried =
+                                tokio::time::timeout_at(deadline, command.route(&mut conn, route))
+                                    .await;
+                            settle(op, timeout, queried, || {})
+                        }
                     }
                 }
-            }
-        }
-    }
-
-    /// Reads may go to a replica when `redis.read_from_replicas` is on; the rest to masters.
-    fn slot_addr(&self, op: &str) -> SlotAddr {
-        if self.read_from_replicas && op == RedisCommand::Mget.as_str() {
-            SlotAddr::ReplicaOptional
-        } else {
-            SlotAddr::Master
+            },
         }
     }
 
@@ -424,12 +431,20 @@ impl RedisCache {
             let next = u32::try_from(slot_ids.len()).unwrap_or(u32::MAX);
             let slot_id = *slot_ids.entry(slot).or_insert(next);
             let (owner, node) = match topology.node_of(slot) {
-                Some((index, node)) => (Owner::Node(index), Some(node)),
+                Some((index, node)) => (Owner::Node(index), Some((index, node))),
                 None => (Owner::Unowned(slot), None),
             };
             let (_, places) = shards.entry(owner).or_insert_with(|| {
-                let node = node.map(Arc::clone);
-                (Destination::Shard { slot, node }, Vec::new())
+                let replica = node
+                    .filter(|_| self.read_from_replicas)
+                    .and_then(|(index, node)| topology.replica_of(index, node));
+                let node = node.map(|(_, node)| Arc::clone(node));
+                let to = Destination::Shard {
+                    slot,
+                    node,
+                    replica,
+                };
+                (to, Vec::new())
             });
             places.push((slot_id, place));
         }

@@ -34,6 +34,22 @@ pub(super) enum Owner {
 pub(super) struct SlotMap {
     owners: HashMap<Slot, u16, ahash::RandomState>,
     nodes: Vec<String>,
+    /// The replicas of each master (same order as `nodes`), as the master's first range
+    /// lists them.
+    replicas: Vec<Vec<Address>>,
+}
+
+/// A node's address as the cluster announces it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct Address {
+    pub(super) host: String,
+    pub(super) port: u16,
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
 }
 
 /// A `CLUSTER SLOTS` reply that is not what Redis sends.
@@ -62,19 +78,25 @@ impl SlotMap {
             ahash::RandomState::default(),
         );
         let mut nodes: Vec<String> = Vec::new();
+        let mut replicas: Vec<Vec<Address>> = Vec::new();
         let mut index: HashMap<String, u16> = HashMap::new();
         for range in ranges {
-            let (start, end, master) = parse_range(range)?;
+            let (start, end, master, range_replicas) = parse_range(range)?;
             let next = u16::try_from(nodes.len()).map_err(|_| Malformed("too many masters"))?;
-            let node = *index.entry(master.clone()).or_insert_with(|| {
-                nodes.push(master);
+            let node = *index.entry(master.to_string()).or_insert_with(|| {
+                nodes.push(master.to_string());
+                replicas.push(range_replicas);
                 next
             });
             for slot in (start..=end).filter_map(Slot::new) {
                 owners.insert(slot, node);
             }
         }
-        Ok(Self { owners, nodes })
+        Ok(Self {
+            owners,
+            nodes,
+            replicas,
+        })
     }
 
     /// The master serving `slot`.
@@ -89,14 +111,19 @@ impl SlotMap {
     pub(super) fn nodes(&self) -> &[String] {
         &self.nodes
     }
+
+    /// The replicas of the master at `index` of [`SlotMap::nodes`].
+    pub(super) fn replicas_of(&self, index: usize) -> &[Address] {
+        self.replicas.get(index).map_or(&[], Vec::as_slice)
+    }
 }
 
 /// One range of the reply: `[start, end, [host, port, id, …], replicas…]`.
-fn parse_range(range: &Value) -> Result<(u16, u16, String), Malformed> {
+fn parse_range(range: &Value) -> Result<(u16, u16, Address, Vec<Address>), Malformed> {
     let Value::Array(parts) = range else {
         return Err(Malformed("a range is not an array"));
     };
-    let [start, end, master, ..] = parts.as_slice() else {
+    let [start, end, master, replicas @ ..] = parts.as_slice() else {
         return Err(Malformed("a range without a master"));
     };
     let slot = |value: &Value| match value {
@@ -110,11 +137,12 @@ fn parse_range(range: &Value) -> Result<(u16, u16, String), Malformed> {
     if start > end {
         return Err(Malformed("a range that ends before it starts"));
     }
-    Ok((start, end, node_name(master)?))
+    let replicas = replicas.iter().map(address).collect::<Result<_, _>>()?;
+    Ok((start, end, address(master)?, replicas))
 }
 
-/// `host:port` of a node entry `[host, port, …]`.
-fn node_name(node: &Value) -> Result<String, Malformed> {
+/// The address of a node entry `[host, port, …]`.
+fn address(node: &Value) -> Result<Address, Malformed> {
     let Value::Array(fields) = node else {
         return Err(Malformed("a node is not an array"));
     };
@@ -129,7 +157,8 @@ fn node_name(node: &Value) -> Result<String, Malformed> {
     let Value::Int(port) = port else {
         return Err(Malformed("a port that is not a number"));
     };
-    Ok(format!("{host}:{port}"))
+    let port = u16::try_from(*port).map_err(|_| Malformed("a port out of range"))?;
+    Ok(Address { host, port })
 }
 
 #[cfg(test)]
@@ -175,6 +204,12 @@ mod tests {
         assert_eq!(map.owner(slot(5460)), Owner::Node(0));
         assert_eq!(map.owner(slot(5461)), Owner::Node(1));
         assert_eq!(map.owner(slot(16383)), Owner::Node(2));
+        let replica = Address {
+            host: "10.0.0.4".to_owned(),
+            port: 7003,
+        };
+        assert_eq!(map.replicas_of(0), [replica]);
+        assert!(map.replicas_of(1).is_empty());
     }
 
     #[test]

@@ -213,3 +213,84 @@ async fn wait_for_key(cluster: &RedisCluster, key: &str) -> bool {
     }
     false
 }
+
+#[tokio::test]
+async fn with_read_from_replicas_a_hit_batch_is_read_on_the_replicas() {
+    let cluster = RedisCluster::shared();
+    // Redis lists a replica in CLUSTER SLOTS only once it has replicated something: write
+    // through each master, and wait until every range names its replica, before the proxy
+    // takes its slot map.
+    let masters = cluster.masters().await;
+    let mut warmed = BTreeSet::new();
+    for i in 0.. {
+        let key = format!("cl-replica:warm-{i}");
+        if warmed.insert(cluster.master_of_key(&key).await) {
+            cluster.set_replicated(&key, "x").await;
+        }
+        if warmed.len() == masters.len() {
+            break;
+        }
+    }
+    let master = masters[0];
+    wait_until("CLUSTER SLOTS names every replica", WAIT, || async {
+        let redis::Value::Array(ranges) = cluster.command(master, &["CLUSTER", "SLOTS"]).await
+        else {
+            return false;
+        };
+        ranges
+            .iter()
+            .all(|range| matches!(range, redis::Value::Array(parts) if parts.len() > 3))
+    })
+    .await;
+    let nodes = cluster.nodes();
+    let app = TestApp::spawn_with(move |config| {
+        config.redis.mode = RedisMode::Cluster;
+        config.redis.nodes = nodes;
+        config.redis.key_prefix = "cl-replica:".to_owned();
+        config.redis.read_from_replicas = true;
+    })
+    .await;
+    let batch = sns("RR", 60);
+    let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
+    app.lookup(&refs).await;
+    written_with_ttl(&cluster, &app, &batch).await;
+    // Every replica has caught up with its master: the hits below must find every key.
+    for master in cluster.masters().await {
+        let written = repl_offset(&cluster, master).await;
+        for replica in cluster.replicas_of(master).await {
+            wait_until("the replica catches up", WAIT, || async {
+                repl_offset(&cluster, replica).await >= written
+            })
+            .await;
+        }
+    }
+    let replicas = cluster.replicas().await;
+    let mut before = 0;
+    for replica in &replicas {
+        before += cluster.calls_of(*replica, "MGET").await;
+    }
+
+    let again = app.lookup(&refs).await;
+    assert_eq!(again["summary"]["cache_hits"], 60, "{}", again["summary"]);
+    let mut after = 0;
+    for replica in &replicas {
+        after += cluster.calls_of(*replica, "MGET").await;
+    }
+    assert!(
+        after >= before + 3,
+        "the hits were read on the replicas ({before} MGETs there before, {after} after)"
+    );
+}
+
+/// How far the node on `port` is in its replication stream (`master_repl_offset`).
+async fn repl_offset(cluster: &RedisCluster, port: u16) -> u64 {
+    let info = cluster.command(port, &["INFO", "replication"]).await;
+    let redis::Value::BulkString(info) = info else {
+        panic!("INFO replies with text: {info:?}");
+    };
+    String::from_utf8_lossy(&info)
+        .lines()
+        .find_map(|line| line.strip_prefix("master_repl_offset:"))
+        .map(|offset| offset.trim().parse().unwrap())
+        .unwrap()
+}

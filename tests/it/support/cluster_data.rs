@@ -37,6 +37,18 @@ impl RedisCluster {
             .unwrap_or_else(|err| panic!("redis :{port} {args:?} failed: {err}"))
     }
 
+    /// How many times the node on `port` has run `command` (`INFO commandstats`).
+    pub async fn calls_of(&self, port: u16, command: &str) -> u64 {
+        let info: String = query_async(self.access(), port, &["INFO", "commandstats"])
+            .await
+            .unwrap();
+        let field = format!("cmdstat_{}:calls=", command.to_ascii_lowercase());
+        info.lines()
+            .find_map(|line| line.strip_prefix(&field))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |calls| calls.parse().unwrap())
+    }
+
     /// Runs a raw command on the node on `port`, an error reply included in the result.
     pub async fn try_command(&self, port: u16, args: &[&str]) -> redis::RedisResult<redis::Value> {
         self.node(port);
