@@ -422,7 +422,10 @@ async fn a_chaos_run_with_a_flaky_upstream_and_killed_connections_caches_no_erro
     // Rate-limited, then overloaded: neither answer may stick.
     app.upstream.queue_replies(
         "Q",
-        vec![Reply::RetryAfter(429, "1"), Reply::RetryAfter(503, "2")],
+        vec![
+            Reply::RetryAfter(429, "1".to_owned()),
+            Reply::RetryAfter(503, "2".to_owned()),
+        ],
     );
     let pool: Vec<String> = (0..12).map(|i| format!("X{i}")).collect();
     let done = AtomicBool::new(false);

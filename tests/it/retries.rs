@@ -94,7 +94,7 @@ async fn not_found_and_bad_bodies_are_never_retried() {
 async fn retry_after_is_honoured() {
     let app = TestApp::spawn_with(retrying(1)).await;
     app.upstream
-        .queue_replies("LATER-1", vec![Reply::RetryAfter(429, "1")]);
+        .queue_replies("LATER-1", vec![Reply::RetryAfter(429, "1".to_owned())]);
     let body = app.lookup(&["LATER-1"]).await;
     assert_eq!(item(&body)["status"], "ok");
     let times = app.upstream.call_times("LATER-1");
@@ -107,6 +107,26 @@ async fn retry_after_is_honoured() {
 }
 
 #[tokio::test]
+async fn retry_after_as_an_http_date_is_honoured() {
+    let app = TestApp::spawn_with(retrying(1)).await;
+    // Two seconds ahead, in the date form: the header has whole seconds, so at least one.
+    let then = std::time::SystemTime::now() + Duration::from_secs(2);
+    app.upstream.queue_replies(
+        "LATER-DATE",
+        vec![Reply::RetryAfter(503, httpdate::fmt_http_date(then))],
+    );
+    let body = app.lookup(&["LATER-DATE"]).await;
+    assert_eq!(item(&body)["status"], "ok");
+    let times = app.upstream.call_times("LATER-DATE");
+    assert_eq!(times.len(), 2);
+    let waited = times[1] - times[0];
+    assert!(
+        waited >= Duration::from_secs(1),
+        "the retry came {waited:?} after a Retry-After date 2 s ahead"
+    );
+}
+
+#[tokio::test]
 async fn no_retry_starts_past_the_deadline() {
     let app = TestApp::spawn_with(|config| {
         retrying(3)(config);
@@ -115,7 +135,7 @@ async fn no_retry_starts_past_the_deadline() {
     .await;
     // The upstream asks for 30 s: retrying would land far past the 2 s deadline.
     app.upstream
-        .queue_replies("LATER-2", vec![Reply::RetryAfter(503, "30")]);
+        .queue_replies("LATER-2", vec![Reply::RetryAfter(503, "30".to_owned())]);
     let body = app.lookup(&["LATER-2"]).await;
     assert_eq!(item(&body)["error"]["code"], "upstream_error");
     assert_eq!(app.upstream.calls("LATER-2"), 1);
@@ -152,8 +172,10 @@ async fn retries_stop_at_the_deadline_however_many_are_allowed() {
 #[tokio::test]
 async fn an_absurd_retry_after_is_no_reason_to_fail_the_rest_of_the_batch() {
     let app = TestApp::spawn_with(retrying(2)).await;
-    app.upstream
-        .reply("FOREVER-1", Reply::RetryAfter(503, "18446744073709551615"));
+    app.upstream.reply(
+        "FOREVER-1",
+        Reply::RetryAfter(503, "18446744073709551615".to_owned()),
+    );
     let body = app.lookup(&["OK-1", "FOREVER-1", "OK-2"]).await;
     let statuses: Vec<&Value> = results(&body).iter().map(|item| &item["status"]).collect();
     assert_eq!(

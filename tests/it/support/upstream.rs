@@ -35,7 +35,7 @@ pub enum Reply {
     Redirect(&'static str),
     /// This status (`429`, `503`) with a `Retry-After` header of this value, as rate limiters
     /// and overloaded services answer.
-    RetryAfter(u16, &'static str),
+    RetryAfter(u16, String),
     /// Never answers (until the connection is dropped).
     Hang,
 }
@@ -252,7 +252,7 @@ async fn answer(
         Some(Reply::RetryAfter(status, retry_after)) => with_header(
             full(status, r#"{"error":"try again later"}"#.to_owned()),
             "retry-after",
-            retry_after,
+            &retry_after,
         ),
         Some(Reply::Hang) => std::future::pending().await,
     };
