@@ -106,9 +106,16 @@ pub struct WarmArgs {
     /// The proxy's base URL, like `http://127.0.0.1:8080`.
     #[arg(long, value_name = "URL", value_parser = parse_proxy_url)]
     pub proxy: url::Url,
-    /// SNs, one per line, or a CSV with a header whose first column holds them [default: stdin].
+    /// SNs, one per line, or a CSV (named `*.csv`, or with a comma in its first line) with a
+    /// header row [default: stdin].
     #[arg(value_name = "FILE")]
     pub file: Option<PathBuf>,
+    /// The CSV has no header row: its first row is data.
+    #[arg(long)]
+    pub no_header: bool,
+    /// The CSV column holding the SNs: its header name, or its number from 1 [default: 1].
+    #[arg(long, value_name = "NAME|N", value_parser = crate::warm::Column::parse)]
+    pub column: Option<crate::warm::Column>,
     /// SNs per lookup request.
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub batch_size: u32,

@@ -17,6 +17,8 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
+pub use self::input::Column;
+
 /// Why `warm` could not start; it exits with status 2, like a bad flag.
 #[derive(Debug, thiserror::Error)]
 pub enum WarmError {
@@ -29,6 +31,9 @@ pub enum WarmError {
         #[source]
         source: std::io::Error,
     },
+    /// The flags ask for a column the input cannot have.
+    #[error("{0}")]
+    Format(#[from] input::FormatError),
     /// The HTTP client could not be built.
     #[error("could not set up the HTTP client: {0}")]
     Client(#[source] reqwest::Error),
@@ -50,7 +55,15 @@ pub async fn run(args: &WarmArgs) -> ExitCode {
 }
 
 async fn warm(args: &WarmArgs) -> Result<Tally, WarmError> {
-    let input = read_input(args.file.as_deref())?;
+    let format = input::Format {
+        no_header: args.no_header,
+        column: args.column.clone(),
+        named_csv: args.file.as_deref().is_some_and(|path| {
+            path.extension()
+                .is_some_and(|extension| extension.eq_ignore_ascii_case("csv"))
+        }),
+    };
+    let input = read_input(args.file.as_deref(), &format)?;
     let client = BatchClient::new(&args.proxy, args.refresh, args.token.clone(), args.timeout)
         .map_err(WarmError::Client)?;
     let started = Instant::now();
@@ -83,10 +96,13 @@ async fn warm(args: &WarmArgs) -> Result<Tally, WarmError> {
     }
     progress.finish(&tally);
     println!("{}", tally.summary(input.read, started.elapsed()));
+    if let Some(skipped) = input.skipped.summary() {
+        println!("{skipped}");
+    }
     Ok(tally)
 }
 
-fn read_input(file: Option<&Path>) -> Result<input::Input, WarmError> {
+fn read_input(file: Option<&Path>, format: &input::Format) -> Result<input::Input, WarmError> {
     let mut text = String::new();
     let (read, where_) = match file {
         Some(path) if path != Path::new("-") => (
@@ -99,5 +115,5 @@ fn read_input(file: Option<&Path>) -> Result<input::Input, WarmError> {
         ),
     };
     read.map_err(|source| WarmError::Input { where_, source })?;
-    Ok(input::parse(&text))
+    Ok(input::parse(&text, format)?)
 }

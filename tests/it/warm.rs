@@ -10,10 +10,16 @@ struct InputFile(PathBuf);
 
 impl InputFile {
     fn new(contents: &str) -> Self {
+        Self::named("txt", contents)
+    }
+
+    /// A file whose name ends in `.extension`.
+    fn named(extension: &str, contents: &str) -> Self {
         // One name per file in this run: a counter, not a port number that can come twice.
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("dp-warm-{}-{n}.txt", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("dp-warm-{}-{n}.{extension}", std::process::id()));
         std::fs::write(&path, contents).unwrap();
         Self(path)
     }
@@ -133,6 +139,59 @@ async fn a_csv_with_a_header_gives_its_first_column() {
         "the quoted comma is part of the SN"
     );
     assert_eq!(app.upstream.total_calls(), 2);
+}
+
+/// An export as reporting tools write it: the SN in the second column, a row cut short,
+/// a row without an SN.
+const EXPORT: &str = "customer,contract_sn,amount\r\nAcme,E1,10\r\nBeta,\"E,2\",20\r\nGamma\r\nDelta,,30\r\nAcme,E1,11\r\n";
+
+#[tokio::test]
+async fn an_export_gives_the_column_named_by_header_or_number_and_says_what_it_skipped() {
+    let app = TestApp::spawn().await;
+    let file = InputFile::named("csv", EXPORT);
+    for column in ["contract_sn", "2"] {
+        let run = warm(&app, &["--column", column, file.path()], &[], "").await;
+        assert!(run.status.success(), "{run}");
+        let named = if column == "2" {
+            "2".to_owned()
+        } else {
+            format!("\"{column}\"")
+        };
+        assert!(
+            run.stdout.contains(&format!(
+                "skipped 3 rows: 1 header, 1 with no SN in column {named}, \
+                 1 too short to have column {named}"
+            )),
+            "{run}"
+        );
+    }
+    assert_eq!(app.upstream.calls("E1"), 1);
+    assert_eq!(
+        app.upstream.calls("E,2"),
+        1,
+        "the quoted comma is part of the SN"
+    );
+    assert_eq!(
+        app.upstream.total_calls(),
+        2,
+        "no header or customer fetched"
+    );
+}
+
+#[tokio::test]
+async fn without_a_header_the_first_row_is_an_sn_too() {
+    let app = TestApp::spawn().await;
+    let file = InputFile::named("csv", "H1,Acme\nH2,Beta\n");
+    let run = warm(&app, &["--no-header", file.path()], &[], "").await;
+    assert!(run.status.success(), "{run}");
+    assert!(counts(&run).starts_with("warmed 2 SNs"), "{run}");
+    assert!(!run.stdout.contains("skipped"), "{run}");
+    assert_eq!(app.upstream.calls("H1"), 1);
+    let with_header = warm(&app, &[file.path()], &[], "").await;
+    assert!(
+        with_header.stdout.contains("skipped 1 row: 1 header"),
+        "the same file read with its first row as a header: {with_header}"
+    );
 }
 
 #[tokio::test]
@@ -270,6 +329,11 @@ async fn bad_flags_and_unreadable_input_exit_2_with_a_message() {
         (
             &["no/such/file.txt"],
             "could not read SNs from no/such/file.txt",
+        ),
+        (&["--column", "0"], "--column"),
+        (
+            &["--column", "sn", "--no-header"],
+            "--column sn names a header",
         ),
     ] {
         let run = warm(&app, args, &[], "C1\n").await;
