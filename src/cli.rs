@@ -1,4 +1,5 @@
-//! The command line: `serve` (the default), `simulate-upstream`, `demo` and `warm`.
+//! The command line: `serve` (the default), `simulate-upstream`, `demo`, `warm`, and
+//! `completions` and `man`, generated from these definitions (see the `manual` module).
 
 use crate::secret::Secret;
 use clap::{Args, Parser, Subcommand};
@@ -34,6 +35,27 @@ pub enum Command {
     Demo(ServeArgs),
     /// Send SNs from a file or stdin to a running proxy in batches, so they are cached.
     Warm(WarmArgs),
+    /// Print a completion script for a shell (bash, zsh, fish, elvish, powershell).
+    Completions(CompletionsArgs),
+    /// Print the man page, or write one page per subcommand into a folder.
+    Man(ManArgs),
+}
+
+/// Which shell to complete for.
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    /// The shell, like `bash`.
+    #[arg(value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
+}
+
+/// Where man pages go.
+#[derive(Debug, Clone, Args)]
+pub struct ManArgs {
+    /// Write `discount-proxy.1` and a page per subcommand (`discount-proxy-warm.1`, …) here
+    /// instead of printing the main page.
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
 }
 
 /// Where the config comes from, and the flags that override it. `Debug` redacts the URLs.

@@ -38,6 +38,7 @@ pub mod config;
 pub mod error;
 pub mod health;
 pub mod lookup;
+pub mod manual;
 pub mod metrics;
 pub mod render;
 pub mod retry_after;

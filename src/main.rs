@@ -35,6 +35,15 @@ fn main() -> ExitCode {
             Some(Command::SimulateUpstream(args)) => simulate(&args).await,
             // A client, not a server: no config, no logs, and an exit status of its own.
             Some(Command::Warm(args)) => return Ok(warm::run(&args).await),
+            // Printed from the command line's definition: no config, no runtime work.
+            Some(Command::Completions(args)) => {
+                discount_proxy::manual::completions(&args, &mut std::io::stdout().lock());
+                Ok(())
+            }
+            Some(Command::Man(args)) => {
+                discount_proxy::manual::man(&args, &mut std::io::stdout().lock())
+                    .map_err(|err| anyhow::Error::new(err).context("could not write the man pages"))
+            }
         }
         .map(|()| ExitCode::SUCCESS)
     });

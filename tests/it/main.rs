@@ -28,6 +28,7 @@ mod lifecycle;
 mod load_balancer;
 mod local_tier;
 mod lookup;
+mod manual;
 mod metrics;
 mod openapi;
 mod redis_faults;
