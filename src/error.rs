@@ -48,6 +48,11 @@ pub enum Error {
     /// The body was not sent as `Content-Type: application/json` (`415`).
     #[error("the request body must be JSON, sent with `Content-Type: application/json`")]
     UnsupportedMediaType,
+    /// The body came with a `Content-Encoding` the proxy does not read (`415`).
+    #[error(
+        "the request body's Content-Encoding {0:?} is not supported: send it as gzip or unencoded"
+    )]
+    UnsupportedEncoding(String),
     /// The body did not arrive within `server.body_read_timeout` (`408 body_timeout`).
     #[error("the request body did not arrive within {0:?}")]
     BodyTimeout(std::time::Duration),
@@ -99,7 +104,9 @@ impl Error {
             Self::BatchTooLarge { .. } | Self::PayloadTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
-            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::UnsupportedMediaType | Self::UnsupportedEncoding(_) => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Item(
                 ItemError::Upstream(UpstreamError::Timeout(_)) | ItemError::DeadlineExceeded,
@@ -122,7 +129,7 @@ impl Error {
             Self::MethodNotAllowed { .. } => "method_not_allowed",
             Self::BatchTooLarge { .. } => "batch_too_large",
             Self::PayloadTooLarge { .. } => "payload_too_large",
-            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::UnsupportedMediaType | Self::UnsupportedEncoding(_) => "unsupported_media_type",
             Self::BodyTimeout(_) => "body_timeout",
             Self::Item(item) => item.code(),
             Self::Overloaded(_) => "overloaded",

@@ -38,6 +38,9 @@ pub struct AppState {
     /// A response the client takes no bytes of for this long is abandoned and its
     /// connection closed (`server.write_timeout`).
     pub write_timeout: Duration,
+    /// Smallest JSON response compressed for a client that accepts it
+    /// (`server.compress_min_bytes`).
+    pub compress_min_bytes: usize,
     /// Every metric family, served at `/metrics`.
     pub metrics: Arc<Metrics>,
     /// The kind of Redis deployment (`redis.mode`), for `/readyz`.
@@ -66,6 +69,7 @@ impl AppState {
             admission: Admission::new(server.max_in_flight),
             connections: Admission::new(server.max_connections),
             write_timeout: server.write_timeout,
+            compress_min_bytes: server.compress_min_bytes,
             metrics,
             redis_mode,
         }

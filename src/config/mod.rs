@@ -120,6 +120,9 @@ pub struct ServerConfig {
     /// Most open client connections; past it new ones wait in the kernel's backlog until one
     /// closes. Idle and slow sockets up to this number never keep a client from being served.
     pub max_connections: usize,
+    /// A JSON lookup response at least this big is compressed when the client accepts `zstd`
+    /// or `gzip`; a streamed (NDJSON) one always is. Smaller ones are not worth the CPU.
+    pub compress_min_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -137,6 +140,7 @@ impl Default for ServerConfig {
             drain_delay: Duration::ZERO,
             write_timeout: Duration::from_secs(30),
             max_connections: 10_000,
+            compress_min_bytes: 1024,
         }
     }
 }

@@ -4,6 +4,7 @@
 mod bounded;
 
 use self::bounded::BodyError;
+use super::encoding;
 use crate::error::Error;
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -55,6 +56,7 @@ async fn read_json_body(request: Request<Incoming>, limits: &BodyLimits) -> Resu
     if !is_json {
         return Err(Error::UnsupportedMediaType);
     }
+    let coding = encoding::request_coding(request.headers())?;
     let max = limits.max_bytes;
     let declared = request
         .headers()
@@ -69,7 +71,10 @@ async fn read_json_body(request: Request<Incoming>, limits: &BodyLimits) -> Resu
     let read = Limited::new(request.into_body(), max).collect();
     match tokio::time::timeout(limits.read_timeout, read).await {
         Err(_) => Err(Error::BodyTimeout(limits.read_timeout)),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Ok(collected)) => match coding {
+            None => Ok(collected.to_bytes()),
+            Some(coding) => encoding::decode(&collected.to_bytes(), coding, max),
+        },
         Ok(Err(err)) if err.downcast_ref::<LengthLimitError>().is_some() => {
             Err(Error::PayloadTooLarge { max })
         }

@@ -7,6 +7,7 @@
 //! - `input`: reading bodies and queries.
 
 mod cache_control;
+mod encoding;
 mod input;
 mod lookups;
 mod operations;
@@ -128,8 +129,10 @@ async fn route(
             allow(&method, route_methods(path))?;
             authorize(state, &request)?;
             let admitted = admit(state, unflushed)?;
-            let response = lookups::lookup_batch(state, request, arrived).await;
-            Ok(admitted.hold(response?))
+            let coding = encoding::negotiate(request.headers());
+            let response = lookups::lookup_batch(state, request, arrived).await?;
+            let response = encoding::compress(response, coding, state.compress_min_bytes);
+            Ok(admitted.hold(response))
         }
         "/v1/discounts/invalidate" => {
             allow(&method, route_methods(path))?;
@@ -146,12 +149,14 @@ async fn route(
                 authorize(state, &request)?;
                 let admitted = admit(state, unflushed)?;
                 let sn = sn::decode_path_segment(raw_sn)?;
+                let coding = encoding::negotiate(request.headers());
                 let response = if method == Method::DELETE {
                     cache_control::delete_one(state, &sn).await
                 } else {
                     lookups::lookup_one(state, sn, refresh_requested(&request)?, arrived).await
                 };
-                Ok(admitted.hold(response?))
+                let response = encoding::compress(response?, coding, state.compress_min_bytes);
+                Ok(admitted.hold(response))
             }
             None => Err(Error::RouteNotFound(format!("{method} {path}"))),
         },

@@ -15,6 +15,7 @@ mod cluster_reads;
 mod cluster_shards;
 mod coalescing;
 mod commands;
+mod compression;
 mod drain;
 mod failing_sns;
 mod failover_windows;
