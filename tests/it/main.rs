@@ -30,6 +30,7 @@ mod local_tier;
 mod lookup;
 mod manual;
 mod metrics;
+mod observability;
 mod openapi;
 mod redis_faults;
 mod request_ids;
