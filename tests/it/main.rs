@@ -31,6 +31,7 @@ mod local_tier;
 mod lookup;
 mod manual;
 mod metrics;
+mod observability;
 mod openapi;
 mod redis_faults;
 mod request_ids;
