@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -40,7 +41,7 @@ impl Summary {
 }
 
 /// A batch lookup's outcome as the client saw it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Lookup {
     /// From sending the request to having read the whole response.
     pub wall: Duration,
@@ -48,6 +49,19 @@ pub struct Lookup {
     pub summary: Summary,
     /// Results whose `status` is `ok` (the summary counts `not_found` and errors, not these).
     pub ok: u64,
+    /// The other results, by status and error code (`error/upstream_timeout`), so a row that
+    /// misses its count can say why.
+    pub not_ok: BTreeMap<String, u64>,
+}
+
+impl Lookup {
+    /// `; 22 × error/upstream_timeout` for the results that are not `ok`; empty when all are.
+    pub fn not_ok_note(&self) -> String {
+        self.not_ok
+            .iter()
+            .map(|(outcome, count)| format!("; {count} × {outcome}"))
+            .collect()
+    }
 }
 
 /// An HTTP client for the proxies and simulators of a run.
@@ -132,8 +146,13 @@ impl Api {
         }
         let value: Value = serde_json::from_slice(&bytes).context("lookup response is not JSON")?;
         let summary = Summary::from_json(&value["summary"])?;
-        let ok = ok_results(&value["results"]);
-        Ok(Lookup { wall, summary, ok })
+        let (ok, not_ok) = outcomes(&value["results"]);
+        Ok(Lookup {
+            wall,
+            summary,
+            ok,
+            not_ok,
+        })
     }
 
     /// The simulator's count of discount requests answered so far (`GET /stats`).
@@ -193,11 +212,24 @@ fn counter_total(text: &str, name: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
-/// How many items of a lookup's `results` array have `"status": "ok"`.
-fn ok_results(results: &Value) -> u64 {
-    results.as_array().map_or(0, |items| {
-        items.iter().filter(|item| item["status"] == "ok").count() as u64
-    })
+/// How many items of a lookup's `results` array have `"status": "ok"`, and the others by
+/// status and error code.
+fn outcomes(results: &Value) -> (u64, BTreeMap<String, u64>) {
+    let mut ok = 0;
+    let mut not_ok = BTreeMap::new();
+    for item in results.as_array().into_iter().flatten() {
+        let status = item["status"].as_str().unwrap_or("no status");
+        if status == "ok" {
+            ok += 1;
+            continue;
+        }
+        let outcome = match item["error"]["code"].as_str() {
+            Some(code) => format!("{status}/{code}"),
+            None => status.to_owned(),
+        };
+        *not_ok.entry(outcome).or_insert(0) += 1;
+    }
+    (ok, not_ok)
 }
 
 /// `count` SNs named `<label>-<n>`, distinct from every other label's.
@@ -221,14 +253,26 @@ mod tests {
     }
 
     #[test]
-    fn only_ok_results_are_counted() {
+    fn ok_results_are_counted_and_the_others_named_by_code() {
         let results = serde_json::json!([
             {"sn": "A", "status": "ok"},
             {"sn": "NF-1", "status": "not_found"},
-            {"sn": "B", "status": "error"},
+            {"sn": "B", "status": "error", "error": {"code": "upstream_timeout"}},
+            {"sn": "D", "status": "error", "error": {"code": "upstream_timeout"}},
             {"sn": "C", "status": "ok"},
         ]);
-        assert_eq!(ok_results(&results), 2);
-        assert_eq!(ok_results(&Value::Null), 0);
+        let (ok, not_ok) = outcomes(&results);
+        assert_eq!(ok, 2);
+        let lookup = Lookup {
+            wall: Duration::ZERO,
+            summary: Summary::default(),
+            ok,
+            not_ok,
+        };
+        assert_eq!(
+            lookup.not_ok_note(),
+            "; 2 × error/upstream_timeout; 1 × not_found"
+        );
+        assert_eq!(outcomes(&Value::Null), (0, BTreeMap::new()));
     }
 }
