@@ -7,6 +7,11 @@ use std::time::Duration;
 /// `redis.timeout` of the cluster row's two proxies.
 pub const CLUSTER_ROW_REDIS_TIMEOUT: &str = "2s";
 
+/// `upstream.concurrency` of each of the cross-instance row's proxies: enough for a whole
+/// export batch in one round of upstream calls, so a batch's time is one upstream latency
+/// plus whatever it waits for, not the proxy's own queue.
+pub const INSTANCE_CONCURRENCY: usize = 1_000;
+
 /// The simulated upstreams, by latency.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Upstream {
@@ -51,6 +56,34 @@ pub enum ProxyKind {
     Standalone,
     /// The same on the local 3-master Redis Cluster: the cluster row.
     Cluster,
+    /// One of three alike on the standalone Redis and the 500 ms upstream: the
+    /// cross-instance row.
+    Instance(Peer),
+}
+
+/// Which of the cross-instance row's three proxies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// The first.
+    A,
+    /// The second.
+    B,
+    /// The third.
+    C,
+}
+
+impl Peer {
+    /// All three, in the order the row addresses them.
+    pub const ALL: [Self; 3] = [Self::A, Self::B, Self::C];
+
+    /// Its letter, for figures and notes.
+    pub fn letter(self) -> &'static str {
+        match self {
+            Self::A => "A",
+            Self::B => "B",
+            Self::C => "C",
+        }
+    }
 }
 
 impl ProxyKind {
@@ -66,13 +99,16 @@ impl ProxyKind {
             Self::Overload => "overload",
             Self::Standalone => "standalone",
             Self::Cluster => "cluster",
+            Self::Instance(Peer::A) => "instance A",
+            Self::Instance(Peer::B) => "instance B",
+            Self::Instance(Peer::C) => "instance C",
         }
     }
 
     /// The simulator it fronts.
     pub fn upstream(self) -> Upstream {
         match self {
-            Self::Cold => Upstream::Slow,
+            Self::Cold | Self::Instance(_) => Upstream::Slow,
             // The cluster row warms 10,000 SNs on each of its proxies; its measurements are
             // all hits, so the upstream's latency is not part of them.
             Self::Warmer | Self::Stream | Self::Standalone | Self::Cluster => Upstream::Fast,
@@ -93,6 +129,7 @@ impl ProxyKind {
             Self::Stream => (128, 100_000, 100_000),
             // max_pending must admit one whole batch; P8 sends single GETs only.
             Self::Overload => (64, 128, 128),
+            Self::Instance(_) => (INSTANCE_CONCURRENCY, 100_000, 10_000),
             _ => (128, 100_000, 10_000),
         };
         let mut env = vec![

@@ -1,5 +1,5 @@
 //! Load shapes `wrk` cannot make: a burst of requests released together on connections
-//! opened beforehand (P6), and an open-loop schedule that sends at fixed times whatever the
+//! opened beforehand, to one server (P6) or several (the cross-instance row), and an open-loop schedule that sends at fixed times whatever the
 //! answers do (P8).
 
 use crate::http1::Conn;
@@ -42,22 +42,49 @@ pub async fn burst(
     count: usize,
     limit: Duration,
 ) -> Result<Vec<Sample>> {
-    let conns = open(addr, count).await?;
-    let barrier = Arc::new(Barrier::new(count + 1));
+    let mut per_server = burst_over(&[addr], path, count, limit).await?;
+    Ok(per_server.pop().unwrap_or_default())
+}
+
+/// The same burst over several servers: `per_server` connections to each, all released by
+/// one barrier, so the servers see their requests at the same moment. The samples come back
+/// by server, in the order of `addrs`.
+///
+/// # Errors
+/// A connection cannot be opened or does not answer its health check.
+pub async fn burst_over(
+    addrs: &[SocketAddr],
+    path: &str,
+    per_server: usize,
+    limit: Duration,
+) -> Result<Vec<Vec<Sample>>> {
+    let mut opened = Vec::with_capacity(addrs.len());
+    for &addr in addrs {
+        opened.push(open(addr, per_server).await?);
+    }
+    let barrier = Arc::new(Barrier::new(per_server * addrs.len() + 1));
     let mut tasks = JoinSet::new();
-    for mut conn in conns {
-        let barrier = Arc::clone(&barrier);
-        let path = path.to_owned();
-        tasks.spawn(async move {
-            barrier.wait().await;
-            let start = Instant::now();
-            let reply = conn.get(&path, limit).await;
-            let reply = reply.map(|reply| (reply.status, false));
-            sample(reply, start, start, Duration::ZERO)
-        });
+    for (server, conns) in opened.into_iter().enumerate() {
+        for mut conn in conns {
+            let barrier = Arc::clone(&barrier);
+            let path = path.to_owned();
+            tasks.spawn(async move {
+                barrier.wait().await;
+                let start = Instant::now();
+                let reply = conn.get(&path, limit).await;
+                let reply = reply.map(|reply| (reply.status, false));
+                (server, sample(reply, start, start, Duration::ZERO))
+            });
+        }
     }
     barrier.wait().await;
-    collect(tasks).await
+    let mut by_server = vec![Vec::with_capacity(per_server); addrs.len()];
+    for (server, sample) in collect(tasks).await? {
+        if let Some(samples) = by_server.get_mut(server) {
+            samples.push(sample);
+        }
+    }
+    Ok(by_server)
 }
 
 /// Opens `count` connections in waves, each checked with `GET /healthz`, so connection
@@ -178,7 +205,7 @@ fn sample(reply: Result<(u16, bool)>, sent: Instant, start: Instant, lag: Durati
     }
 }
 
-async fn collect(mut tasks: JoinSet<Sample>) -> Result<Vec<Sample>> {
+async fn collect<T: 'static>(mut tasks: JoinSet<T>) -> Result<Vec<T>> {
     let mut samples = Vec::with_capacity(tasks.len());
     while let Some(joined) = tasks.join_next().await {
         samples.push(joined.context("a request task failed")?);

@@ -1,7 +1,7 @@
 //! The benchmark: measures PERFORMANCE.md's targets P1–P8 side by side with their
-//! references (Redis itself, nginx `proxy_cache`), and the proxy on a Redis Cluster against
-//! one Redis node, in one run on this machine, and prints one table of figure, reference,
-//! ratio and verdict.
+//! references (Redis itself, nginx `proxy_cache`), the proxy on a Redis Cluster against
+//! one Redis node, and three proxies on one Redis against one upstream call per SN, in one
+//! run on this machine, and prints one table of figure, reference, ratio and verdict.
 //!
 //! Everything it starts (redis-server, a Redis Cluster, simulated upstreams, proxies, nginx)
 //! listens on 127.0.0.1 only and is stopped by pid when the run ends, fails or is interrupted.
@@ -28,16 +28,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Measure targets P1–P8 against Redis and nginx, and a Redis Cluster against one node, in
-/// one run, and print one table.
+/// Measure targets P1–P8 against Redis and nginx, a Redis Cluster against one node, and three
+/// proxies on one Redis against one upstream call per SN, in one run, and print one table.
 #[derive(Debug, Parser)]
 #[command(name = "bench")]
 struct Args {
-    /// A shorter run: shorter wrk runs, smaller P5, P7 and P8, fewer timed cluster-row batches
-    /// (marked as scaled).
+    /// A shorter run: shorter wrk runs, smaller P5, P7 and P8, fewer timed cluster-row batches,
+    /// smaller cross-instance export batches (marked as scaled).
     #[arg(long)]
     quick: bool,
-    /// Only these scenarios, e.g. `P1,P3` or `cluster` (references are measured as needed).
+    /// Only these scenarios, e.g. `P1,P3`, `cluster` or `instances` (references are measured
+    /// as needed).
     #[arg(long, value_name = "LIST")]
     only: Option<String>,
     /// Also write the table as Markdown to FILE.
@@ -112,12 +113,14 @@ fn header(args: &Args, scale: &Scale, started: &str, load_at_start: &str) -> Vec
     }
     let scaled = if scale.quick {
         format!(
-            " (scaled: wrk {} s, P5 {} SNs, P7 {} SNs, P8 {} s, cluster row {} batches)",
+            " (scaled: wrk {} s, P5 {} SNs, P7 {} SNs, P8 {} s, cluster row {} batches, \
+             instances row batches of {} SNs)",
             scale.wrk.as_secs(),
             report::count(scale.p5_sns as u64),
             report::count(scale.p7_sns as u64),
             scale.p8.as_secs(),
-            scale.cluster_batches
+            scale.cluster_batches,
+            report::count(scale.instances_batch as u64)
         )
     } else {
         format!(" (wrk {} s per row)", scale.wrk.as_secs())

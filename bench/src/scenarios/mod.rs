@@ -1,9 +1,11 @@
-//! The scenarios P1–P8, the cluster row and their references, run in an order that keeps
-//! them apart: the hit paths first, then the cold paths, memory, and overload last.
+//! The scenarios P1–P8, the cluster row, the cross-instance row and their references, run in
+//! an order that keeps them apart: the hit paths first, then the cold paths, memory, and
+//! overload last.
 
 mod cluster;
 mod cold;
 mod hits;
+mod instances;
 mod memory;
 mod overload;
 mod references;
@@ -34,6 +36,8 @@ pub struct Scale {
     pub get_requests: u64,
     /// Timed 10,000-SN batches of the cluster row, on each topology.
     pub cluster_batches: usize,
+    /// SNs in each of the cross-instance row's three export batches (1,000 in the issue).
+    pub instances_batch: usize,
 }
 
 impl Scale {
@@ -48,6 +52,7 @@ impl Scale {
             mget_requests: 200_000,
             get_requests: 500_000,
             cluster_batches: 20,
+            instances_batch: 1_000,
         }
     }
 
@@ -62,6 +67,7 @@ impl Scale {
             mget_requests: 50_000,
             get_requests: 100_000,
             cluster_batches: 5,
+            instances_batch: 300,
         }
     }
 
@@ -75,15 +81,20 @@ impl Scale {
     }
 }
 
-/// Which of P1–P8 and the cluster row to run (`--only P1,P3,cluster`; all by default).
+/// Which of P1–P8, the cluster row and the cross-instance row to run
+/// (`--only P1,P3,cluster,instances`; all by default).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Selection([bool; GROUPS]);
 
-/// P1–P8, then the cluster row.
-const GROUPS: usize = 9;
+/// P1–P8, then the cluster row, then the cross-instance row.
+const GROUPS: usize = 10;
 
 /// The cluster row's group: its rows print after P8's, and `--only cluster` picks it.
 const CLUSTER_GROUP: u8 = 9;
+
+/// The cross-instance row's group: its rows print after the cluster row's, and
+/// `--only instances` picks it.
+const INSTANCES_GROUP: u8 = 10;
 
 impl Selection {
     /// Every scenario.
@@ -91,10 +102,10 @@ impl Selection {
         Self([true; GROUPS])
     }
 
-    /// Parses `P1,P3,cluster` (case-insensitive).
+    /// Parses `P1,P3,cluster,instances` (case-insensitive).
     ///
     /// # Errors
-    /// A name that is not P1–P8 or `cluster`.
+    /// A name that is not P1–P8, `cluster` or `instances`.
     pub fn parse(list: &str) -> Result<Self> {
         let mut chosen = [false; GROUPS];
         for name in list
@@ -110,7 +121,10 @@ impl Selection {
                 _ if name.eq_ignore_ascii_case("cluster") => {
                     chosen[usize::from(CLUSTER_GROUP) - 1] = true;
                 }
-                _ => bail!("--only: {name:?} is not one of P1–P8 or cluster"),
+                _ if name.eq_ignore_ascii_case("instances") => {
+                    chosen[usize::from(INSTANCES_GROUP) - 1] = true;
+                }
+                _ => bail!("--only: {name:?} is not one of P1–P8, cluster or instances"),
             }
         }
         if !chosen.contains(&true) {
@@ -141,12 +155,13 @@ enum Step {
     Stream,
     P8,
     Cluster,
+    Instances,
 }
 
 /// The steps in the order they run: the hit paths first (nothing else loads the machine),
-/// memory after P1–P5 as the target says (before the cluster row's proxies exist), the
-/// cluster row while the machine is still quiet, overload last.
-const ORDER: [Step; 10] = [
+/// memory after P1–P5 as the target says (before the cluster and cross-instance rows'
+/// proxies exist), those two rows while the machine is still quiet, overload last.
+const ORDER: [Step; 11] = [
     Step::P1,
     Step::P2,
     Step::P3,
@@ -154,6 +169,7 @@ const ORDER: [Step; 10] = [
     Step::P5,
     Step::Rss,
     Step::Cluster,
+    Step::Instances,
     Step::P6,
     Step::Stream,
     Step::P8,
@@ -172,6 +188,7 @@ impl Step {
             Self::Rss | Self::Stream => 7,
             Self::P8 => 8,
             Self::Cluster => CLUSTER_GROUP,
+            Self::Instances => INSTANCES_GROUP,
         }
     }
 
@@ -179,6 +196,7 @@ impl Step {
     fn name(self) -> String {
         match self {
             Self::Cluster => "Cluster".to_owned(),
+            Self::Instances => "Instances".to_owned(),
             other => format!("P{}", other.target()),
         }
     }
@@ -196,6 +214,9 @@ impl Step {
             Self::Stream => "P7: a huge streamed lookup",
             Self::P8 => "P8: overload",
             Self::Cluster => "Cluster: 100- and 10,000-SN hits, 3-master cluster vs one node",
+            Self::Instances => {
+                "Instances: an overlapping cold export and a stampede over three proxies"
+            }
         }
     }
 
@@ -216,6 +237,7 @@ impl Step {
             Self::Stream => memory::stream(lab).await,
             Self::P8 => overload::p8(lab, report).await,
             Self::Cluster => cluster::cluster(lab, report).await,
+            Self::Instances => instances::instances(lab, report).await,
         }
     }
 }
@@ -257,6 +279,25 @@ mod tests {
         assert!(Selection::parse("P9").is_err());
         assert!(Selection::parse("clusters").is_err());
         assert!(Selection::parse(" , ").is_err());
+    }
+
+    #[test]
+    fn only_picks_the_cross_instance_row_by_name() {
+        let chosen = Selection::parse("Instances").unwrap();
+        assert!(chosen.wants(INSTANCES_GROUP));
+        assert!(!chosen.wants(CLUSTER_GROUP) && !chosen.wants(6));
+        assert!(!Selection::parse("cluster").unwrap().wants(INSTANCES_GROUP));
+        assert!(Selection::all().wants(INSTANCES_GROUP));
+        assert!(Selection::parse("instance").is_err());
+    }
+
+    #[test]
+    fn the_cross_instance_row_runs_after_the_memory_rows_and_before_the_loads() {
+        let at = |wanted: Step| ORDER.iter().position(|&step| step == wanted);
+        assert!(at(Step::Rss) < at(Step::Instances));
+        assert!(at(Step::Instances) < at(Step::P6));
+        assert_eq!(Step::Instances.name(), "Instances");
+        assert_eq!(Step::Instances.target(), INSTANCES_GROUP);
     }
 
     #[test]
