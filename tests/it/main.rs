@@ -16,6 +16,7 @@ mod cluster_shards;
 mod coalescing;
 mod commands;
 mod compression;
+mod deployment;
 mod drain;
 mod failing_sns;
 mod failover_windows;
