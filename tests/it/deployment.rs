@@ -114,6 +114,8 @@ async fn every_built_service_runs_a_command_the_binary_takes_on_files_that_exist
 }
 
 #[test]
+// figment's Jail takes a closure returning figment's own (large) error type.
+#[allow(clippy::result_large_err)]
 fn every_proxy_services_environment_makes_a_config_the_proxy_accepts() {
     let compose = compose();
     let mut checked = Vec::new();
