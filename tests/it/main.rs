@@ -34,6 +34,7 @@ mod manual;
 mod metrics;
 mod observability;
 mod openapi;
+mod python_export;
 mod redis_faults;
 mod request_ids;
 mod retries;
