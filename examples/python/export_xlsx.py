@@ -131,7 +131,15 @@ def read_column(lines: Iterable[str], column: str) -> Iterator[str]:
 
 
 def retry_delay(value: str | None) -> float:
-    """Seconds to wait from a ``Retry-After`` value: delay-seconds or an HTTP date."""
+    """Seconds to wait from a ``Retry-After`` value: delay-seconds or an HTTP date.
+
+    >>> retry_delay("3")
+    3.0
+    >>> retry_delay("Wed, 21 Oct 2015 07:28:00 GMT")  # a date gone by: at once
+    0.0
+    >>> retry_delay(None), retry_delay("soon")  # absent or unreadable: one second
+    (1.0, 1.0)
+    """
     if value is None:
         return 1.0
     if value.strip().isdigit():
@@ -162,7 +170,15 @@ def number(value: Any) -> Decimal | None:
 
 
 def row_of(item: dict[str, Any]) -> list[Any]:
-    """The workbook row of one streamed item, in the order of ``COLUMNS``."""
+    """The workbook row of one streamed item, in the order of ``COLUMNS``.
+
+    >>> row_of({"sn": "C1", "status": "ok", "source": "cache", "discount": {"ratio": "0.21",
+    ...     "currency": "CNY", "apportionment": [{"item": "base", "ratio": "0.10"},
+    ...     {"item": "promotion", "ratio": "0.11"}]}})
+    ['C1', 'ok', 'cache', Decimal('0.21'), 'CNY', 'base=0.10;promotion=0.11', None]
+    >>> row_of({"sn": "C 1", "status": "invalid", "error": {"code": "invalid_sn"}})
+    ['C 1', 'invalid', None, None, None, None, 'invalid_sn']
+    """
     discount = item.get("discount") or {}
     parts = discount.get("apportionment") or []
     apportionment = ";".join(f"{part.get('item')}={part.get('ratio')}" for part in parts)

@@ -2,8 +2,8 @@
 # The export example's measured table: a fresh redis-server, the simulated upstream at 500 ms
 # and the release proxy, on free ports of this machine; export_xlsx.py runs twice over
 # 1,000 SNs (cold, then all cached) and the upstream's request count is read after each run.
-# Needs redis-server and curl. Usage: examples/python/measure.sh [PYTHON]   (PYTHON: one with requirements.txt installed;
-# .ci/run makes target/python-venv)
+# Needs redis-server and curl. Usage: examples/python/measure.sh [PYTHON]
+# (PYTHON: one with requirements.txt installed; .ci/run makes target/python-venv)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 python=${1:-target/python-venv/bin/python}

@@ -334,3 +334,19 @@ async fn an_overloaded_proxy_is_asked_again_after_retry_after_a_bounded_number_o
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The example's doctests: `Retry-After` in both forms, and an item flattened into a row.
+#[tokio::test]
+async fn the_example_s_doctests_pass() {
+    let output = tokio::process::Command::new(python())
+        .args(["-m", "doctest"])
+        .arg(repo().join("examples/python/export_xlsx.py"))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "python -m doctest examples/python/export_xlsx.py:\n{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
