@@ -203,7 +203,9 @@ def headers() -> dict[str, str]:
 
 
 @contextmanager
-def open_stream(client: httpx.Client, url: str, sns: list[str], tries: int) -> Iterator[httpx.Response]:
+def open_stream(
+    client: httpx.Client, url: str, sns: list[str], tries: int
+) -> Iterator[httpx.Response]:
     """The lookup's streamed ``200`` response, retrying while the proxy sheds with ``503``."""
     for attempt in range(1, tries + 1):
         with client.stream("POST", url, json={"sns": sns}, headers=headers()) as response:
@@ -271,6 +273,9 @@ def run(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"export: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except UnicodeDecodeError:
+        print(f"export: {args.file} is not UTF-8 text", file=sys.stderr)
+        return EXIT_USAGE
     except ExportError as err:
         print(err, file=sys.stderr)
         return err.exit_code
@@ -280,7 +285,7 @@ def run(argv: list[str] | None = None) -> int:
     except httpx.HTTPError as err:
         print(f"export: the lookup broke off ({type(err).__name__}): {err}", file=sys.stderr)
         return EXIT_REFUSED
-    except ValueError:
+    except json.JSONDecodeError:
         print("export: the proxy sent a line that is not JSON", file=sys.stderr)
         return EXIT_REFUSED
     first = tally.first_row or 0.0

@@ -16,7 +16,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { "$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+free_port() {
+    "$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
 wait_for() { # URL: until it answers, for at most 10 s
     for _ in $(seq 100); do curl -fs -o /dev/null "$1" && return 0; sleep 0.1; done
     echo "measure: nothing answers at $1" >&2
