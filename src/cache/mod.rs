@@ -6,6 +6,7 @@
 
 mod cluster;
 mod connections;
+pub mod coordination;
 mod entry;
 mod invalidation_channel;
 mod local;
@@ -15,7 +16,9 @@ mod sentinel;
 mod slots;
 mod subscription;
 mod tiered;
+mod wakeups;
 
+pub use self::coordination::{Claim, Coordination, FencedWrite, Refusals};
 pub use self::entry::{Entry, EntryError, EntryKind};
 pub use self::local::LocalTier;
 pub use self::memory::MemoryCache;

@@ -14,6 +14,8 @@
 //! 330–440 ms, one `MGET` split by redis-rs 80–130 ms (failing whole when one shard fails),
 //! one pipeline per master a few milliseconds: the figures are in the README.
 
+mod coordination;
+
 use super::cluster::{ClusterLink, ClusterNode, Topology};
 use super::connections::{Connections, Endpoint, Lease};
 use super::sentinel::{self, SentinelEndpoint};
@@ -51,6 +53,15 @@ pub struct RedisCache {
     /// (the slot map, `PUBLISH`), each master having its own.
     circuit: Circuit,
     metrics: Arc<Metrics>,
+    /// Whether an invalidation fences fetches in flight on every instance
+    /// (`coalesce.distributed`), instead of a plain `DEL`.
+    fences: bool,
+    /// The scripts of `coordination`, their SHA1s learned as they are loaded.
+    scripts: coordination::Scripts,
+    /// This instance's waiters for answers other instances fetch.
+    wakeups: Arc<super::wakeups::Wakeups>,
+    /// Stops following the answers channel when the cache is dropped.
+    following: std::sync::OnceLock<tokio_util::sync::DropGuard>,
 }
 
 /// Where commands go.
@@ -284,7 +295,19 @@ impl RedisCache {
                 settings.breaker_cooldown,
             ),
             metrics,
+            fences: false,
+            scripts: coordination::Scripts::default(),
+            wakeups: Arc::default(),
+            following: std::sync::OnceLock::new(),
         })
+    }
+
+    /// With `on`, an invalidation sets a fence (see `coordination`) as it deletes, so no
+    /// fetch that began before it is written back by any instance (`coalesce.distributed`).
+    #[must_use]
+    pub fn with_fences(mut self, on: bool) -> Self {
+        self.fences = on;
+        self
     }
 
     /// Sends one command or pipeline to `to`, unless its circuit is open, and tells the
@@ -543,6 +566,9 @@ impl RedisCache {
     }
 
     async fn delete_group(&self, sns: &[&str], group: &Group) -> Result<u64, CacheError> {
+        if self.fences {
+            return self.fence_group(sns, group).await;
+        }
         let command = self.per_run("DEL", sns, group);
         let replies = self.run(RedisCommand::Del, &group.to, command).await?;
         Ok(replies

@@ -7,6 +7,7 @@
 //! abandoned, and only the fetches under way finish and are written back.
 
 use super::Core;
+use super::distributed::Claimed;
 use super::flights::{Flight, Flights};
 use super::write_back::{PendingWrites, next_answer};
 use crate::cache::{Entry, EntryKind, Write};
@@ -24,10 +25,16 @@ use tracing::{debug, warn};
 pub(super) struct Lead {
     pub(super) flight: Arc<Flight>,
     flights: Arc<Flights>,
+    /// With `coalesce.distributed`: its claim in Redis, once made (see `distributed`).
+    pub(super) claimed: Option<Claimed>,
 }
 
 impl Drop for Lead {
     fn drop(&mut self) {
+        // A lease not handed over to a release is renewed no more: it expires.
+        if let Some(claimed) = self.claimed.as_mut() {
+            claimed.take_token(&self.flight.sn);
+        }
         self.flight.settle();
         self.flights.finish(&self.flight);
     }
@@ -58,7 +65,21 @@ impl Queue {
         Lead {
             flight,
             flights: Arc::clone(&self.flights),
+            claimed: None,
         }
+    }
+
+    /// The next leads, up to `most`: waits for the first, then takes what is queued now.
+    async fn next_batch(&mut self, most: usize) -> Option<Vec<Lead>> {
+        let first = self.next_lead().await?;
+        let mut batch = vec![first];
+        while batch.len() < most {
+            match self.next() {
+                Some(lead) => batch.push(lead),
+                None => break,
+            }
+        }
+        Some(batch)
     }
 
     /// After a cancellation: the queued flights nobody else waits for are dropped (settled as
@@ -180,17 +201,41 @@ impl Core {
         retry_until: Instant,
         streamed: Option<Streamed>,
     ) {
-        let per_request = self.upstream.concurrency();
         let queue = Queue {
             waiting: flights.into(),
             flights: Arc::clone(&self.flights),
             streamed,
             stopping: self.stopping.clone(),
         };
-        let leads = futures_util::stream::unfold(queue, |mut queue| async move {
-            let lead = queue.next_lead().await?;
-            Some((lead, queue))
+        // Without other instances to claim from, a lead at a time: what is still queued may
+        // be taken on by another lookup's task. With them, a claim batch at a time, each
+        // claimed in one round trip per node.
+        let most = match self.shared {
+            Some(_) => self.settings.write_batch.max(1),
+            None => 1,
+        };
+        let batches = futures_util::stream::unfold(queue, move |mut queue| async move {
+            let batch = queue.next_batch(most).await?;
+            Some((batch, queue))
         });
+        let core = Arc::clone(&self);
+        let leads = batches
+            .then(move |batch| {
+                let core = Arc::clone(&core);
+                async move { core.claim(batch, retry_until).await }
+            })
+            .flat_map(futures_util::stream::iter);
+        self.fetch_leads(leads, retry_until).await;
+    }
+
+    /// Fetches `leads` (flights this task has claimed), at most `upstream.concurrency` at a
+    /// time, hands each answer to its waiters and writes the definite ones back.
+    pub(super) async fn fetch_leads(
+        self: Arc<Self>,
+        leads: impl futures_util::Stream<Item = Lead>,
+        retry_until: Instant,
+    ) {
+        let per_request = self.upstream.concurrency();
         // Boxed, so it can be dropped (its queue settling what is left) before the writes end.
         let mut answers = Box::pin(
             leads
@@ -204,8 +249,11 @@ impl Core {
                 .buffer_unordered(per_request),
         );
         let mut writes = PendingWrites::new(Arc::clone(&self));
-        while let Some((lead, answer)) = next_answer(&mut answers, &mut writes).await {
+        while let Some((mut lead, answer)) = next_answer(&mut answers, &mut writes).await {
             self.record(&lead.flight.sn, &answer);
+            if answer.is_err() {
+                self.let_go(&mut lead);
+            }
             let write = match &answer {
                 Ok(fetched) => self.write_for(&lead.flight, fetched),
                 Err(_) => None,

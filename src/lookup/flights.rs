@@ -90,6 +90,16 @@ impl Flight {
         !self.claimed.swap(true, Ordering::AcqRel)
     }
 
+    /// Whether a lookup still listens for the answer.
+    pub fn is_wanted(&self) -> bool {
+        self.waiters() > 0
+    }
+
+    /// Whether it refreshes a value still served: nobody waits for its answer.
+    pub fn is_refresh(&self) -> bool {
+        self.refresh
+    }
+
     /// Lookups listening for the answer now.
     fn waiters(&self) -> usize {
         self.stage.receiver_count()
