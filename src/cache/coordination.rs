@@ -28,6 +28,9 @@ pub enum Claim {
     },
     /// Another instance holds the lease.
     Lost,
+    /// Asked only if absent, and the entry is there: written since it was read as missing
+    /// (another instance fetched it meanwhile). Read it again.
+    Present,
     /// Redis could not be asked: the caller fetches on its own (fail open).
     Skipped,
 }
@@ -44,23 +47,26 @@ pub struct FencedWrite {
     pub token: Option<String>,
 }
 
-/// How many fenced writes Redis refused, by reason.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// How many fenced writes Redis refused, by reason, and which were written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Refusals {
     /// The SN was invalidated since the claim.
     pub fenced: usize,
     /// A later answer is stored.
     pub newer: usize,
+    /// Whether each write (in order) was made.
+    pub written: Vec<bool>,
 }
 
 /// The cross-instance side of coalescing, as the lookup core sees it. Every batch call sends
 /// one pipeline per group (per chunk on one Redis, per master on a cluster).
 pub trait Coordination: Send + Sync + 'static {
-    /// Claims each SN's fetch for `lease_ttl` under `token`, in order. A group Redis failed
-    /// for comes back [`Claim::Skipped`].
+    /// Claims each SN's fetch for `lease_ttl` under `token`, in order; an SN asked with
+    /// `true` (a miss, as opposed to a refresh) only if its entry is absent. A group Redis
+    /// failed for comes back [`Claim::Skipped`].
     fn claim<'a>(
         &'a self,
-        sns: &'a [&'a str],
+        sns: &'a [(&'a str, bool)],
         token: &'a str,
         lease_ttl: Duration,
     ) -> BoxFuture<'a, Vec<Claim>>;

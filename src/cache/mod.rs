@@ -117,6 +117,10 @@ pub trait Cache: Send + Sync + 'static {
     /// Removes `sns`; returns how many of them existed.
     fn delete_many<'a>(&'a self, sns: &'a [&'a str]) -> BoxFuture<'a, Result<u64, CacheError>>;
 
+    /// Keeps a copy of entries just written to the backend some other way (a fenced
+    /// write-back, see `coordination`) in an in-process tier, if there is one.
+    fn keep_local(&self, _writes: &[Write]) {}
+
     /// Checks the backend answers, for `/readyz`.
     fn ping(&self) -> BoxFuture<'_, Result<(), CacheError>>;
 

@@ -208,7 +208,7 @@ fn poisons_connection(err: &redis::RedisError) -> bool {
 impl CacheError {
     /// Whether Redis could not be reached at all (as opposed to answering with an error such
     /// as `OOM`): only these count towards skipping it.
-    fn is_unreachable(&self) -> bool {
+    pub(crate) fn is_unreachable(&self) -> bool {
         match self {
             Self::Timeout { .. } | Self::Connect(_) | Self::ConnectFailed => true,
             Self::Command { source, .. } => source.is_io_error() || source.is_connection_dropped(),

@@ -1,7 +1,10 @@
-//! Coalescing across instances (`coalesce.distributed`): a fetch task claims the flights it
-//! is about to fetch in Redis, a batch at a time in one round trip per node, after the local
-//! flight table (so a pure-hit lookup sends nothing more than its reads). Won SNs are fetched
-//! here; lost ones are waited for (see `waiting`); if Redis cannot be asked, they are fetched
+//! Coalescing across instances (`coalesce.distributed`): a fetch task claims the flights
+//! queued in it in Redis, up to `redis.chunk_size` at a time in one round trip per node,
+//! after the local flight table (so a pure-hit lookup sends nothing more than its reads).
+//! The claim is recorded on the flight ([`Remote`]), not taken as a local lead: what is
+//! queued may still be taken on by another lookup's task, or dropped by a drain or a client
+//! that left, as without other instances. Won SNs are fetched by whichever task takes them
+//! on; lost ones are waited for (see `waiting`); if Redis cannot be asked, they are fetched
 //! here too (fail open to local coalescing).
 //!
 //! Leases held are renewed every third of `coalesce.lease_ttl` by one task per instance, all
@@ -12,6 +15,7 @@
 
 use super::Core;
 use super::fetch::Lead;
+use super::flights::Flight;
 use crate::cache::{Claim, Coordination};
 use crate::metrics::{ClaimResult, LeaseEvent, Metrics};
 use bytes::Bytes;
@@ -48,21 +52,88 @@ pub(super) struct Shared {
     _renewing: DropGuard,
 }
 
-/// A claim this instance made for a lead: the fence it saw, and its lease's token (none when
-/// Redis was not asked, so its write-back must find no fence at all).
-pub(super) struct Claimed {
-    pub(super) token: Option<String>,
-    pub(super) fence: Bytes,
+/// What this instance may do about a flight's fetch: fetch it (its lease, or none when Redis
+/// could not be asked), with the fence its write-back must still find. Shared by the flight
+/// and its lead; when the last of them goes without handing the lease to a release, the
+/// lease is released (and announced) here, so a flight abandoned before its fetch does not
+/// keep the other instances waiting until the lease expires.
+pub(super) struct LeaseHold {
+    sn: String,
+    token: Mutex<Option<String>>,
+    fence: Bytes,
+    coordination: Arc<dyn Coordination>,
     leases: Arc<Leases>,
 }
 
-impl Claimed {
+impl std::fmt::Debug for LeaseHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The SN only: tokens say nothing to a reader.
+        f.debug_struct("LeaseHold")
+            .field("sn", &self.sn)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LeaseHold {
+    /// The fence token seen with the claim (empty: none).
+    pub(super) fn fence(&self) -> &Bytes {
+        &self.fence
+    }
+
     /// Hands the lease over to whoever releases it in Redis: it is renewed no more.
-    pub(super) fn take_token(&mut self, sn: &str) -> Option<String> {
-        let token = self.token.take()?;
-        self.leases.forget(sn, &token);
+    pub(super) fn take_token(&self) -> Option<String> {
+        let token = self
+            .token
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()?;
+        self.leases.forget(&self.sn, &token);
         Some(token)
     }
+
+    /// Releases the lease now (if still held) and tells the other instances to look again.
+    pub(super) fn release_now(&self) -> impl std::future::Future<Output = ()> + use<> {
+        let token = self.take_token();
+        let coordination = Arc::clone(&self.coordination);
+        let sn = self.sn.clone();
+        async move {
+            if let Some(token) = token {
+                coordination.release(&[(sn.as_str(), token.as_str())]).await;
+            }
+            coordination.announce(&[sn.as_str()]).await;
+        }
+    }
+}
+
+impl Drop for LeaseHold {
+    fn drop(&mut self) {
+        let Some(token) = self.take_token() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let coordination = Arc::clone(&self.coordination);
+        let sn = std::mem::take(&mut self.sn);
+        runtime.spawn(async move {
+            coordination.release(&[(sn.as_str(), token.as_str())]).await;
+            coordination.announce(&[sn.as_str()]).await;
+        });
+    }
+}
+
+/// Where a flight stands with the other instances.
+#[derive(Debug, Clone, Default)]
+pub(super) enum Remote {
+    /// Not claimed in Redis yet.
+    #[default]
+    Unchecked,
+    /// A claim is on its way.
+    Checking,
+    /// This instance fetches it.
+    Fetch(Arc<LeaseHold>),
+    /// Another instance fetches it: wait for its answer.
+    Lost,
 }
 
 /// The leases this instance holds, by SN, for the renewals.
@@ -129,89 +200,136 @@ impl Shared {
         format!("{}:{batch}", self.instance)
     }
 
-    /// What a won (or skipped) claim gives its lead.
-    pub(super) fn claimed(&self, sn: &str, token: Option<&str>, fence: Bytes) -> Claimed {
+    /// What a won (`token`) or skipped claim gives the flight of `sn`.
+    pub(super) fn hold(&self, sn: &str, token: Option<&str>, fence: Bytes) -> Arc<LeaseHold> {
         if let Some(token) = token {
             self.leases.hold(sn, token);
         }
-        Claimed {
-            token: token.map(str::to_owned),
+        Arc::new(LeaseHold {
+            sn: sn.to_owned(),
+            token: Mutex::new(token.map(str::to_owned)),
             fence,
+            coordination: Arc::clone(&self.coordination),
             leases: Arc::clone(&self.leases),
-        }
+        })
     }
 }
 
 impl Core {
-    /// Claims `leads` in Redis (one round trip per node) and returns those this instance
-    /// fetches: won, or not claimable (Redis down: local coalescing only). The lost ones are
-    /// waited for in a task of their own, until `until`; a lost refresh is dropped (another
-    /// instance refreshes the value, nobody waits for it here).
-    pub(super) async fn claim(self: &Arc<Self>, leads: Vec<Lead>, until: Instant) -> Vec<Lead> {
-        let Some(shared) = &self.shared else {
-            return leads;
-        };
+    /// Claims `flights` in Redis in one round trip per node, and records on each what this
+    /// instance may do about it (see [`Remote`]). Only flights this call moved from
+    /// unchecked to checking are claimed: a flight is claimed once per instance.
+    pub(super) async fn claim_ahead(&self, flights: &[Arc<Flight>]) {
+        let Some(shared) = &self.shared else { return };
+        let flights: Vec<&Arc<Flight>> = flights.iter().filter(|f| f.begin_check()).collect();
+        if flights.is_empty() {
+            return;
+        }
         let token = shared.token();
-        let sns: Vec<&str> = leads.iter().map(|lead| lead.flight.sn.as_str()).collect();
+        let sns: Vec<(&str, bool)> = flights
+            .iter()
+            .map(|flight| (flight.sn.as_str(), flight.claims_if_absent()))
+            .collect();
         let claims = shared
             .coordination
             .claim(&sns, &token, shared.lease_ttl)
             .await;
-        drop(sns);
-        let mut counts = [0usize; 3];
-        let mut fetch = Vec::with_capacity(leads.len());
-        let mut lost = Vec::new();
-        for (mut lead, claim) in leads.into_iter().zip(claims) {
-            match claim {
+        let mut counts = [0usize; 4];
+        for (flight, claim) in flights.into_iter().zip(claims) {
+            let remote = match claim {
                 Claim::Won { fence } => {
                     counts[0] += 1;
-                    lead.claimed = Some(shared.claimed(&lead.flight.sn, Some(&token), fence));
-                    fetch.push(lead);
+                    Remote::Fetch(shared.hold(&flight.sn, Some(&token), fence))
                 }
                 Claim::Lost => {
                     counts[1] += 1;
-                    if !lead.flight.is_refresh() {
-                        lost.push(lead);
-                    }
+                    Remote::Lost
                 }
                 Claim::Skipped => {
                     counts[2] += 1;
-                    lead.claimed = Some(shared.claimed(&lead.flight.sn, None, Bytes::new()));
-                    fetch.push(lead);
+                    Remote::Fetch(shared.hold(&flight.sn, None, Bytes::new()))
                 }
-            }
+                // Written meanwhile: the wait for it reads it at once.
+                Claim::Present => {
+                    counts[3] += 1;
+                    Remote::Lost
+                }
+            };
+            flight.decide(remote);
         }
-        let results = [ClaimResult::Won, ClaimResult::Lost, ClaimResult::Skipped];
+        let results = [
+            ClaimResult::Won,
+            ClaimResult::Lost,
+            ClaimResult::Skipped,
+            ClaimResult::Present,
+        ];
         for (result, count) in results.into_iter().zip(counts) {
             self.metrics.record_claims(result, count);
         }
-        if !lost.is_empty() {
-            debug!(
-                sns = lost.len(),
-                "fetched by another instance; waiting for its answers"
-            );
-            let span = info_span!("await_holders", sns = lost.len());
-            let wait = Arc::clone(self).await_holders(lost, until);
-            self.tasks.spawn(wait.instrument(span));
+    }
+
+    /// Marks `flights` as fetched here without a claim, when the lookup's cache read failed:
+    /// Redis is down or slow, and a claim would only add its timeout to the lookup (fail open
+    /// to local coalescing). Their write-backs still must find no fence.
+    pub(super) fn skip_claims(&self, flights: &[Arc<Flight>]) {
+        let Some(shared) = &self.shared else { return };
+        let mut skipped = 0;
+        for flight in flights {
+            if flight.begin_check() {
+                flight.decide(Remote::Fetch(shared.hold(&flight.sn, None, Bytes::new())));
+                skipped += 1;
+            }
         }
-        fetch
+        self.metrics.record_claims(ClaimResult::Skipped, skipped);
+    }
+
+    /// What to do with a lead this task took on: fetch it (returned, with its lease), or,
+    /// fetched by another instance, wait for that answer in a task of its own until `until`
+    /// (a refresh nobody waits for is just dropped). Claims it first if nobody has.
+    pub(super) async fn decide(self: &Arc<Self>, mut lead: Lead, until: Instant) -> Option<Lead> {
+        if self.shared.is_none() {
+            return Some(lead);
+        }
+        let mut remote = lead.flight.decided().await;
+        if matches!(remote, Remote::Unchecked) {
+            self.claim_ahead(std::slice::from_ref(&lead.flight)).await;
+            remote = lead.flight.decided().await;
+        }
+        match remote {
+            Remote::Fetch(hold) => {
+                lead.hold = Some(hold);
+                Some(lead)
+            }
+            Remote::Lost if lead.flight.is_refresh() => None,
+            Remote::Lost => {
+                self.wait_elsewhere(vec![lead], until);
+                None
+            }
+            // Not decided (its claim was dropped half-way): fetch it, unfenced by a lease.
+            Remote::Unchecked | Remote::Checking => Some(lead),
+        }
+    }
+
+    /// Waits for the holders' answers of `leads` in a task of its own.
+    pub(super) fn wait_elsewhere(self: &Arc<Self>, leads: Vec<Lead>, until: Instant) {
+        if leads.is_empty() {
+            return;
+        }
+        debug!(
+            sns = leads.len(),
+            "fetched by another instance; waiting for its answers"
+        );
+        let span = info_span!("await_holders", sns = leads.len());
+        let wait = Arc::clone(self).await_holders(leads, until);
+        self.tasks.spawn(wait.instrument(span));
     }
 
     /// A fetch that ended without an answer gives its lease up at once and says so, so a
     /// waiter elsewhere may claim and try (errors are never cached).
-    pub(super) fn let_go(&self, lead: &mut Lead) {
-        let (Some(shared), Some(claimed)) = (&self.shared, lead.claimed.as_mut()) else {
-            return;
-        };
-        let sn = lead.flight.sn.clone();
-        let token = claimed.take_token(&sn);
-        let coordination = Arc::clone(&shared.coordination);
-        self.tasks.spawn(async move {
-            if let Some(token) = token {
-                coordination.release(&[(sn.as_str(), token.as_str())]).await;
-            }
-            coordination.announce(&[sn.as_str()]).await;
-        });
+    pub(super) fn let_go(&self, lead: &Lead) {
+        if let Some(hold) = &lead.hold {
+            self.tasks.spawn(hold.release_now());
+        }
     }
 }
 

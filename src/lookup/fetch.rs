@@ -7,7 +7,7 @@
 //! abandoned, and only the fetches under way finish and are written back.
 
 use super::Core;
-use super::distributed::Claimed;
+use super::distributed::LeaseHold;
 use super::flights::{Flight, Flights};
 use super::write_back::{PendingWrites, next_answer};
 use crate::cache::{Entry, EntryKind, Write};
@@ -25,16 +25,12 @@ use tracing::{debug, warn};
 pub(super) struct Lead {
     pub(super) flight: Arc<Flight>,
     flights: Arc<Flights>,
-    /// With `coalesce.distributed`: its claim in Redis, once made (see `distributed`).
-    pub(super) claimed: Option<Claimed>,
+    /// With `coalesce.distributed`: what its claim in Redis allows (see `distributed`).
+    pub(super) hold: Option<Arc<LeaseHold>>,
 }
 
 impl Drop for Lead {
     fn drop(&mut self) {
-        // A lease not handed over to a release is renewed no more: it expires.
-        if let Some(claimed) = self.claimed.as_mut() {
-            claimed.take_token(&self.flight.sn);
-        }
         self.flight.settle();
         self.flights.finish(&self.flight);
     }
@@ -50,6 +46,9 @@ struct Queue {
     streamed: Option<Streamed>,
     /// Cancelled when the proxy drains.
     stopping: CancellationToken,
+    /// With other instances: the core that claims in Redis, and the deadline of the waits
+    /// for what another instance fetches.
+    claims: Option<(Arc<Core>, Instant)>,
 }
 
 /// What ties a fetch task to the streamed lookup it fetches for.
@@ -65,21 +64,39 @@ impl Queue {
         Lead {
             flight,
             flights: Arc::clone(&self.flights),
-            claimed: None,
+            hold: None,
         }
     }
 
-    /// The next leads, up to `most`: waits for the first, then takes what is queued now.
-    async fn next_batch(&mut self, most: usize) -> Option<Vec<Lead>> {
-        let first = self.next_lead().await?;
-        let mut batch = vec![first];
-        while batch.len() < most {
-            match self.next() {
-                Some(lead) => batch.push(lead),
-                None => break,
-            }
+    /// With other instances: when the next flight to fetch has not been claimed in Redis,
+    /// claims it with those queued behind it (up to `redis.chunk_size`) in one round trip;
+    /// the ones lost are taken on at once, to wait for the other instance's answers.
+    async fn claim_ahead(&mut self) {
+        let Some((core, until)) = self.claims.clone() else {
+            return;
+        };
+        let head_unchecked = self
+            .waiting
+            .front()
+            .is_some_and(|flight| flight.is_unchecked());
+        if !head_unchecked {
+            return;
         }
-        Some(batch)
+        let most = core.settings.write_batch.max(1);
+        let ahead: Vec<Arc<Flight>> = self
+            .waiting
+            .iter()
+            .filter(|flight| flight.is_unchecked())
+            .take(most)
+            .cloned()
+            .collect();
+        core.claim_ahead(&ahead).await;
+        let lost = ahead
+            .into_iter()
+            .filter(|flight| flight.is_lost() && !flight.is_refresh() && flight.claim())
+            .map(|flight| self.lead(flight))
+            .collect();
+        core.wait_elsewhere(lost, until);
     }
 
     /// After a cancellation: the queued flights nobody else waits for are dropped (settled as
@@ -121,6 +138,7 @@ impl Queue {
     /// The next flight to fetch, waiting for more to be fed when the queue has run dry.
     async fn next_lead(&mut self) -> Option<Lead> {
         loop {
+            self.claim_ahead().await;
             if let Some(lead) = self.next() {
                 return Some(lead);
             }
@@ -206,25 +224,20 @@ impl Core {
             flights: Arc::clone(&self.flights),
             streamed,
             stopping: self.stopping.clone(),
+            claims: self
+                .shared
+                .as_ref()
+                .map(|_| (Arc::clone(&self), retry_until)),
         };
-        // Without other instances to claim from, a lead at a time: what is still queued may
-        // be taken on by another lookup's task. With them, a claim batch at a time, each
-        // claimed in one round trip per node.
-        let most = match self.shared {
-            Some(_) => self.settings.write_batch.max(1),
-            None => 1,
-        };
-        let batches = futures_util::stream::unfold(queue, move |mut queue| async move {
-            let batch = queue.next_batch(most).await?;
-            Some((batch, queue))
+        let leads = futures_util::stream::unfold(queue, |mut queue| async move {
+            let lead = queue.next_lead().await?;
+            Some((lead, queue))
         });
         let core = Arc::clone(&self);
-        let leads = batches
-            .then(move |batch| {
-                let core = Arc::clone(&core);
-                async move { core.claim(batch, retry_until).await }
-            })
-            .flat_map(futures_util::stream::iter);
+        let leads = leads.filter_map(move |lead| {
+            let core = Arc::clone(&core);
+            async move { core.decide(lead, retry_until).await }
+        });
         self.fetch_leads(leads, retry_until).await;
     }
 
@@ -249,10 +262,10 @@ impl Core {
                 .buffer_unordered(per_request),
         );
         let mut writes = PendingWrites::new(Arc::clone(&self));
-        while let Some((mut lead, answer)) = next_answer(&mut answers, &mut writes).await {
+        while let Some((lead, answer)) = next_answer(&mut answers, &mut writes).await {
             self.record(&lead.flight.sn, &answer);
             if answer.is_err() {
-                self.let_go(&mut lead);
+                self.let_go(&lead);
             }
             let write = match &answer {
                 Ok(fetched) => self.write_for(&lead.flight, fetched),
@@ -327,6 +340,7 @@ mod tests {
                 more,
             }),
             stopping: CancellationToken::new(),
+            claims: None,
         }
     }
 
@@ -386,6 +400,7 @@ mod tests {
             flights: Arc::clone(&flights),
             streamed: None,
             stopping: stopping.clone(),
+            claims: None,
         };
         let first = queue.next().unwrap();
         stopping.cancel();

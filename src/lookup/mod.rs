@@ -175,8 +175,16 @@ impl Lookup {
         let core = &self.core;
         // Before the delete: a fetch under way must not write its older answer back after it,
         // and a lookup from now on must not join that fetch.
-        core.flights.detach(sns);
-        core.cache.delete_many(sns).await
+        let detached = core.flights.detach(sns);
+        let deleted = core.cache.delete_many(sns).await;
+        // Their answers will not be written: their leases go now, so a lookup from now on
+        // (here or on another instance) claims and fetches without waiting for them.
+        let releases = detached
+            .iter()
+            .filter_map(|flight| flight.hold())
+            .map(|hold| hold.release_now());
+        futures_util::future::join_all(releases).await;
+        deleted
     }
 
     /// Stops taking new background work and waits (up to `grace`) for what is under way.

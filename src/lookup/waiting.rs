@@ -62,7 +62,8 @@ impl Core {
     }
 
     /// Reads `sns` (those still waited for): answers the flights whose value is there now,
-    /// counted as `how`; with `claim`, claims the rest, and fetches those it wins.
+    /// counted as `how`; with `claim`, claims the rest, and fetches those it wins. One that
+    /// was written between the read and the claim is read once more.
     async fn look_again(
         self: &Arc<Self>,
         waiting: &mut HashMap<String, Lead>,
@@ -71,74 +72,101 @@ impl Core {
         claim: bool,
         until: Instant,
     ) {
-        let sns: Vec<&str> = sns
-            .iter()
-            .map(String::as_str)
-            .filter(|sn| waiting.contains_key(*sn))
-            .collect();
-        if sns.is_empty() {
-            return;
+        let mut sns = sns;
+        for _ in 0..2 {
+            sns.retain(|sn| waiting.contains_key(sn));
+            if sns.is_empty() {
+                return;
+            }
+            let absent = self.answer_stored(waiting, &sns, how).await;
+            if !claim || absent.is_empty() {
+                return;
+            }
+            sns = self.take_over(waiting, &absent, until).await;
         }
-        let read = self.cache.get_many(&sns).await;
+    }
+
+    /// Answers the flights of `sns` whose value is stored now, counted as `how`; returns the
+    /// others, each with whether nothing at all is stored (rather than a value it cannot use).
+    async fn answer_stored(
+        &self,
+        waiting: &mut HashMap<String, Lead>,
+        sns: &[String],
+        how: WaitOutcome,
+    ) -> Vec<(String, bool)> {
+        let keys: Vec<&str> = sns.iter().map(String::as_str).collect();
+        let read = self.cache.get_many(&keys).await;
         let now = SystemTime::now();
         let mut absent = Vec::new();
         let mut answered = 0;
         for (sn, value) in sns.iter().zip(read.values) {
+            let nothing = value.is_none();
             match value.and_then(|value| self.stored_answer(value, now)) {
                 Some(fetched) => {
-                    if let Some(lead) = waiting.remove(*sn) {
+                    if let Some(lead) = waiting.remove(sn) {
                         lead.flight.answer(Ok(fetched));
                         answered += 1;
                     }
                 }
-                None => absent.push(*sn),
+                None => absent.push((sn.clone(), nothing)),
             }
         }
         self.metrics.record_waits(how, answered);
-        if claim && !absent.is_empty() {
-            self.take_over(waiting, &absent, until).await;
-        }
+        absent
     }
 
     /// Claims `absent` (the holder ended without an answer, or its lease expired) and
-    /// fetches those this instance wins, in a fetch of their own.
+    /// fetches those this instance wins, in a fetch of their own; returns those written
+    /// since they were read.
     async fn take_over(
         self: &Arc<Self>,
         waiting: &mut HashMap<String, Lead>,
-        absent: &[&str],
+        absent: &[(String, bool)],
         until: Instant,
-    ) {
-        let Some(shared) = &self.shared else { return };
+    ) -> Vec<String> {
+        let Some(shared) = &self.shared else {
+            return Vec::new();
+        };
         let token = shared.token();
+        // Only if still absent: one written since the read is read again, not fetched again.
+        let asked: Vec<(&str, bool)> = absent
+            .iter()
+            .map(|(sn, nothing)| (sn.as_str(), *nothing))
+            .collect();
         let claims = shared
             .coordination
-            .claim(absent, &token, shared.lease_ttl)
+            .claim(&asked, &token, shared.lease_ttl)
             .await;
         let mut taken = Vec::new();
-        for (sn, claim) in absent.iter().zip(claims) {
+        let mut present = Vec::new();
+        for ((sn, _), claim) in absent.iter().zip(claims) {
             let (token, fence) = match claim {
                 Claim::Lost => continue,
+                Claim::Present => {
+                    present.push(sn.clone());
+                    continue;
+                }
                 Claim::Won { fence } => (Some(token.as_str()), fence),
                 Claim::Skipped => (None, bytes::Bytes::new()),
             };
-            if let Some(mut lead) = waiting.remove(*sn) {
-                lead.claimed = Some(shared.claimed(sn, token, fence));
+            if let Some(mut lead) = waiting.remove(sn) {
+                lead.hold = Some(shared.hold(sn, token, fence));
                 taken.push(lead);
             }
         }
-        if taken.is_empty() {
-            return;
+        if !taken.is_empty() {
+            self.metrics
+                .record_waits(WaitOutcome::TookOver, taken.len());
+            debug!(
+                sns = taken.len(),
+                "took over fetches another instance did not finish"
+            );
+            let span = info_span!("upstream_fetch", sns = taken.len());
+            let leads = futures_util::stream::iter(taken);
+            let fetch = Arc::clone(self).fetch_leads(leads, until);
+            self.tasks.spawn(fetch.instrument(span));
         }
-        self.metrics
-            .record_waits(WaitOutcome::TookOver, taken.len());
-        debug!(
-            sns = taken.len(),
-            "took over fetches another instance did not finish"
-        );
-        let span = info_span!("upstream_fetch", sns = taken.len());
-        let leads = futures_util::stream::iter(taken);
-        let fetch = Arc::clone(self).fetch_leads(leads, until);
-        self.tasks.spawn(fetch.instrument(span));
+        present
     }
 
     /// A stored value as the answer it holds, unless unreadable or past its stale period.

@@ -135,34 +135,45 @@ impl Core {
     /// no invalidation and no later answer came since its claim, its lease released in the
     /// same step; then the SNs are announced, written or not, so the instances waiting for
     /// them look again. `writes` go with `leads`, one each.
-    async fn write_back_fenced(&self, writes: Vec<Write>, mut leads: Vec<Lead>) {
+    async fn write_back_fenced(&self, writes: Vec<Write>, leads: Vec<Lead>) {
         let Some(shared) = &self.shared else { return };
         let mut fenced = Vec::with_capacity(writes.len());
         let mut release = Vec::new();
-        for (write, lead) in writes.into_iter().zip(&mut leads) {
+        for (write, lead) in writes.into_iter().zip(&leads) {
             let sn = lead.flight.sn.clone();
-            let token = lead
-                .claimed
-                .as_mut()
-                .and_then(|claimed| claimed.take_token(&sn));
+            let token = lead.hold.as_ref().and_then(|hold| hold.take_token());
             // Checked again right before the write: an invalidation may have come in meanwhile.
-            let claimed = lead.claimed.as_ref();
-            let Some(claimed) = claimed.filter(|_| !lead.flight.is_invalidated()) else {
+            let hold = lead.hold.as_ref();
+            let Some(hold) = hold.filter(|_| !lead.flight.is_invalidated()) else {
                 self.unwritten.settle(WriteBackOutcome::Fenced, 1);
                 release.extend(token.map(|token| (sn, token)));
                 continue;
             };
             fenced.push(FencedWrite {
                 write,
-                fence: claimed.fence.clone(),
+                fence: hold.fence().clone(),
                 token,
             });
         }
         let coordination = &shared.coordination;
         match coordination.write_fenced(&fenced).await {
-            Ok(refusals) => self.count_refusals(fenced.len(), refusals),
+            Ok(refusals) => {
+                let written: Vec<Write> = fenced
+                    .iter()
+                    .zip(&refusals.written)
+                    .filter(|(_, written)| **written)
+                    .map(|(fenced, _)| fenced.write.clone())
+                    .collect();
+                self.cache.keep_local(&written);
+                self.count_refusals(fenced.len(), &refusals);
+            }
             Err(err) => {
                 self.count_failure(&err, fenced.len());
+                if err.is_unreachable() || err.is_skipped() {
+                    // Redis is down or slow: more commands would only fail too (and count
+                    // against its breaker). The leases expire; the waiters poll.
+                    return;
+                }
                 release.extend(
                     fenced
                         .into_iter()
@@ -182,7 +193,7 @@ impl Core {
         coordination.announce(&sns).await;
     }
 
-    fn count_refusals(&self, sent: usize, refusals: Refusals) {
+    fn count_refusals(&self, sent: usize, refusals: &Refusals) {
         let refused = refusals.fenced + refusals.newer;
         self.unwritten.settle(WriteBackOutcome::Ok, sent - refused);
         self.unwritten.settle(WriteBackOutcome::Fenced, refused);

@@ -190,6 +190,8 @@ label_values! {
         Lost => "lost",
         /// Redis could not be asked: this instance fetches (local coalescing only).
         Skipped => "skipped",
+        /// Another instance wrote the answer since this one read the SN as missing: read.
+        Present => "present",
     }
 
     /// How a wait for another instance's fetch ended.

@@ -25,8 +25,10 @@ use tracing::{debug, warn};
 /// its older answer. One small key per invalidated SN, for two hours.
 const FENCE_TTL: Duration = Duration::from_secs(2 * 3600);
 
-/// `SET lease token NX PX ttl`, and the SN's fence token (empty if none).
+/// `SET lease token NX PX ttl`, and the SN's fence token (empty if none); asked only if
+/// absent (`ARGV[3]` is `1`) and the entry is there, nothing but 2.
 const CLAIM: &str = r"
+if ARGV[3] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return {2, ''} end
 local won = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
 local fence = redis.call('GET', KEYS[2]) or ''
 if won then return {1, fence} end
@@ -140,6 +142,7 @@ fn claim_of(reply: Value) -> Claim {
     };
     match won {
         Some(1) => Claim::Won { fence },
+        Some(2) => Claim::Present,
         Some(_) => Claim::Lost,
         None => Claim::Skipped,
     }
@@ -287,13 +290,13 @@ fn pipeline(sha: &str, calls: &[Call]) -> Command {
 impl Coordination for RedisCache {
     fn claim<'a>(
         &'a self,
-        sns: &'a [&'a str],
+        sns: &'a [(&'a str, bool)],
         token: &'a str,
         lease_ttl: Duration,
     ) -> BoxFuture<'a, Vec<Claim>> {
         Box::pin(async move {
             let mut claims = vec![Claim::Skipped; sns.len()];
-            let groups = match self.groups(sns.iter().copied()).await {
+            let groups = match self.groups(sns.iter().map(|(sn, _)| *sn)).await {
                 Ok(groups) => groups,
                 Err(err) => {
                     debug!(error = %err, "claims skipped: no slot map");
@@ -301,9 +304,22 @@ impl Coordination for RedisCache {
                 }
             };
             let ttl = millis(lease_ttl).to_string();
-            let call = |place: usize| Call {
-                keys: self.keys_of(sns[place], &["lease", "fence"])[1..].to_vec(),
-                args: vec![token.as_bytes().to_vec(), ttl.clone().into_bytes()],
+            let call = |place: usize| {
+                let (sn, if_absent) = sns[place];
+                let mut keys = self.keys_of(sn, &["lease", "fence"]);
+                keys.rotate_left(1);
+                Call {
+                    keys,
+                    args: vec![
+                        token.as_bytes().to_vec(),
+                        ttl.clone().into_bytes(),
+                        if if_absent {
+                            b"1".to_vec()
+                        } else {
+                            b"0".to_vec()
+                        },
+                    ],
+                }
             };
             let claim = &self.scripts.claim;
             for (group, replies) in self
@@ -410,16 +426,20 @@ impl Coordination for RedisCache {
                 }
             };
             let set = &self.scripts.set_fenced;
-            let mut refusals = Refusals::default();
+            let mut refusals = Refusals {
+                written: vec![false; writes.len()],
+                ..Refusals::default()
+            };
             let mut failure = None;
-            for (_, replies) in self
+            let sets = self
                 .eval_all(set, RedisCommand::SetFenced, &groups, &call)
-                .await
-            {
+                .await;
+            for (group, replies) in sets {
                 match replies {
                     Ok(replies) => {
-                        for reply in &replies {
+                        for (&place, reply) in group.places.iter().zip(&replies) {
                             match int(reply) {
+                                Some(0) => refusals.written[place] = true,
                                 Some(1) => refusals.fenced += 1,
                                 Some(2) => refusals.newer += 1,
                                 _ => {}

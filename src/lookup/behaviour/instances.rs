@@ -102,7 +102,7 @@ async fn a_dead_holder_delays_the_others_at_most_its_lease() {
     let (redis, rigs) = instances(1);
     // An instance that claimed A and died: its lease is never renewed nor released.
     let dead = redis.link();
-    let claims = dead.claim(&["A"], "dead", LEASE).await;
+    let claims = dead.claim(&[("A", true)], "dead", LEASE).await;
     assert!(matches!(claims[0], crate::cache::Claim::Won { .. }));
     let started = Instant::now();
     let batch = rigs[0].resolve(&["A"]).await;

@@ -120,30 +120,38 @@ pub(in crate::lookup) struct FakeLink {
 impl Coordination for FakeLink {
     fn claim<'a>(
         &'a self,
-        sns: &'a [&'a str],
+        sns: &'a [(&'a str, bool)],
         token: &'a str,
         lease_ttl: Duration,
     ) -> BoxFuture<'a, Vec<Claim>> {
-        let redis = &self.redis;
-        redis.claim_calls.fetch_add(1, Ordering::SeqCst);
-        let claims = sns
-            .iter()
-            .map(|sn| {
+        Box::pin(async move {
+            let redis = &self.redis;
+            redis.claim_calls.fetch_add(1, Ordering::SeqCst);
+            let mut claims = Vec::with_capacity(sns.len());
+            for &(sn, if_absent) in sns {
                 if redis.is_down() {
-                    return Claim::Skipped;
+                    claims.push(Claim::Skipped);
+                    continue;
+                }
+                let stored = redis.memory.get_many(&[sn]).await.values.pop().flatten();
+                if if_absent && stored.is_some() {
+                    claims.push(Claim::Present);
+                    continue;
                 }
                 if redis.holder(sn).is_some() {
-                    return Claim::Lost;
+                    claims.push(Claim::Lost);
+                    continue;
                 }
                 let until = Instant::now() + lease_ttl;
                 let mut leases = redis.leases.lock().unwrap();
-                leases.insert((*sn).to_owned(), (token.to_owned(), until));
-                Claim::Won {
+                leases.insert(sn.to_owned(), (token.to_owned(), until));
+                drop(leases);
+                claims.push(Claim::Won {
                     fence: Bytes::from(redis.fence(sn)),
-                }
-            })
-            .collect();
-        Box::pin(async move { claims })
+                });
+            }
+            claims
+        })
     }
 
     fn renew<'a>(
@@ -191,6 +199,7 @@ impl Coordination for FakeLink {
                 if let Some(token) = &fenced.token {
                     self.release_one(sn, token);
                 }
+                refusals.written.push(false);
                 if self.redis.fence(sn).as_bytes() != fenced.fence {
                     refusals.fenced += 1;
                     continue;
@@ -214,6 +223,8 @@ impl Coordination for FakeLink {
                     .memory
                     .set_many(std::slice::from_ref(&fenced.write))
                     .await?;
+                refusals.written.pop();
+                refusals.written.push(true);
             }
             Ok(refusals)
         })
