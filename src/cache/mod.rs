@@ -2,7 +2,8 @@
 //!
 //! The Redis backend is the shared cache; [`TieredCache`] puts the in-process tier
 //! ([`LocalTier`]) in front of it when `cache.local.enabled`; the in-memory one serves `demo`
-//! on a machine without Redis.
+//! on a machine without Redis. Redis is also what instances sharing it coalesce through
+//! (`coordination`: claims, fences, announcements).
 
 mod cluster;
 mod connections;

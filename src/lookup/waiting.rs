@@ -33,6 +33,9 @@ impl Core {
         // Answered between the claim and the listening: as good as notified.
         self.look_again(&mut waiting, all, WaitOutcome::Notified, false, until)
             .await;
+        // A poll past the deadline: the lookups' own deadlines answer them first
+        // (`deadline_exceeded`), and a lookup that joined later may still want the answer.
+        let give_up = until + shared.poll;
         let mut poll = tokio::time::interval_at(Instant::now() + shared.poll, shared.poll);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !waiting.is_empty() {
@@ -52,7 +55,7 @@ impl Core {
                     let all = waiting.keys().cloned().collect();
                     self.look_again(&mut waiting, all, WaitOutcome::Polled, true, until).await;
                 }
-                () = tokio::time::sleep_until(until) => {
+                () = tokio::time::sleep_until(give_up) => {
                     self.metrics.record_waits(WaitOutcome::DeadlinePassed, waiting.len());
                     debug!(sns = waiting.len(), "gave up waiting for another instance's answers");
                     return;

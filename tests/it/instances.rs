@@ -325,3 +325,31 @@ async fn a_pure_hit_batch_sends_no_claim() {
         "no announcement"
     );
 }
+
+#[tokio::test]
+async fn a_write_back_never_replaces_an_entry_fetched_later() {
+    let app = crate::support::TestApp::spawn().await;
+    // An entry fetched a minute from now, as another instance with a later answer (or a
+    // clock ahead) would have written it.
+    let later = std::time::SystemTime::now() + Duration::from_secs(60);
+    let millis = later
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let value = format!(r#"dp1+{millis:013} {{"later":true}}"#);
+    crate::support::seed_raw(&app, "N-1", value.clone()).await;
+    // A forced refresh fetches N-1 now: an earlier answer than the one stored.
+    let body = app
+        .lookup_at("/v1/discounts/lookup?refresh=true", &["N-1"])
+        .await;
+    assert_eq!(body["results"][0]["source"], "upstream");
+    assert_eq!(app.upstream.calls("N-1"), 1);
+    let stored = app.redis_value("N-1").await.unwrap();
+    assert_eq!(
+        String::from_utf8(stored).unwrap(),
+        value,
+        "the later entry stays"
+    );
+    let refused = r#"discount_proxy_refused_writes_total{reason="newer"}"#;
+    assert_eq!(app.metric(refused), 1.0);
+}
