@@ -8,6 +8,12 @@
 //!   through `RedisCache`, on one Redis and on the local cluster;
 //! - the hit path's throughput with `coalesce.distributed` on and off, one proxy each, in
 //!   turns.
+//!
+//! One run on the 2-core development machine (shared, loaded): loser's added latency median
+//! 0.39 ms, max 4.4 ms over 50 trials; 10,000-entry write-back 17.7 ms plain against 72 ms
+//! fenced on one Redis, 31 ms against 109 ms on the cluster; hit batches per second on/off
+//! 9,076/3,452, 3,965/4,192, 4,888/2,632 (noise, no measurable change: a hit sends the same
+//! `MGET`s either way).
 
 use crate::support::{Process, RedisCluster, RedisServer, StubUpstream, http_client};
 use bytes::Bytes;

@@ -5,6 +5,11 @@
 //! Scripts are loaded once per node (`SCRIPT LOAD`, which also tells their SHA1) and called
 //! by SHA; a node that lost them (restarted, or a new master) answers `NOSCRIPT`, and the
 //! group is sent again after loading them there.
+//!
+//! The fenced write-back costs about four times the plain `SET … PX` pipeline: 72 ms against
+//! 18 ms for 10,000 entries on one local Redis, 109 ms against 31 ms on a local 3-master
+//! cluster (`instances_measured` in the integration tests): a script call per entry, on the
+//! miss path only, where each entry cost an upstream call of about 0.5 s.
 
 use super::{Command, Destination, Group, RedisCache};
 use crate::cache::coordination::{Claim, Coordination, FencedWrite, Refusals, companion_key};
