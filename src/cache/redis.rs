@@ -15,6 +15,7 @@
 //! one pipeline per master a few milliseconds: the figures are in the README.
 
 mod coordination;
+mod scripts;
 
 use super::cluster::{ClusterLink, ClusterNode, Topology};
 use super::connections::{Connections, Endpoint, Lease};
@@ -57,7 +58,7 @@ pub struct RedisCache {
     /// (`coalesce.distributed`), instead of a plain `DEL`.
     fences: bool,
     /// The scripts of `coordination`, their SHA1s learned as they are loaded.
-    scripts: coordination::Scripts,
+    scripts: scripts::Scripts,
     /// This instance's waiters for answers other instances fetch.
     wakeups: Arc<super::wakeups::Wakeups>,
     /// Stops following the answers channel when the cache is dropped.
@@ -296,7 +297,7 @@ impl RedisCache {
             ),
             metrics,
             fences: false,
-            scripts: coordination::Scripts::default(),
+            scripts: scripts::Scripts::default(),
             wakeups: Arc::default(),
             following: std::sync::OnceLock::new(),
         })
