@@ -1,4 +1,5 @@
-//! Three proxy processes sharing one Redis (standalone, and the local cluster) behave as one
+//! Three proxy processes sharing one Redis (standalone, and the local cluster; two instances
+//! behind Sentinel) behave as one
 //! (`coalesce.distributed`): one upstream call per SN between them, however the lookups are
 //! spread; an invalidation on one fences a fetch on another; a holder killed mid-fetch is
 //! taken over within its lease; a pure-hit batch sends no claim.
@@ -352,4 +353,36 @@ async fn a_write_back_never_replaces_an_entry_fetched_later() {
     );
     let refused = r#"discount_proxy_refused_writes_total{reason="newer"}"#;
     assert_eq!(app.metric(refused), 1.0);
+}
+
+#[tokio::test]
+async fn two_instances_behind_sentinel_fetch_a_cold_sn_once() {
+    use crate::support::{SentinelSet, TestApp};
+    use discount_proxy::app::CacheChoice;
+    use discount_proxy::config::RedisMode;
+    let sentinels = SentinelSet::shared();
+    let nodes = sentinels.sentinel_urls();
+    let master = sentinels.master_name().to_owned();
+    let first = TestApp::spawn_with(move |config| {
+        config.redis.mode = RedisMode::Sentinel;
+        config.redis.nodes = nodes;
+        config.redis.sentinel_master = Some(master);
+        config.redis.key_prefix = "inst-sentinel:".to_owned();
+    })
+    .await;
+    first.upstream.set_latency(Duration::from_millis(200));
+    // The same config (the same sentinels and upstream) on a port of its own; the Redis and
+    // stub a `TestApp` owns are not used.
+    let mut config = first.config.clone();
+    config.server.listen = "127.0.0.1:0".parse().unwrap();
+    let unused = (RedisServer::start(), StubUpstream::start().await);
+    let second = TestApp::spawn_on(config, CacheChoice::Redis, unused.0, unused.1).await;
+    let lookups = (0..100).map(|i| {
+        let app = if i % 2 == 0 { &first } else { &second };
+        app.lookup(&["ST-1"])
+    });
+    for body in futures_util::future::join_all(lookups).await {
+        assert_eq!(body["results"][0]["status"], "ok", "{body}");
+    }
+    assert_eq!(first.upstream.calls("ST-1"), 1);
 }
