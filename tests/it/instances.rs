@@ -1,8 +1,7 @@
-//! Three proxy processes sharing one Redis (standalone, and the local cluster; two instances
-//! behind Sentinel) behave as one
-//! (`coalesce.distributed`): one upstream call per SN between them, however the lookups are
-//! spread; an invalidation on one fences a fetch on another; a holder killed mid-fetch is
-//! taken over within its lease; a pure-hit batch sends no claim.
+//! Proxy processes sharing one Redis (three on one Redis and on the local cluster, two
+//! behind Sentinel) behave as one (`coalesce.distributed`): one upstream call per SN between
+//! them, however the lookups are spread; an invalidation on one fences a fetch on another; a
+//! holder killed mid-fetch is taken over within its lease; a pure-hit batch sends no claim.
 
 use crate::support::{Process, RedisCluster, RedisServer, Reply, StubUpstream, http_client};
 use serde_json::{Value, json};
