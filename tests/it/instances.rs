@@ -1,5 +1,5 @@
-//! Proxy processes sharing one Redis (three on one Redis and on the local cluster, two
-//! behind Sentinel) behave as one (`coalesce.distributed`): one upstream call per SN between
+//! Proxies sharing one Redis (three processes on one Redis and on the local cluster, two
+//! in-process instances behind Sentinel) behave as one (`coalesce.distributed`): one upstream call per SN between
 //! them, however the lookups are spread; an invalidation on one fences a fetch on another; a
 //! holder killed mid-fetch is taken over within its lease; a pure-hit batch sends no claim.
 
