@@ -75,6 +75,14 @@ impl Queue {
         let Some((core, until)) = self.claims.clone() else {
             return;
         };
+        // Nothing more is started: no claim for what is about to be dropped.
+        let cancelled = self
+            .streamed
+            .as_ref()
+            .is_some_and(|streamed| streamed.cancel.is_cancelled());
+        if self.stopping.is_cancelled() || cancelled {
+            return;
+        }
         let head_unchecked = self
             .waiting
             .front()
