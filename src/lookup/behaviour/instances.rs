@@ -195,3 +195,18 @@ async fn without_redis_each_instance_fetches_on_its_own_and_answers() {
         "nothing written"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_of_misses_is_claimed_a_chunk_per_call() {
+    let (redis, rigs) = instances(1);
+    let batch: Vec<String> = (0..250).map(|i| format!("C-{i}")).collect();
+    let batch: Vec<&str> = batch.iter().map(String::as_str).collect();
+    let lines = described(&rigs[0].resolve(&batch).await);
+    assert!(lines.iter().all(|line| line.ends_with("ok upstream")));
+    // `write_batch` (`redis.chunk_size`) is 100 here: 250 misses, three claim calls.
+    assert_eq!(redis.claim_calls.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        rigs[0].metric("discount_proxy_claims_total{result=\"won\"}"),
+        250.0
+    );
+}
