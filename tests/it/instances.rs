@@ -385,3 +385,38 @@ async fn two_instances_behind_sentinel_fetch_a_cold_sn_once() {
     }
     assert_eq!(first.upstream.calls("ST-1"), 1);
 }
+
+#[tokio::test]
+async fn with_distributed_off_each_instance_coalesces_alone_and_sends_no_script() {
+    let redis = RedisServer::start();
+    let off = [("DISCOUNT_PROXY_COALESCE__DISTRIBUTED", "false")];
+    let instances = Instances::start(Shared::One(&redis), 2, "alone:", &off).await;
+    instances.upstream.set_latency(Duration::from_millis(200));
+    let gets = (0..20).map(|i| instances.get(i % 2, "ALONE-1"));
+    for (status, _) in futures_util::future::join_all(gets).await {
+        assert_eq!(status, 200);
+    }
+    assert_eq!(instances.upstream.calls("ALONE-1"), 2, "one per instance");
+    let url = format!("http://{}/v1/discounts/ALONE-1", instances.addrs[0]);
+    assert!(
+        instances
+            .client
+            .delete(url)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+    assert_eq!(
+        redis.command_calls("evalsha").await,
+        0,
+        "no claim, fence or fenced write"
+    );
+    assert_eq!(redis.command_calls("publish").await, 0, "no announcement");
+    assert_eq!(
+        redis.command(&["DBSIZE"]).await,
+        redis::Value::Int(0),
+        "no lease or fence key"
+    );
+}
