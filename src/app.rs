@@ -4,7 +4,7 @@
 use crate::cache::{Cache, MemoryCache, RedisCache, TieredCache};
 use crate::config::{Config, redacted_url};
 use crate::health::Health;
-use crate::lookup::{Lifetimes, Lookup, LookupSettings};
+use crate::lookup::{Distributed, Lifetimes, Lookup, LookupSettings};
 use crate::metrics::Metrics;
 use crate::state::AppState;
 use crate::upstream::{UpstreamClient, UpstreamSettings};
@@ -51,7 +51,17 @@ pub enum CacheChoice {
 /// A Redis URL redis-rs rejects, or a TLS stack that cannot be set up.
 pub async fn build(config: &Config, choice: CacheChoice) -> Result<Arc<AppState>, StartError> {
     let metrics = Arc::new(Metrics::new());
-    let cache = build_cache(config, choice, &metrics).await?;
+    let (cache, redis) = build_cache(config, choice, &metrics).await?;
+    let distributed = redis
+        .filter(|_| config.coalesce.distributed)
+        .map(|redis| {
+            redis.follow_answers();
+            info!(lease_ttl = ?config.coalesce.lease_ttl, "coalescing with the instances sharing redis");
+            Distributed {
+                coordination: redis,
+                lease_ttl: config.coalesce.lease_ttl,
+            }
+        });
     let upstream = Arc::new(UpstreamClient::new(
         &UpstreamSettings::from(&config.upstream),
         Arc::clone(&metrics),
@@ -73,6 +83,7 @@ pub async fn build(config: &Config, choice: CacheChoice) -> Result<Arc<AppState>
             max_pending: config.upstream.max_pending,
             write_batch: config.redis.chunk_size,
         },
+        distributed,
     );
     Ok(Arc::new(AppState::new(
         &config.server,
@@ -83,23 +94,29 @@ pub async fn build(config: &Config, choice: CacheChoice) -> Result<Arc<AppState>
     )))
 }
 
+/// The cache lookups use, and the Redis behind it (if any).
+type Built = (Arc<dyn Cache>, Option<Arc<RedisCache>>);
+
 async fn build_cache(
     config: &Config,
     choice: CacheChoice,
     metrics: &Arc<Metrics>,
-) -> Result<Arc<dyn Cache>, StartError> {
-    let memory = || -> Arc<dyn Cache> {
+) -> Result<Built, StartError> {
+    let memory = || -> Built {
         info!(
             max_entries = config.cache.memory_max_entries,
             "cache: in-process"
         );
-        Arc::new(MemoryCache::new(config.cache.memory_max_entries))
+        (
+            Arc::new(MemoryCache::new(config.cache.memory_max_entries)),
+            None,
+        )
     };
     if choice == CacheChoice::Memory {
         return Ok(memory());
     }
     let redis = match RedisCache::new(&config.redis, Arc::clone(metrics)) {
-        Ok(redis) => redis,
+        Ok(redis) => Arc::new(redis.with_fences(config.coalesce.distributed)),
         Err(err) if choice == CacheChoice::RedisIfAnswering => {
             warn!(error = %err, "redis URL unusable; using the in-process cache");
             return Ok(memory());
@@ -118,17 +135,21 @@ async fn build_cache(
             "cache: redis does not answer; lookups go to the upstream until it does"
         ),
     }
-    Ok(with_local_tier(config, redis, metrics))
+    Ok((with_local_tier(config, &redis, metrics), Some(redis)))
 }
 
 /// Redis, with the in-process tier in front when `cache.local.enabled`.
-fn with_local_tier(config: &Config, redis: RedisCache, metrics: &Arc<Metrics>) -> Arc<dyn Cache> {
+fn with_local_tier(
+    config: &Config,
+    redis: &Arc<RedisCache>,
+    metrics: &Arc<Metrics>,
+) -> Arc<dyn Cache> {
     let local = &config.cache.local;
     if !local.enabled {
-        return Arc::new(redis);
+        return Arc::clone(redis) as Arc<dyn Cache>;
     }
     let tiered = TieredCache::new(
-        Arc::new(redis),
+        Arc::clone(redis),
         &config.redis.key_prefix,
         local.max_bytes,
         local.ttl,

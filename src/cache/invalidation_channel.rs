@@ -1,9 +1,13 @@
-//! The Redis pub/sub channel that carries invalidations to every instance's in-process tier.
+//! The Redis pub/sub channels every instance follows: invalidations for the in-process tier,
+//! and (`coalesce.distributed`) announcements of answers written, for the waiters of
+//! `wakeups`.
 //!
 //! Each instance subscribes on a connection of its own, on the node its
-//! [`SubscriptionEndpoint`] names for each attempt, and drops the copies each message names. The subscription is checked with a `PING` every second; when it is lost, the tier is
-//! emptied on the way back (a message may have been missed meanwhile), and while it is down
-//! no copy outlives `cache.local.ttl`: that is the staleness bound.
+//! [`SubscriptionEndpoint`] names for each attempt, and hands each message to the channel's
+//! [`Handler`]. The subscription is checked with a `PING` every second; when it is lost, the
+//! handler is told on the way back (a message may have been missed meanwhile): the tier is
+//! emptied, and while it is down no copy outlives `cache.local.ttl`, which is the staleness
+//! bound; every waiter looks again.
 
 use super::LocalTier;
 use super::subscription::SubscriptionEndpoint;
@@ -66,21 +70,73 @@ impl InvalidationChannel {
         local: Arc<LocalTier>,
         metrics: Arc<Metrics>,
     ) -> CancellationToken {
-        let stop = CancellationToken::new();
-        let follower = Follower {
+        follow(
             endpoint,
-            channel: self.name.clone(),
-            local,
-            metrics,
-        };
-        let stopped = stop.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = follower.run() => {}
-                () = stopped.cancelled() => {}
+            self.name.clone(),
+            Arc::new(Invalidations { local, metrics }),
+        )
+    }
+}
+
+/// What a followed channel's messages are for.
+pub(super) trait Handler: Send + Sync + 'static {
+    /// Subscribed (again), or not any more: while not, messages may be missed.
+    fn subscribed(&self, up: bool);
+    /// A message arrived.
+    fn message(&self, payload: &[u8]);
+}
+
+/// Follows `channel` in a task of its own, resubscribing whenever the subscription is lost,
+/// until the returned token is cancelled.
+pub(super) fn follow(
+    endpoint: Arc<SubscriptionEndpoint>,
+    channel: String,
+    handler: Arc<dyn Handler>,
+) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let follower = Follower {
+        endpoint,
+        channel,
+        handler,
+    };
+    let stopped = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = follower.run() => {}
+            () = stopped.cancelled() => {}
+        }
+    });
+    stop
+}
+
+/// Invalidations for the in-process tier.
+struct Invalidations {
+    local: Arc<LocalTier>,
+    metrics: Arc<Metrics>,
+}
+
+impl Handler for Invalidations {
+    fn subscribed(&self, up: bool) {
+        if up {
+            // Whatever was copied while not subscribed may have missed its invalidation.
+            self.local.clear();
+        }
+        self.metrics.set_invalidation_channel_up(up);
+    }
+
+    fn message(&self, message: &[u8]) {
+        self.metrics
+            .record_invalidation_message(InvalidationEvent::Received);
+        match decode(message) {
+            Invalidate::These(sns) => {
+                debug!(sns = sns.len(), "invalidation received");
+                self.local.invalidate(sns);
             }
-        });
-        stop
+            Invalidate::All => {
+                warn!("unreadable invalidation message; dropping every local copy");
+                self.local.clear();
+            }
+        }
     }
 }
 
@@ -89,8 +145,7 @@ struct Follower {
     /// subscribe changes.
     endpoint: Arc<SubscriptionEndpoint>,
     channel: String,
-    local: Arc<LocalTier>,
-    metrics: Arc<Metrics>,
+    handler: Arc<dyn Handler>,
 }
 
 impl Follower {
@@ -99,14 +154,14 @@ impl Follower {
         loop {
             let started = Instant::now();
             let lost = self.session().await;
-            self.metrics.set_invalidation_channel_up(false);
+            self.handler.subscribed(false);
             // A subscription that lasted was a good one: the next attempt starts quick again.
             if started.elapsed() > RETRY_MAX * 2 {
                 retry = RETRY_MIN;
             }
             warn!(
                 channel = %self.channel, error = %lost, retry_in = ?retry,
-                "not following invalidations; local copies expire within cache.local.ttl meanwhile"
+                "not following the channel; missed messages are made up for when it is back"
             );
             tokio::time::sleep(retry).await;
             retry = (retry * 2).min(RETRY_MAX);
@@ -120,16 +175,14 @@ impl Follower {
             Ok(Err(err)) => return err,
             Err(_) => return "subscribing timed out".to_owned(),
         };
-        // Whatever was copied while not subscribed may have missed its invalidation.
-        self.local.clear();
-        self.metrics.set_invalidation_channel_up(true);
-        info!(channel = %self.channel, %node, "following invalidations");
+        self.handler.subscribed(true);
+        info!(channel = %self.channel, %node, "following the channel");
         let (mut sink, mut messages) = pubsub.split();
         let mut heartbeat = tokio::time::interval_at(Instant::now() + HEARTBEAT, HEARTBEAT);
         loop {
             tokio::select! {
                 message = messages.next() => match message {
-                    Some(message) => self.apply(message.get_payload_bytes()),
+                    Some(message) => self.handler.message(message.get_payload_bytes()),
                     None => return "the subscription connection closed".to_owned(),
                 },
                 _ = heartbeat.tick() => {
@@ -158,21 +211,6 @@ impl Follower {
         let mut pubsub = client.get_async_pubsub().await.map_err(failed)?;
         pubsub.subscribe(&self.channel).await.map_err(failed)?;
         Ok((pubsub, node))
-    }
-
-    fn apply(&self, message: &[u8]) {
-        self.metrics
-            .record_invalidation_message(InvalidationEvent::Received);
-        match decode(message) {
-            Invalidate::These(sns) => {
-                debug!(sns = sns.len(), "invalidation received");
-                self.local.invalidate(sns);
-            }
-            Invalidate::All => {
-                warn!("unreadable invalidation message; dropping every local copy");
-                self.local.clear();
-            }
-        }
     }
 }
 

@@ -2,10 +2,12 @@
 //!
 //! The Redis backend is the shared cache; [`TieredCache`] puts the in-process tier
 //! ([`LocalTier`]) in front of it when `cache.local.enabled`; the in-memory one serves `demo`
-//! on a machine without Redis.
+//! on a machine without Redis. Redis is also what instances sharing it coalesce through
+//! (`coordination`: claims, fences, announcements).
 
 mod cluster;
 mod connections;
+pub mod coordination;
 mod entry;
 mod invalidation_channel;
 mod local;
@@ -15,7 +17,9 @@ mod sentinel;
 mod slots;
 mod subscription;
 mod tiered;
+mod wakeups;
 
+pub use self::coordination::{Claim, Coordination, FencedWrite, Refusals};
 pub use self::entry::{Entry, EntryError, EntryKind};
 pub use self::local::LocalTier;
 pub use self::memory::MemoryCache;
@@ -113,6 +117,10 @@ pub trait Cache: Send + Sync + 'static {
 
     /// Removes `sns`; returns how many of them existed.
     fn delete_many<'a>(&'a self, sns: &'a [&'a str]) -> BoxFuture<'a, Result<u64, CacheError>>;
+
+    /// Keeps a copy of entries just written to the backend some other way (a fenced
+    /// write-back, see `coordination`) in an in-process tier, if there is one.
+    fn keep_local(&self, _writes: &[Write]) {}
 
     /// Checks the backend answers, for `/readyz`.
     fn ping(&self) -> BoxFuture<'_, Result<(), CacheError>>;

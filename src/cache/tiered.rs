@@ -145,6 +145,13 @@ impl Cache for TieredCache {
         })
     }
 
+    fn keep_local(&self, writes: &[Write]) {
+        let now = Instant::now();
+        for write in writes {
+            self.local.put(&write.sn, write.value.clone(), now);
+        }
+    }
+
     fn ping(&self) -> BoxFuture<'_, Result<(), CacheError>> {
         self.remote.ping()
     }

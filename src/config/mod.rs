@@ -77,6 +77,8 @@ pub struct Config {
     pub cache: CacheConfig,
     /// `[upstream]`: the discount service being fronted and how it is called.
     pub upstream: UpstreamConfig,
+    /// `[coalesce]`: how instances sharing a Redis share their upstream fetches.
+    pub coalesce: CoalesceConfig,
     /// `[log]`: the shape of the log output.
     pub log: LogConfig,
 }
@@ -326,6 +328,29 @@ impl Default for UpstreamConfig {
             max_pending: 100_000,
             circuit: crate::circuit::CircuitSettings::default(),
             max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// Instances sharing one Redis acting as one: a fetch is claimed in Redis before it starts,
+/// so the others wait for its answer instead of asking the upstream again.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoalesceConfig {
+    /// With Redis: claims, notified waiting and fenced write-backs across instances. Off, each
+    /// instance coalesces only its own requests, as before.
+    pub distributed: bool,
+    /// How long one instance's claim on a fetch lasts unless renewed (it is renewed every
+    /// third of this while the fetch runs): the longest a crashed holder delays the others.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+}
+
+impl Default for CoalesceConfig {
+    fn default() -> Self {
+        Self {
+            distributed: true,
+            lease_ttl: Duration::from_secs(10),
         }
     }
 }

@@ -72,7 +72,32 @@ impl Config {
         timeout(self.upstream.timeout, "upstream.timeout")?;
         timeout(self.upstream.connect_timeout, "upstream.connect_timeout")?;
         at_least(self.upstream.max_body_bytes, 2, "upstream.max_body_bytes")?;
-        self.validate_resilience()
+        self.validate_resilience()?;
+        self.validate_coalesce()
+    }
+
+    /// `[coalesce]`: a lease long enough to renew over a Redis round trip, short enough that
+    /// a crashed holder does not stall the others for long; a key prefix that leaves every
+    /// key's hash slot to its SN on a cluster, so a claim's keys share the entry's slot.
+    fn validate_coalesce(&self) -> Result<(), ConfigError> {
+        within(
+            self.coalesce.lease_ttl,
+            Duration::from_millis(300),
+            Duration::from_secs(600),
+            "coalesce.lease_ttl",
+        )?;
+        let prefix = &self.redis.key_prefix;
+        if self.coalesce.distributed
+            && self.redis.mode == RedisMode::Cluster
+            && prefix.contains(['{', '}'])
+        {
+            return Err(ConfigError::invalid(
+                "redis.key_prefix",
+                "must not hold '{' or '}' on a cluster with coalesce.distributed: the prefix \
+                 would pick the hash slot of every key, claims and fences included",
+            ));
+        }
+        Ok(())
     }
 
     /// `redis.mode` and what it needs: cluster seeds that are Redis URLs, a sentinel master
@@ -355,6 +380,28 @@ mod tests {
                 config.validate()
             );
         }
+    }
+
+    #[test]
+    fn a_braced_key_prefix_is_refused_on_a_cluster_only_when_instances_coalesce() {
+        let mut config = Config::default();
+        config.redis.mode = RedisMode::Cluster;
+        config.redis.key_prefix = "{discount}:".to_owned();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("redis.key_prefix"), "{err}");
+        config.coalesce.distributed = false;
+        assert!(config.validate().is_ok());
+        config.coalesce.distributed = true;
+        config.redis.mode = RedisMode::Standalone;
+        assert!(config.validate().is_ok(), "one Redis has no slots");
+    }
+
+    #[test]
+    fn a_lease_must_outlast_a_redis_round_trip() {
+        let mut config = Config::default();
+        config.coalesce.lease_ttl = Duration::from_millis(10);
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("coalesce.lease_ttl"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! abandoned, and only the fetches under way finish and are written back.
 
 use super::Core;
+use super::distributed::LeaseHold;
 use super::flights::{Flight, Flights};
 use super::write_back::{PendingWrites, next_answer};
 use crate::cache::{Entry, EntryKind, Write};
@@ -24,6 +25,8 @@ use tracing::{debug, warn};
 pub(super) struct Lead {
     pub(super) flight: Arc<Flight>,
     flights: Arc<Flights>,
+    /// With `coalesce.distributed`: what its claim in Redis allows (see `distributed`).
+    pub(super) hold: Option<Arc<LeaseHold>>,
 }
 
 impl Drop for Lead {
@@ -43,6 +46,9 @@ struct Queue {
     streamed: Option<Streamed>,
     /// Cancelled when the proxy drains.
     stopping: CancellationToken,
+    /// With other instances: the core that claims in Redis, and the deadline of the waits
+    /// for what another instance fetches.
+    claims: Option<(Arc<Core>, Instant)>,
 }
 
 /// What ties a fetch task to the streamed lookup it fetches for.
@@ -58,7 +64,47 @@ impl Queue {
         Lead {
             flight,
             flights: Arc::clone(&self.flights),
+            hold: None,
         }
+    }
+
+    /// With other instances: when the next flight to fetch has not been claimed in Redis,
+    /// claims it with those queued behind it (up to `redis.chunk_size`) in one round trip;
+    /// the ones lost are taken on at once, to wait for the other instance's answers.
+    async fn claim_ahead(&mut self) {
+        let Some((core, until)) = self.claims.clone() else {
+            return;
+        };
+        // Nothing more is started: no claim for what is about to be dropped.
+        let cancelled = self
+            .streamed
+            .as_ref()
+            .is_some_and(|streamed| streamed.cancel.is_cancelled());
+        if self.stopping.is_cancelled() || cancelled {
+            return;
+        }
+        let head_unchecked = self
+            .waiting
+            .front()
+            .is_some_and(|flight| flight.is_unchecked());
+        if !head_unchecked {
+            return;
+        }
+        let most = core.settings.write_batch.max(1);
+        let ahead: Vec<Arc<Flight>> = self
+            .waiting
+            .iter()
+            .filter(|flight| flight.is_unchecked())
+            .take(most)
+            .cloned()
+            .collect();
+        core.claim_ahead(&ahead).await;
+        let lost = ahead
+            .into_iter()
+            .filter(|flight| flight.is_lost() && !flight.is_refresh() && flight.claim())
+            .map(|flight| self.lead(flight))
+            .collect();
+        core.wait_elsewhere(lost, until);
     }
 
     /// After a cancellation: the queued flights nobody else waits for are dropped (settled as
@@ -100,6 +146,7 @@ impl Queue {
     /// The next flight to fetch, waiting for more to be fed when the queue has run dry.
     async fn next_lead(&mut self) -> Option<Lead> {
         loop {
+            self.claim_ahead().await;
             if let Some(lead) = self.next() {
                 return Some(lead);
             }
@@ -180,17 +227,36 @@ impl Core {
         retry_until: Instant,
         streamed: Option<Streamed>,
     ) {
-        let per_request = self.upstream.concurrency();
         let queue = Queue {
             waiting: flights.into(),
             flights: Arc::clone(&self.flights),
             streamed,
             stopping: self.stopping.clone(),
+            claims: self
+                .shared
+                .as_ref()
+                .map(|_| (Arc::clone(&self), retry_until)),
         };
         let leads = futures_util::stream::unfold(queue, |mut queue| async move {
             let lead = queue.next_lead().await?;
             Some((lead, queue))
         });
+        let core = Arc::clone(&self);
+        let leads = leads.filter_map(move |lead| {
+            let core = Arc::clone(&core);
+            async move { core.decide(lead, retry_until).await }
+        });
+        self.fetch_leads(leads, retry_until).await;
+    }
+
+    /// Fetches `leads` (flights this task has claimed), at most `upstream.concurrency` at a
+    /// time, hands each answer to its waiters and writes the definite ones back.
+    pub(super) async fn fetch_leads(
+        self: Arc<Self>,
+        leads: impl futures_util::Stream<Item = Lead>,
+        retry_until: Instant,
+    ) {
+        let per_request = self.upstream.concurrency();
         // Boxed, so it can be dropped (its queue settling what is left) before the writes end.
         let mut answers = Box::pin(
             leads
@@ -206,6 +272,9 @@ impl Core {
         let mut writes = PendingWrites::new(Arc::clone(&self));
         while let Some((lead, answer)) = next_answer(&mut answers, &mut writes).await {
             self.record(&lead.flight.sn, &answer);
+            if answer.is_err() {
+                self.let_go(&lead);
+            }
             let write = match &answer {
                 Ok(fetched) => self.write_for(&lead.flight, fetched),
                 Err(_) => None,
@@ -279,6 +348,7 @@ mod tests {
                 more,
             }),
             stopping: CancellationToken::new(),
+            claims: None,
         }
     }
 
@@ -338,6 +408,7 @@ mod tests {
             flights: Arc::clone(&flights),
             streamed: None,
             stopping: stopping.clone(),
+            claims: None,
         };
         let first = queue.next().unwrap();
         stopping.cancel();

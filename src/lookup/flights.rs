@@ -24,6 +24,7 @@
 //! invalidations would grow with every SN ever invalidated, or, bounded, forget some and let
 //! a pre-invalidation answer be written back.
 
+use super::distributed::Remote;
 use crate::metrics::Metrics;
 use crate::upstream::{Fetched, UpstreamError};
 use std::collections::HashMap;
@@ -71,6 +72,11 @@ pub struct Flight {
     /// Started to refresh a value still being served (stale, or nearly expired): a lookup
     /// must read that value rather than wait for this.
     refresh: bool,
+    /// With other instances: its claim in Redis (see `distributed`).
+    remote: watch::Sender<Remote>,
+    /// Fetched for a lookup that asked for a fresh answer (`refresh`), so it is claimed in
+    /// Redis even if an entry is there.
+    forced: AtomicBool,
 }
 
 impl Flight {
@@ -82,12 +88,81 @@ impl Flight {
             invalidated: AtomicBool::new(false),
             finished: AtomicBool::new(false),
             refresh,
+            remote: watch::Sender::new(Remote::Unchecked),
+            forced: AtomicBool::new(false),
         })
+    }
+
+    /// Marks its claim in Redis as on its way; `false` if it was already made or is under
+    /// way.
+    pub fn begin_check(&self) -> bool {
+        self.remote.send_if_modified(|remote| {
+            let unchecked = matches!(remote, Remote::Unchecked);
+            if unchecked {
+                *remote = Remote::Checking;
+            }
+            unchecked
+        })
+    }
+
+    /// Marks it as fetched for a lookup that wants a fresh answer whatever is cached.
+    pub fn force(&self) {
+        self.forced.store(true, Ordering::Release);
+    }
+
+    /// Whether its claim in Redis is to be made only if no entry is there: a miss, not a
+    /// refresh.
+    pub fn claims_if_absent(&self) -> bool {
+        !self.refresh && !self.forced.load(Ordering::Acquire)
+    }
+
+    /// Whether it has not been claimed in Redis yet.
+    pub fn is_unchecked(&self) -> bool {
+        matches!(*self.remote.borrow(), Remote::Unchecked)
+    }
+
+    /// Whether another instance fetches it.
+    pub fn is_lost(&self) -> bool {
+        matches!(*self.remote.borrow(), Remote::Lost)
+    }
+
+    /// What its claim in Redis allows, if it was won here.
+    pub fn hold(&self) -> Option<Arc<super::distributed::LeaseHold>> {
+        match &*self.remote.borrow() {
+            Remote::Fetch(hold) => Some(Arc::clone(hold)),
+            _ => None,
+        }
+    }
+
+    /// Records what its claim came to.
+    pub fn decide(&self, remote: Remote) {
+        self.remote.send_replace(remote);
+    }
+
+    /// What its claim came to, once made (waits while one is on its way).
+    pub async fn decided(&self) -> Remote {
+        let mut remote = self.remote.subscribe();
+        let decided = remote
+            .wait_for(|remote| !matches!(remote, Remote::Checking))
+            .await
+            .map(|remote| remote.clone());
+        // The sender lives with the flight: a closed channel cannot be seen from here.
+        decided.unwrap_or_default()
     }
 
     /// Takes the fetch on; `false` if another task already has.
     pub fn claim(&self) -> bool {
         !self.claimed.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether a lookup still listens for the answer.
+    pub fn is_wanted(&self) -> bool {
+        self.waiters() > 0
+    }
+
+    /// Whether it refreshes a value still served: nobody waits for its answer.
+    pub fn is_refresh(&self) -> bool {
+        self.refresh
     }
 
     /// Lookups listening for the answer now.
@@ -277,16 +352,19 @@ impl Flights {
 
     /// Detaches the flights of invalidated SNs: their waiters still get the answer they
     /// asked for, but it is not written back, and a lookup from now on starts a fetch of its
-    /// own. They count as pending until they end.
-    pub fn detach(&self, sns: &[&str]) {
+    /// own. They count as pending until they end. Returns them.
+    pub fn detach(&self, sns: &[&str]) -> Vec<Arc<Flight>> {
         let mut map = self.lock();
+        let mut detached = Vec::new();
         for sn in sns {
             if let Some(flight) = map.remove(*sn) {
                 flight.invalidated.store(true, Ordering::Release);
                 self.detached.fetch_add(1, Ordering::Relaxed);
+                detached.push(flight);
             }
         }
         self.size.store(map.len(), Ordering::Relaxed);
+        detached
     }
 
     /// Fetches queued, in flight, or waiting for their write-back, detached ones included.

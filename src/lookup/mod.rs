@@ -4,6 +4,7 @@
 
 #[cfg(test)]
 mod behaviour;
+mod distributed;
 mod fetch;
 mod flights;
 mod freshness;
@@ -14,15 +15,18 @@ mod streamed;
 #[cfg(test)]
 mod testing;
 mod upstream;
+mod waiting;
 mod whole;
 mod write_back;
 
+pub use self::distributed::Distributed;
 pub use self::flights::Overloaded;
 pub use self::freshness::Lifetimes;
 pub use self::outcome::{Batch, ItemError, Outcome, Source, Summary};
 pub use self::streamed::StreamedLookup;
 pub use self::upstream::Upstream;
 
+use self::distributed::Shared;
 use self::flights::Flights;
 use self::whole::WholeLookup;
 use self::write_back::Unwritten;
@@ -73,19 +77,25 @@ struct Core {
     stopping: CancellationToken,
     /// Answers on their way to the cache, for the drain to count what it leaves behind.
     unwritten: Unwritten,
+    /// With `coalesce.distributed` and Redis: claims, leases and waits shared with the other
+    /// instances.
+    shared: Option<Shared>,
 }
 
 impl Lookup {
     /// The lookup core over a cache and an upstream (the [`crate::upstream::UpstreamClient`]
-    /// in the proxy), reporting into `health` and `metrics`.
+    /// in the proxy), reporting into `health` and `metrics`; with `distributed`, coalescing
+    /// with the other instances sharing the cache (needs a Tokio runtime then).
     pub fn new(
         cache: Arc<dyn Cache>,
         upstream: Arc<dyn Upstream>,
         health: Arc<Health>,
         metrics: Arc<Metrics>,
         settings: LookupSettings,
+        distributed: Option<Distributed>,
     ) -> Self {
         let core = Core {
+            shared: distributed.map(|distributed| Shared::new(distributed, Arc::clone(&metrics))),
             cache,
             upstream,
             health,
@@ -165,8 +175,16 @@ impl Lookup {
         let core = &self.core;
         // Before the delete: a fetch under way must not write its older answer back after it,
         // and a lookup from now on must not join that fetch.
-        core.flights.detach(sns);
-        core.cache.delete_many(sns).await
+        let detached = core.flights.detach(sns);
+        let deleted = core.cache.delete_many(sns).await;
+        // Their answers will not be written: their leases go now, so a lookup from now on
+        // (here or on another instance) claims and fetches without waiting for them.
+        let releases = detached
+            .iter()
+            .filter_map(|flight| flight.hold())
+            .map(|hold| hold.release_now());
+        futures_util::future::join_all(releases).await;
+        deleted
     }
 
     /// Stops taking new background work and waits (up to `grace`) for what is under way.

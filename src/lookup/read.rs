@@ -11,23 +11,39 @@ use std::time::SystemTime;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, debug_span, info_span, warn};
 
+/// What a cache read left to fetch.
+#[derive(Default)]
+pub(super) struct Misses {
+    /// The indices still to fetch, in order.
+    pub(super) indices: Vec<usize>,
+    /// Part of the read failed.
+    pub(super) failed: bool,
+    /// The misses that found a value they could not use (unreadable, or past its stale
+    /// period): their claims cannot ask for an absent entry.
+    pub(super) occupied: Vec<usize>,
+}
+
 impl Core {
     /// Fills in the hits (fresh or stale) and starts the background refreshes they call for;
-    /// returns the indices still to fetch, in order. SNs already being fetched for a lookup
-    /// that missed them are not read: they are joined. A cache failure is logged and counted,
-    /// and then its SNs are misses: the upstream answers instead.
+    /// returns the indices still to fetch, in order, and whether part of the read failed.
+    /// SNs already being fetched for a lookup that missed them are not read: they are joined.
+    /// A cache failure is logged and counted, and then its SNs are misses: the upstream
+    /// answers instead.
     pub(super) async fn read_cache(
         self: &Arc<Self>,
         distinct: &[String],
         candidates: Vec<usize>,
         deadline: Instant,
         outcomes: &mut [Option<Outcome>],
-    ) -> Vec<usize> {
+    ) -> Misses {
         let (fetching, candidates) = self
             .flights
             .split_fetching(candidates, |index| distinct[index].as_str());
         if candidates.is_empty() {
-            return fetching;
+            return Misses {
+                indices: fetching,
+                ..Misses::default()
+            };
         }
         let sns: Vec<&str> = candidates.iter().map(|&i| distinct[i].as_str()).collect();
         let read = self
@@ -37,11 +53,19 @@ impl Core {
         let Ok(read) = tokio::time::timeout_at(deadline, read).await else {
             // The request's own deadline ran out, not Redis's timeout: Redis is not to blame.
             debug!(sns = sns.len(), "the deadline passed during the cache read");
-            return in_order(candidates, fetching);
+            return Misses {
+                indices: in_order(candidates, fetching),
+                ..Misses::default()
+            };
         };
         self.note_failures(&read.failures);
-        let misses = self.fill_hits(distinct, candidates, read.values, outcomes);
-        in_order(misses, fetching)
+        let failed = !read.failures.is_empty();
+        let (misses, occupied) = self.fill_hits(distinct, candidates, read.values, outcomes);
+        Misses {
+            indices: in_order(misses, fetching),
+            failed,
+            occupied,
+        }
     }
 
     /// A failed chunk leaves only its own keys as misses (the rest are still hits); each
@@ -57,21 +81,26 @@ impl Core {
     }
 
     /// Fills in the outcome of every usable value read and starts the refreshes they call
-    /// for; returns the indices that were misses.
+    /// for; returns the indices that were misses, and those of them that found a value.
     fn fill_hits(
         self: &Arc<Self>,
         distinct: &[String],
         candidates: Vec<usize>,
         values: Vec<Option<Bytes>>,
         outcomes: &mut [Option<Outcome>],
-    ) -> Vec<usize> {
+    ) -> (Vec<usize>, Vec<usize>) {
         let now = SystemTime::now();
         let mut misses = Vec::new();
+        let mut occupied = Vec::new();
         let mut refreshes = Vec::new();
         for (index, value) in candidates.into_iter().zip(values) {
             let sn = &distinct[index];
+            let found = value.is_some();
             let Some((outcome, freshness)) = self.usable(sn, value, now) else {
                 misses.push(index);
+                if found {
+                    occupied.push(index);
+                }
                 continue;
             };
             if freshness != Freshness::Fresh
@@ -82,7 +111,7 @@ impl Core {
             outcomes[index] = Some(outcome);
         }
         self.refresh_in_background(refreshes);
-        misses
+        (misses, occupied)
     }
 
     /// What a stored value is worth now: an outcome to serve and how fresh it is, or `None`

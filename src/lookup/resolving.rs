@@ -33,6 +33,8 @@ pub(super) struct Resolving {
     deadline: Instant,
     upstream_fetches: usize,
     metrics: Arc<Metrics>,
+    /// Misses read but not joined yet that found a value they could not use.
+    occupied: Vec<usize>,
 }
 
 /// What waiting for the next answer came to.
@@ -68,6 +70,7 @@ impl Resolving {
             deadline: arrived + core.settings.request_timeout,
             upstream_fetches: 0,
             metrics: Arc::clone(&core.metrics),
+            occupied: Vec::new(),
         };
         (resolving, valid)
     }
@@ -91,15 +94,24 @@ impl Resolving {
         self.outcomes[index].is_some()
     }
 
-    /// Reads `candidates` from the cache, filling in the hits; returns the misses.
-    pub(super) async fn read(&mut self, core: &Arc<Core>, candidates: Vec<usize>) -> Vec<usize> {
-        core.read_cache(
-            &self.distinct,
-            candidates,
-            self.deadline,
-            &mut self.outcomes,
-        )
-        .await
+    /// Reads `candidates` from the cache, filling in the hits; returns the misses, and
+    /// whether part of the read failed (then Redis is down or slow, and claiming the misses
+    /// there would only add its timeout to the lookup: see `Core::skip_claims`).
+    pub(super) async fn read(
+        &mut self,
+        core: &Arc<Core>,
+        candidates: Vec<usize>,
+    ) -> (Vec<usize>, bool) {
+        let misses = core
+            .read_cache(
+                &self.distinct,
+                candidates,
+                self.deadline,
+                &mut self.outcomes,
+            )
+            .await;
+        self.occupied.extend(misses.occupied);
+        (misses.indices, misses.failed)
     }
 
     /// Joins (or starts) the flights of `misses` and awaits their answers; returns the
@@ -107,13 +119,31 @@ impl Resolving {
     ///
     /// # Errors
     /// [`Overloaded`]: starting them would pass `upstream.max_pending`; nothing was joined.
+    /// With `forced` (a lookup that asked for fresh answers), the flights are claimed in
+    /// Redis even where an entry is there.
     pub(super) fn join(
         &mut self,
         flights: &Flights,
         misses: &[usize],
+        forced: bool,
     ) -> Result<Vec<Arc<Flight>>, Overloaded> {
         let distinct = &self.distinct;
         let joined = flights.join(misses.iter().map(|&i| (i, distinct[i].as_str())))?;
+        if forced {
+            joined.unclaimed.iter().for_each(|flight| flight.force());
+        } else if !self.occupied.is_empty() {
+            // A value is there, unusable: a claim only if absent would never be won.
+            let occupied: std::collections::HashSet<&str> = self
+                .occupied
+                .drain(..)
+                .map(|index| distinct[index].as_str())
+                .collect();
+            for flight in &joined.unclaimed {
+                if occupied.contains(flight.sn.as_str()) {
+                    flight.force();
+                }
+            }
+        }
         self.upstream_fetches += misses.len();
         let waits = joined.all.into_iter();
         self.answers

@@ -41,6 +41,8 @@ struct Reader {
     unread: VecDeque<usize>,
     /// Misses read but not yet joined to a flight: there was no room under `max_pending`.
     unjoined: Vec<usize>,
+    /// Part of a read of the misses not joined yet failed: they are fetched without claims.
+    read_failed: bool,
     refresh: bool,
     /// The lookup's one fetch task, started with its first misses; closed once all is read.
     feed: Option<mpsc::UnboundedSender<Vec<Arc<Flight>>>>,
@@ -73,6 +75,7 @@ impl StreamedLookup {
             core: Arc::clone(core),
             unread: valid.into(),
             unjoined: Vec::new(),
+            read_failed: false,
             refresh,
             feed: None,
             cancel: cancel.clone(),
@@ -182,12 +185,13 @@ impl StreamedLookup {
         let reader = &mut self.reader;
         let take = reader.window.min(reader.unread.len());
         let window: Vec<usize> = reader.unread.drain(..take).collect();
-        let misses = if reader.refresh {
-            window
+        let (misses, read_failed) = if reader.refresh {
+            (window, false)
         } else {
             self.resolving.read(&reader.core, window).await
         };
         self.reader.unjoined.extend(misses);
+        self.reader.read_failed |= read_failed;
         self.join_unjoined()
     }
 
@@ -197,10 +201,13 @@ impl StreamedLookup {
         if reader.unjoined.is_empty() {
             return Ok(());
         }
-        let unclaimed = self
-            .resolving
-            .join(&reader.core.flights, &reader.unjoined)?;
+        let unclaimed =
+            self.resolving
+                .join(&reader.core.flights, &reader.unjoined, reader.refresh)?;
         reader.unjoined.clear();
+        if std::mem::take(&mut reader.read_failed) {
+            reader.core.skip_claims(&unclaimed);
+        }
         if !unclaimed.is_empty() {
             reader.queue(unclaimed, self.resolving.deadline());
         }

@@ -28,13 +28,16 @@ impl WholeLookup {
         arrived: Instant,
     ) -> Result<Self, Overloaded> {
         let (mut resolving, valid) = Resolving::new(core, requested, arrived);
-        let misses = if refresh {
-            valid
+        let (misses, read_failed) = if refresh {
+            (valid, false)
         } else {
             resolving.read(core, valid).await
         };
         if !misses.is_empty() {
-            let unclaimed = resolving.join(&core.flights, &misses)?;
+            let unclaimed = resolving.join(&core.flights, &misses, refresh)?;
+            if read_failed {
+                core.skip_claims(&unclaimed);
+            }
             if !unclaimed.is_empty() {
                 // Retries never start past the deadline of the request whose task fetches
                 // it. A child of the request's span: its log lines carry the request id.

@@ -5,8 +5,8 @@
 
 use super::Core;
 use super::fetch::Lead;
-use crate::cache::Write;
-use crate::metrics::{Metrics, WriteBackOutcome};
+use crate::cache::{CacheError, FencedWrite, Refusals, Write};
+use crate::metrics::{Metrics, RefusalReason, WriteBackOutcome};
 use futures_util::{Stream, StreamExt};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -96,6 +96,9 @@ impl Core {
     /// after this reads the cache instead of joining. A failure is counted and logged: it is
     /// never the request's failure.
     async fn write_back(self: Arc<Self>, writes: Vec<Write>, leads: Vec<Lead>) {
+        if self.shared.is_some() {
+            return self.write_back_fenced(writes, leads).await;
+        }
         let answers = writes.len();
         // Checked again right before the SET: an invalidation may have come in meanwhile.
         let writes: Vec<Write> = writes
@@ -126,6 +129,95 @@ impl Core {
             }
         }
         drop(leads);
+    }
+
+    /// The write-back with other instances (see `distributed`): each entry written only if
+    /// no invalidation and no later answer came since its claim, its lease released in the
+    /// same step; then the SNs are announced, written or not, so the instances waiting for
+    /// them look again. `writes` go with `leads`, one each.
+    async fn write_back_fenced(&self, writes: Vec<Write>, leads: Vec<Lead>) {
+        let Some(shared) = &self.shared else { return };
+        let mut fenced = Vec::with_capacity(writes.len());
+        let mut release = Vec::new();
+        for (write, lead) in writes.into_iter().zip(&leads) {
+            let sn = lead.flight.sn.clone();
+            let token = lead.hold.as_ref().and_then(|hold| hold.take_token());
+            // Checked again right before the write: an invalidation may have come in meanwhile.
+            let hold = lead.hold.as_ref();
+            let Some(hold) = hold.filter(|_| !lead.flight.is_invalidated()) else {
+                self.unwritten.settle(WriteBackOutcome::Fenced, 1);
+                release.extend(token.map(|token| (sn, token)));
+                continue;
+            };
+            fenced.push(FencedWrite {
+                write,
+                fence: hold.fence().clone(),
+                token,
+            });
+        }
+        let coordination = &shared.coordination;
+        match coordination.write_fenced(&fenced).await {
+            Ok(refusals) => {
+                let written: Vec<Write> = fenced
+                    .iter()
+                    .zip(&refusals.written)
+                    .filter(|(_, written)| **written)
+                    .map(|(fenced, _)| fenced.write.clone())
+                    .collect();
+                self.cache.keep_local(&written);
+                self.count_refusals(fenced.len(), &refusals);
+            }
+            Err(err) => {
+                self.count_failure(&err, fenced.len());
+                if err.is_unreachable() || err.is_skipped() {
+                    // Redis is down or slow: more commands would only fail too (and count
+                    // against its breaker). The leases expire; the waiters poll.
+                    return;
+                }
+                release.extend(
+                    fenced
+                        .into_iter()
+                        .filter_map(|f| Some((f.write.sn, f.token?))),
+                );
+            }
+        }
+        let pairs: Vec<(&str, &str)> = release
+            .iter()
+            .map(|(sn, token)| (sn.as_str(), token.as_str()))
+            .collect();
+        coordination.release(&pairs).await;
+        let sns: Vec<String> = leads.iter().map(|lead| lead.flight.sn.clone()).collect();
+        // Settled first: this instance's lookups need not wait for the announcement.
+        drop(leads);
+        let sns: Vec<&str> = sns.iter().map(String::as_str).collect();
+        coordination.announce(&sns).await;
+    }
+
+    fn count_refusals(&self, sent: usize, refusals: &Refusals) {
+        let refused = refusals.fenced + refusals.newer;
+        self.unwritten.settle(WriteBackOutcome::Ok, sent - refused);
+        self.unwritten.settle(WriteBackOutcome::Fenced, refused);
+        self.metrics
+            .record_refused_writes(RefusalReason::Fenced, refusals.fenced);
+        self.metrics
+            .record_refused_writes(RefusalReason::Newer, refusals.newer);
+        if refused > 0 {
+            debug!(
+                fenced = refusals.fenced,
+                newer = refusals.newer,
+                "write-backs refused"
+            );
+        }
+    }
+
+    fn count_failure(&self, err: &CacheError, keys: usize) {
+        if err.is_skipped() {
+            self.unwritten.settle(WriteBackOutcome::Skipped, keys);
+            debug!(keys, "write-back skipped: redis's circuit is open");
+        } else {
+            self.unwritten.settle(WriteBackOutcome::Failed, keys);
+            warn!(error = %err, keys, "write-back failed; the next lookup refetches");
+        }
     }
 }
 

@@ -110,6 +110,18 @@ label_values! {
         Ping => "PING",
         /// An invalidation message to the other instances.
         Publish => "PUBLISH",
+        /// Claims on fetches (leases), one script call per SN.
+        Claim => "EVALSHA claim",
+        /// Leases renewed while their fetches run.
+        Renew => "EVALSHA renew",
+        /// Leases given up by compare-and-delete.
+        Release => "EVALSHA release",
+        /// Write-backs made only if no invalidation and no newer answer came first.
+        SetFenced => "EVALSHA set",
+        /// Invalidations that fence fetches in flight on every instance.
+        Fence => "EVALSHA fence",
+        /// A script loaded on a node that did not have it.
+        ScriptLoad => "SCRIPT LOAD",
     }
 
     /// How a Redis command ended.
@@ -166,6 +178,49 @@ label_values! {
         PublishFailed => "publish_failed",
         /// Another instance's message arrived.
         Received => "received",
+    }
+}
+
+label_values! {
+    /// What a claim on a missed SN's fetch came to.
+    pub enum ClaimResult {
+        /// This instance holds the lease and fetches.
+        Won => "won",
+        /// Another instance holds it: this one waits for its answer.
+        Lost => "lost",
+        /// Redis could not be asked: this instance fetches (local coalescing only).
+        Skipped => "skipped",
+        /// Another instance wrote the answer since this one read the SN as missing: read.
+        Present => "present",
+    }
+
+    /// How a wait for another instance's fetch ended.
+    pub enum WaitOutcome {
+        /// Its answer was read after a notification (or right after listening).
+        Notified => "notified",
+        /// Its answer was read by the safety-net poll.
+        Polled => "polled",
+        /// Its lease expired or was released without an answer: this instance claimed and
+        /// fetched.
+        TookOver => "took_over",
+        /// The request's deadline passed first.
+        DeadlinePassed => "deadline_passed",
+    }
+
+    /// What happened to a lease this instance held.
+    pub enum LeaseEvent {
+        /// Renewed while its fetch ran.
+        Renewed => "renewed",
+        /// Found expired or taken over at renewal: another instance may fetch too.
+        Expired => "expired",
+    }
+
+    /// Why a fenced write-back was refused.
+    pub enum RefusalReason {
+        /// The SN was invalidated since its fetch was claimed.
+        Fenced => "fenced",
+        /// The entry in Redis was fetched later than this answer.
+        Newer => "newer",
     }
 }
 
@@ -265,4 +320,28 @@ pub(super) struct LocalLabel {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(super) struct InvalidationLabel {
     pub(super) event: InvalidationEvent,
+}
+
+/// `result` of a claim.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(super) struct ClaimLabel {
+    pub(super) result: ClaimResult,
+}
+
+/// `outcome` of a wait for another instance's fetch.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(super) struct WaitLabel {
+    pub(super) outcome: WaitOutcome,
+}
+
+/// `event` of a lease.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(super) struct LeaseLabel {
+    pub(super) event: LeaseEvent,
+}
+
+/// `reason` a fenced write was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(super) struct RefusalLabel {
+    pub(super) reason: RefusalReason,
 }

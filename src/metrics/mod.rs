@@ -6,6 +6,8 @@
 
 mod labels;
 
+use self::labels::{ClaimLabel, LeaseLabel, RefusalLabel, WaitLabel};
+pub use self::labels::{ClaimResult, LeaseEvent, RefusalReason, WaitOutcome};
 use self::labels::{
     CommandLabel, DependencyLabel, EndpointLabel, EndpointStatus, InvalidationLabel, LocalLabel,
     NodeLabels, PoolLabel, RedisLabels, ShedLabel, SnLabel, UpstreamLabel, WriteBackLabel,
@@ -50,6 +52,10 @@ pub struct Metrics {
     connections_open: Gauge,
     write_timeouts: Counter,
     rejected_entries: Counter,
+    claims: Family<ClaimLabel, Counter>,
+    waits: Family<WaitLabel, Counter>,
+    leases: Family<LeaseLabel, Counter>,
+    refused_writes: Family<RefusalLabel, Counter>,
 }
 
 /// Buckets from 0.5 ms to about 33 s: a Redis round trip at the bottom, a slow upstream at
@@ -92,12 +98,17 @@ impl Metrics {
             connections_open: Gauge::default(),
             write_timeouts: Counter::default(),
             rejected_entries: Counter::default(),
+            claims: Family::default(),
+            waits: Family::default(),
+            leases: Family::default(),
+            refused_writes: Family::default(),
         };
         metrics.register();
         metrics
     }
 
     fn register(&mut self) {
+        self.register_distributed();
         let registry = &mut self.registry;
         registry.register(
             "lookups",
@@ -262,6 +273,67 @@ impl Metrics {
     /// One retry of an upstream request.
     pub fn record_retry(&self) {
         self.upstream_retries.inc();
+    }
+
+    /// The families of instances coalescing together (`coalesce.distributed`).
+    fn register_distributed(&mut self) {
+        let registry = &mut self.registry;
+        registry.register(
+            "claims",
+            "Claims on missed SNs' fetches across instances, by result: won, lost, skipped",
+            self.claims.clone(),
+        );
+        registry.register(
+            "distributed_waits",
+            "SNs waited for while another instance fetched them, by outcome: notified, polled, took_over, deadline_passed",
+            self.waits.clone(),
+        );
+        registry.register(
+            "leases",
+            "Leases on fetches by event: renewed, expired (found lost at renewal)",
+            self.leases.clone(),
+        );
+        registry.register(
+            "refused_writes",
+            "Fenced write-backs Redis refused, by reason: fenced (invalidated since the claim), newer (a later answer is stored)",
+            self.refused_writes.clone(),
+        );
+    }
+
+    /// `count` claims came to `result`.
+    pub fn record_claims(&self, result: ClaimResult, count: usize) {
+        if count > 0 {
+            self.claims
+                .get_or_create(&ClaimLabel { result })
+                .inc_by(count as u64);
+        }
+    }
+
+    /// `count` waits for another instance's fetch ended with `outcome`.
+    pub fn record_waits(&self, outcome: WaitOutcome, count: usize) {
+        if count > 0 {
+            self.waits
+                .get_or_create(&WaitLabel { outcome })
+                .inc_by(count as u64);
+        }
+    }
+
+    /// `count` leases came to `event`.
+    pub fn record_leases(&self, event: LeaseEvent, count: usize) {
+        if count > 0 {
+            self.leases
+                .get_or_create(&LeaseLabel { event })
+                .inc_by(count as u64);
+        }
+    }
+
+    /// `count` fenced write-backs were refused for `reason`.
+    pub fn record_refused_writes(&self, reason: RefusalReason, count: usize) {
+        if count > 0 {
+            self.refused_writes
+                .get_or_create(&RefusalLabel { reason })
+                .inc_by(count as u64);
+        }
     }
 
     /// One lookup joined a fetch under way.

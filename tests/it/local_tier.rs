@@ -201,7 +201,11 @@ async fn the_subscription_comes_back_after_redis_drops_it() {
         .redis
         .command(&["CLIENT", "KILL", "TYPE", "pubsub"])
         .await;
-    assert_eq!(killed, redis::Value::Int(2), "both instances subscribe");
+    assert_eq!(
+        killed,
+        redis::Value::Int(4),
+        "both instances follow invalidations and announced answers"
+    );
     wait_until(
         "the second instance notices",
         Duration::from_secs(10),

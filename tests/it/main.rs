@@ -25,6 +25,8 @@ mod garbage_input;
 mod hostile_clients;
 mod http_errors;
 mod hung_redis;
+mod instances;
+mod instances_measured;
 mod invalidation_loop;
 mod lifecycle;
 mod load_balancer;

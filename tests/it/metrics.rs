@@ -83,11 +83,16 @@ async fn counters_move_by_exactly_the_traffic_sent() {
     ] {
         assert_eq!(value(&m, sample), expected, "{sample}");
     }
+    // Written back by the fenced script (`coalesce.distributed`, the default), after claims.
     assert!(
         value(
             &m,
-            r#"discount_proxy_redis_commands_total{command="SET",outcome="ok"}"#
+            r#"discount_proxy_redis_commands_total{command="EVALSHA set",outcome="ok"}"#
         ) >= 1.0
+    );
+    assert_eq!(
+        value(&m, r#"discount_proxy_claims_total{result="won"}"#),
+        3.0
     );
     assert!(
         value(

@@ -6,6 +6,7 @@ mod coalescing;
 mod deadline;
 mod drain;
 mod fence;
+mod instances;
 mod shedding;
 mod stale;
 mod streaming;

@@ -3,8 +3,10 @@
 //! behind a counting wrapper, and a [`Rig`] that builds a [`Lookup`] over both. Everything
 //! runs under `tokio::time::pause()`: a 0.5 s fetch costs no wall-clock time.
 
+mod shared;
 mod upstream;
 
+pub(super) use self::shared::FakeRedis;
 pub(super) use self::upstream::{LATENCY, Reply, ScriptedUpstream, discount};
 
 use super::{Batch, Lookup, LookupSettings, Outcome, Source, StreamedLookup, Upstream};
@@ -97,9 +99,31 @@ impl Rig {
     }
 
     pub(super) fn with(setup: Setup) -> Self {
+        Self::build(setup, Arc::new(MemoryCache::new(100_000)), None)
+    }
+
+    /// One of several instances sharing `redis` (`coalesce.distributed`), each with its own
+    /// upstream script and counters, with `lease_ttl`.
+    pub(super) fn instance(setup: Setup, redis: &Arc<FakeRedis>, lease_ttl: Duration) -> Self {
+        let distributed = super::Distributed {
+            coordination: redis.link(),
+            lease_ttl,
+        };
+        Self::build(
+            setup,
+            Arc::clone(redis) as Arc<dyn Cache>,
+            Some(distributed),
+        )
+    }
+
+    fn build(
+        setup: Setup,
+        memory: Arc<dyn Cache>,
+        distributed: Option<super::Distributed>,
+    ) -> Self {
         let upstream = Arc::new(ScriptedUpstream::new(setup.concurrency));
         let cache = Arc::new(CountingCache {
-            memory: Arc::new(MemoryCache::new(100_000)),
+            memory,
             reads: AtomicUsize::new(0),
             keys_read: AtomicUsize::new(0),
             keys_written: AtomicUsize::new(0),
@@ -122,6 +146,7 @@ impl Rig {
                 max_pending: setup.max_pending,
                 write_batch: setup.window,
             },
+            distributed,
         );
         Self {
             lookup: Arc::new(lookup),
