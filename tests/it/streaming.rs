@@ -62,11 +62,12 @@ async fn hits_come_at_once_misses_as_they_resolve_and_the_summary_last() {
     for _ in 0..3 {
         first.push(lines.next().await.unwrap());
     }
-    assert_eq!(
-        app.upstream.in_flight(),
-        2,
-        "the misses have not resolved yet"
-    );
+    // Held, so not resolved: both reach the upstream (after their claims, when
+    // coalesce.distributed asks Redis first) and stay there.
+    wait_until("both misses are held at the upstream", WAIT, || async {
+        app.upstream.in_flight() == 2
+    })
+    .await;
     assert_eq!(
         first[0],
         json!({"sn": "HIT-1", "status": "ok", "source": "cache", "discount": StubUpstream::discount_for("HIT-1")})
