@@ -276,12 +276,10 @@ async fn on_a_cluster_a_delete_on_one_instance_keeps_another_instances_fetch_out
     delete_during_another_instances_fetch(Shared::Cluster(&cluster), "inst-fenced:").await;
 }
 
-#[tokio::test]
-async fn a_holder_killed_mid_fetch_is_taken_over_within_its_lease() {
-    let redis = RedisServer::start();
+async fn holder_killed_mid_fetch(redis: Shared<'_>, prefix: &str) {
     let lease = Duration::from_secs(2);
     let extra = [("DISCOUNT_PROXY_COALESCE__LEASE_TTL", "2s")];
-    let mut instances = Instances::start(Shared::One(&redis), 2, "killed:", &extra).await;
+    let mut instances = Instances::start(redis, 2, prefix, &extra).await;
     instances.upstream.queue_replies("K-1", vec![Reply::Hang]);
     let holder_url = format!("http://{}/v1/discounts/K-1", instances.addrs[0]);
     let holder = tokio::spawn(instances.client.get(holder_url).send());
@@ -320,6 +318,18 @@ async fn a_holder_killed_mid_fetch_is_taken_over_within_its_lease() {
 }
 
 #[tokio::test]
+async fn a_holder_killed_mid_fetch_is_taken_over_within_its_lease() {
+    let redis = RedisServer::start();
+    holder_killed_mid_fetch(Shared::One(&redis), "killed:").await;
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_holder_killed_mid_fetch_is_taken_over_within_its_lease() {
+    let cluster = RedisCluster::shared();
+    holder_killed_mid_fetch(Shared::Cluster(&cluster), "inst-killed:").await;
+}
+
+#[tokio::test]
 async fn a_pure_hit_batch_sends_no_claim() {
     let redis = RedisServer::start();
     let instances = Instances::start(Shared::One(&redis), 1, "hits:", &[]).await;
@@ -339,6 +349,44 @@ async fn a_pure_hit_batch_sends_no_claim() {
     assert_eq!(redis.command_calls("mget").await, reads + 1, "one MGET");
     assert_eq!(
         redis.command_calls("publish").await,
+        announcements,
+        "no announcement"
+    );
+}
+
+/// Calls of `command` over every master of `cluster`.
+async fn calls_on_masters(cluster: &RedisCluster, command: &str) -> u64 {
+    let mut calls = 0;
+    for master in cluster.masters().await {
+        calls += cluster.calls_of(master, command).await;
+    }
+    calls
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_pure_hit_batch_sends_no_claim() {
+    // A cluster of its own: the shared one's masters count other tests' scripts.
+    let cluster = RedisCluster::start();
+    let instances = Instances::start(Shared::Cluster(&cluster), 1, "hits:", &[]).await;
+    let batch = sns("HIT", 0..100);
+    assert!(all_ok(&instances.lookup(0, &batch).await));
+    let claims = calls_on_masters(&cluster, "evalsha").await;
+    assert!(claims > 0, "the misses were claimed and written by script");
+    let reads = calls_on_masters(&cluster, "mget").await;
+    let announcements = calls_on_masters(&cluster, "publish").await;
+    let results = instances.lookup(0, &batch).await;
+    assert!(results.iter().all(|item| item["source"] == "cache"));
+    assert_eq!(
+        calls_on_masters(&cluster, "evalsha").await,
+        claims,
+        "no claim, no script"
+    );
+    assert!(
+        calls_on_masters(&cluster, "mget").await > reads,
+        "read by MGETs"
+    );
+    assert_eq!(
+        calls_on_masters(&cluster, "publish").await,
         announcements,
         "no announcement"
     );
