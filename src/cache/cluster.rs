@@ -75,13 +75,23 @@ impl Topology {
 
     /// A replica of the master at `index` of the map to read from, taken in turn; `None`
     /// when it has none.
-    pub(super) fn replica_of(&self, index: usize, node: &ClusterNode) -> Option<Address> {
-        let replicas = self.slots.replicas_of(index);
+    pub(super) fn replica_of(
+        &self,
+        index: usize,
+        node: &ClusterNode,
+        usable: impl Fn(&Address) -> bool,
+    ) -> Option<Address> {
+        let replicas: Vec<&Address> = self
+            .slots
+            .replicas_of(index)
+            .iter()
+            .filter(|replica| usable(replica))
+            .collect();
         if replicas.is_empty() {
             return None;
         }
         let turn = node.next_replica.fetch_add(1, Ordering::Relaxed) % replicas.len();
-        replicas.get(turn).cloned()
+        replicas.get(turn).map(|replica| (*replica).clone())
     }
 
     /// The worst state among the masters' circuits.
@@ -109,6 +119,11 @@ struct ReplicaConnections {
     seed: redis::ConnectionInfo,
     config: redis::AsyncConnectionConfig,
     open: tokio::sync::Mutex<HashMap<Address, MultiplexedConnection>>,
+    /// Replicas that failed a read, and until when reads leave them alone (their masters
+    /// answer instead).
+    avoided: Mutex<HashMap<Address, Instant>>,
+    /// How long a replica that failed is left alone: `redis.breaker_cooldown`.
+    cooldown: Duration,
 }
 
 impl ReplicaConnections {
@@ -149,6 +164,25 @@ impl ReplicaConnections {
     fn discard(&self, replica: &Address) {
         if let Ok(mut open) = self.open.try_lock() {
             open.remove(replica);
+        }
+    }
+
+    /// Leaves `replica` alone for a cool-down: reads go to its master meanwhile.
+    fn avoid(&self, replica: &Address) {
+        let mut avoided = self.avoided.lock().unwrap_or_else(PoisonError::into_inner);
+        avoided.insert(replica.clone(), Instant::now() + self.cooldown);
+    }
+
+    /// Whether reads may go to `replica` now.
+    fn usable(&self, replica: &Address) -> bool {
+        let mut avoided = self.avoided.lock().unwrap_or_else(PoisonError::into_inner);
+        match avoided.get(replica) {
+            Some(until) if Instant::now() < *until => false,
+            Some(_) => {
+                avoided.remove(replica);
+                true
+            }
+            None => true,
         }
     }
 }
@@ -198,6 +232,8 @@ impl ClusterLink {
                 .set_connection_timeout(Some(config.timeout))
                 .set_response_timeout(Some(config.timeout)),
             open: tokio::sync::Mutex::new(HashMap::new()),
+            avoided: Mutex::new(HashMap::new()),
+            cooldown: config.breaker_cooldown,
         };
         Ok(Self {
             client,
@@ -247,9 +283,16 @@ impl ClusterLink {
         self.replicas.get(replica).await
     }
 
-    /// Drops the connection to `replica` after it broke or hung.
-    pub(super) fn discard_replica(&self, replica: &Address) {
+    /// After a failed read on `replica`: its connection dropped, and the replica left alone
+    /// for `redis.breaker_cooldown`, its master answering its reads meanwhile.
+    pub(super) fn replica_failed(&self, replica: &Address) {
         self.replicas.discard(replica);
+        self.replicas.avoid(replica);
+    }
+
+    /// Whether reads may go to `replica` now (it has not failed lately).
+    pub(super) fn replica_usable(&self, replica: &Address) -> bool {
+        self.replicas.usable(replica)
     }
 
     /// Drops the shared connection after it broke or hung: the next caller makes a new one.

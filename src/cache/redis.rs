@@ -74,6 +74,7 @@ enum Route {
 }
 
 /// What to send: one command, or a pipeline.
+#[derive(Clone)]
 enum Command {
     Single(redis::Cmd),
     Pipeline(redis::Pipeline),
@@ -383,13 +384,33 @@ impl RedisCache {
             Route::Cluster(link) => match to {
                 Destination::Shard {
                     replica: Some(replica),
+                    slot,
                     ..
                 } if op == RedisCommand::Mget.as_str() => {
-                    let mut conn = tokio::time::timeout_at(deadline, link.replica(replica))
+                    // Half the bound for the replica, the rest for its master if it fails.
+                    let replica_deadline = Instant::now() + timeout / 2;
+                    let read = async {
+                        let mut conn = link.replica(replica).await?;
+                        command
+                            .clone()
+                            .send(&mut conn)
+                            .await
+                            .map_err(|source| CacheError::Command { op, source })
+                    };
+                    match tokio::time::timeout_at(replica_deadline, read).await {
+                        Ok(Ok(replies)) => return Ok(replies),
+                        Ok(Err(_)) | Err(_) => link.replica_failed(replica),
+                    }
+                    let mut conn = tokio::time::timeout_at(deadline, link.get())
                         .await
                         .map_err(|_| timed_out("connect"))??;
-                    let queried = tokio::time::timeout_at(deadline, command.send(&mut conn)).await;
-                    settle(op, timeout, queried, || link.discard_replica(replica))
+                    let route = SingleNodeRoutingInfo::SpecificNode(SlotRoute::with_slot(
+                        *slot,
+                        SlotAddr::Master,
+                    ));
+                    let queried =
+                        tokio::time::timeout_at(deadline, command.route(&mut conn, route)).await;
+                    settle(op, timeout, queried, || {})
                 }
                 _ => {
                     let mut conn = tokio::time::timeout_at(deadline, link.get())
@@ -461,7 +482,9 @@ impl RedisCache {
             let (_, places) = shards.entry(owner).or_insert_with(|| {
                 let replica = node
                     .filter(|_| self.read_from_replicas)
-                    .and_then(|(index, node)| topology.replica_of(index, node));
+                    .and_then(|(index, node)| {
+                        topology.replica_of(index, node, |replica| link.replica_usable(replica))
+                    });
                 let node = node.map(|(_, node)| Arc::clone(node));
                 let to = Destination::Shard {
                     slot,

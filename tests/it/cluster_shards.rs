@@ -82,3 +82,72 @@ async fn a_paused_master_turns_only_its_own_keys_into_misses_and_is_named_in_the
         "only the paused master's SNs went to the upstream"
     );
 }
+
+#[tokio::test]
+async fn a_paused_replica_is_read_around_its_master_answering_its_reads() {
+    let cluster = RedisCluster::start();
+    // Redis lists a replica in CLUSTER SLOTS once it has replicated something: write through
+    // each master, and wait for every range to name its replica before the proxy asks.
+    let masters = cluster.masters().await;
+    let mut warmed = std::collections::BTreeSet::new();
+    for i in 0.. {
+        let key = format!("warm-{i}");
+        if warmed.insert(cluster.master_of_key(&key).await) {
+            cluster.set_replicated(&key, "x").await;
+        }
+        if warmed.len() == masters.len() {
+            break;
+        }
+    }
+    wait_until("CLUSTER SLOTS names every replica", WAIT, || async {
+        let redis::Value::Array(ranges) = cluster.command(masters[0], &["CLUSTER", "SLOTS"]).await
+        else {
+            return false;
+        };
+        ranges
+            .iter()
+            .all(|range| matches!(range, redis::Value::Array(parts) if parts.len() > 3))
+    })
+    .await;
+    let nodes = cluster.nodes();
+    let app = TestApp::spawn_with(move |config| {
+        config.redis.mode = RedisMode::Cluster;
+        config.redis.nodes = nodes;
+        config.redis.read_from_replicas = true;
+        config.redis.timeout = Duration::from_millis(400);
+        config.redis.breaker_cooldown = Duration::from_secs(60);
+    })
+    .await;
+    let sns: Vec<String> = (0..90).map(|i| format!("RP-{i}")).collect();
+    let refs: Vec<&str> = sns.iter().map(String::as_str).collect();
+    app.lookup(&refs).await;
+    for sn in &refs {
+        let key = app.key(sn);
+        wait_until("the key is written", WAIT, || async {
+            matches!(cluster.ttl(&key).await, Ttl::Expires(_))
+        })
+        .await;
+    }
+    // Every replica holds what its master wrote before the proxy reads there.
+    for master in &masters {
+        for replica in cluster.replicas_of(*master).await {
+            wait_until("the replica catches up", WAIT, || async {
+                cluster.command(replica, &["DBSIZE"]).await
+                    == cluster.command(*master, &["DBSIZE"]).await
+            })
+            .await;
+        }
+    }
+    let replica = cluster.replicas_of(masters[0]).await[0];
+    pause(replica, PAUSE_MS).await;
+    let calls = app.upstream.total_calls();
+    for _ in 0..3 {
+        let body = app.lookup(&refs).await;
+        assert_eq!(
+            body["summary"]["cache_hits"], 90,
+            "the paused replica's keys came from its master: {}",
+            body["summary"]
+        );
+    }
+    assert_eq!(app.upstream.total_calls(), calls, "nothing fetched again");
+}
