@@ -93,6 +93,26 @@ impl CircuitState {
             Self::HalfOpen => "half_open",
         }
     }
+
+    /// How far from closed, as `discount_proxy_circuit_state` exposes it: 0 closed,
+    /// 1 half-open, 2 open. Also the order in which one state is worse than another.
+    pub fn level(self) -> i64 {
+        match self {
+            Self::Closed => 0,
+            Self::HalfOpen => 1,
+            Self::Open => 2,
+        }
+    }
+
+    /// The worse of two states (a cluster reports its worst master's).
+    #[must_use]
+    pub fn worst(self, other: Self) -> Self {
+        if other.level() > self.level() {
+            other
+        } else {
+            self
+        }
+    }
 }
 
 /// A circuit breaker around one dependency.

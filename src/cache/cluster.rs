@@ -96,14 +96,10 @@ impl Topology {
 
     /// The worst state among the masters' circuits.
     fn circuit(&self) -> CircuitState {
-        let states = self.nodes.iter().map(|node| node.circuit.state());
-        states
-            .max_by_key(|state| match state {
-                CircuitState::Closed => 0,
-                CircuitState::HalfOpen => 1,
-                CircuitState::Open => 2,
-            })
-            .unwrap_or(CircuitState::Closed)
+        self.nodes
+            .iter()
+            .map(|node| node.circuit.state())
+            .fold(CircuitState::Closed, CircuitState::worst)
     }
 }
 

@@ -652,19 +652,9 @@ impl RedisCache {
         let own = self.circuit.state();
         match &self.route {
             Route::Standalone(_) => own,
-            Route::Cluster(link) => worst(own, link.circuit()),
+            Route::Cluster(link) => own.worst(link.circuit()),
         }
     }
-}
-
-/// The worse of two circuit states: open over half-open over closed.
-fn worst(a: CircuitState, b: CircuitState) -> CircuitState {
-    let rank = |state| match state {
-        CircuitState::Closed => 0,
-        CircuitState::HalfOpen => 1,
-        CircuitState::Open => 2,
-    };
-    if rank(b) > rank(a) { b } else { a }
 }
 
 impl Cache for RedisCache {

@@ -436,14 +436,9 @@ impl Metrics {
             (Dependency::Upstream, current.upstream_circuit),
             (Dependency::Redis, current.redis_circuit),
         ] {
-            let value = match state {
-                crate::circuit::CircuitState::Closed => 0,
-                crate::circuit::CircuitState::HalfOpen => 1,
-                crate::circuit::CircuitState::Open => 2,
-            };
             self.circuit_state
                 .get_or_create(&DependencyLabel { dependency })
-                .set(value);
+                .set(state.level());
         }
     }
 }
