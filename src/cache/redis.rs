@@ -74,7 +74,6 @@ enum Route {
 }
 
 /// What to send: one command, or a pipeline.
-#[derive(Clone)]
 enum Command {
     Single(redis::Cmd),
     Pipeline(redis::Pipeline),
@@ -82,10 +81,10 @@ enum Command {
 
 impl Command {
     /// The replies, one per command, or the first error Redis answered with.
-    async fn send(self, conn: &mut impl ConnectionLike) -> redis::RedisResult<Vec<Value>> {
+    async fn send(&self, conn: &mut impl ConnectionLike) -> redis::RedisResult<Vec<Value>> {
         let replies = match self {
-            Self::Single(cmd) => vec![conn.req_packed_command(&cmd).await?],
-            Self::Pipeline(pipe) => conn.req_packed_commands(&pipe, 0, pipe.len()).await?,
+            Self::Single(cmd) => vec![conn.req_packed_command(cmd).await?],
+            Self::Pipeline(pipe) => conn.req_packed_commands(pipe, 0, pipe.len()).await?,
         };
         without_errors(replies)
     }
@@ -392,7 +391,6 @@ impl RedisCache {
                     let read = async {
                         let mut conn = link.replica(replica).await?;
                         command
-                            .clone()
                             .send(&mut conn)
                             .await
                             .map_err(|source| CacheError::Command { op, source })
