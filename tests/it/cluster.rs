@@ -2,6 +2,7 @@
 //! and written back over every master with TTLs, invalidations on every shard, and a master
 //! killed under load costing no client error.
 
+use crate::support::delete_reaches;
 use crate::support::{RedisCluster, TestApp, Ttl, results, wait_until};
 use discount_proxy::config::RedisMode;
 use serde_json::{Value, json};
@@ -123,19 +124,7 @@ async fn an_invalidation_on_one_instance_drops_the_other_instances_copy_on_a_clu
         "the copy served the second lookup"
     );
 
-    assert_eq!(first.delete("/v1/discounts/T-1").await.status(), 204);
-    wait_until(
-        "the invalidation reached the other instance",
-        WAIT,
-        || async {
-            second.metric(r#"discount_proxy_invalidation_messages_total{event="received"}"#) >= 1.0
-        },
-    )
-    .await;
-    assert_eq!(
-        results(&second.lookup(&["T-1"]).await)[0]["source"],
-        "upstream"
-    );
+    delete_reaches(&first, &second, "T-1", WAIT).await;
     assert_eq!(second.upstream.total_calls(), 2);
 }
 
@@ -217,31 +206,7 @@ async fn wait_for_key(cluster: &RedisCluster, key: &str) -> bool {
 #[tokio::test]
 async fn with_read_from_replicas_a_hit_batch_is_read_on_the_replicas() {
     let cluster = RedisCluster::shared();
-    // Redis lists a replica in CLUSTER SLOTS only once it has replicated something: write
-    // through each master, and wait until every range names its replica, before the proxy
-    // takes its slot map.
-    let masters = cluster.masters().await;
-    let mut warmed = BTreeSet::new();
-    for i in 0.. {
-        let key = format!("cl-replica:warm-{i}");
-        if warmed.insert(cluster.master_of_key(&key).await) {
-            cluster.set_replicated(&key, "x").await;
-        }
-        if warmed.len() == masters.len() {
-            break;
-        }
-    }
-    let master = masters[0];
-    wait_until("CLUSTER SLOTS names every replica", WAIT, || async {
-        let redis::Value::Array(ranges) = cluster.command(master, &["CLUSTER", "SLOTS"]).await
-        else {
-            return false;
-        };
-        ranges
-            .iter()
-            .all(|range| matches!(range, redis::Value::Array(parts) if parts.len() > 3))
-    })
-    .await;
+    cluster.wait_until_replicas_listed("cl-replica:").await;
     let nodes = cluster.nodes();
     let app = TestApp::spawn_with(move |config| {
         config.redis.mode = RedisMode::Cluster;

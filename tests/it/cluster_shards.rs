@@ -86,29 +86,8 @@ async fn a_paused_master_turns_only_its_own_keys_into_misses_and_is_named_in_the
 #[tokio::test]
 async fn a_paused_replica_is_read_around_its_master_answering_its_reads() {
     let cluster = RedisCluster::start();
-    // Redis lists a replica in CLUSTER SLOTS once it has replicated something: write through
-    // each master, and wait for every range to name its replica before the proxy asks.
+    cluster.wait_until_replicas_listed("").await;
     let masters = cluster.masters().await;
-    let mut warmed = std::collections::BTreeSet::new();
-    for i in 0.. {
-        let key = format!("warm-{i}");
-        if warmed.insert(cluster.master_of_key(&key).await) {
-            cluster.set_replicated(&key, "x").await;
-        }
-        if warmed.len() == masters.len() {
-            break;
-        }
-    }
-    wait_until("CLUSTER SLOTS names every replica", WAIT, || async {
-        let redis::Value::Array(ranges) = cluster.command(masters[0], &["CLUSTER", "SLOTS"]).await
-        else {
-            return false;
-        };
-        ranges
-            .iter()
-            .all(|range| matches!(range, redis::Value::Array(parts) if parts.len() > 3))
-    })
-    .await;
     let nodes = cluster.nodes();
     let app = TestApp::spawn_with(move |config| {
         config.redis.mode = RedisMode::Cluster;

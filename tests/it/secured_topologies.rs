@@ -3,6 +3,7 @@
 //! with the user and TLS its URLs carry; with a wrong password it answers from the upstream
 //! and never shows it.
 
+use crate::support::delete_reaches;
 use crate::support::{
     PROXY_PASSWORD, PROXY_USER, Process, RedisCluster, SentinelSet, StubUpstream, TestApp, Ttl,
     http_client, results, wait_until, with_user,
@@ -130,19 +131,7 @@ async fn an_invalidation_reaches_the_other_instances_tier_over_a_tls_cluster_wit
         "cache"
     );
 
-    assert_eq!(first.delete("/v1/discounts/T-1").await.status(), 204);
-    wait_until(
-        "the invalidation reached the other instance",
-        WAIT,
-        || async {
-            second.metric(r#"discount_proxy_invalidation_messages_total{event="received"}"#) >= 1.0
-        },
-    )
-    .await;
-    assert_eq!(
-        results(&second.lookup(&["T-1"]).await)[0]["source"],
-        "upstream"
-    );
+    delete_reaches(&first, &second, "T-1", WAIT).await;
     assert_eq!(second.upstream.total_calls(), 2);
 }
 

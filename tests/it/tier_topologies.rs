@@ -3,6 +3,7 @@
 //! the sentinels name after a failover, so an invalidation on one instance still drops the
 //! copy the other holds.
 
+use crate::support::delete_reaches;
 use crate::support::{RedisCluster, SentinelSet, TestApp, refusing_port, results, wait_until};
 use discount_proxy::config::{Config, RedisMode};
 use std::time::Duration;
@@ -12,7 +13,6 @@ const WAIT: Duration = Duration::from_secs(15);
 /// Long enough that only an invalidation can explain a copy going away during a test.
 const LONG_TTL: Duration = Duration::from_secs(120);
 
-const RECEIVED: &str = r#"discount_proxy_invalidation_messages_total{event="received"}"#;
 const LOCAL_HITS: &str = r#"discount_proxy_local_cache_lookups_total{result="hit"}"#;
 
 fn with_tier(config: &mut Config, prefix: &str) {
@@ -46,16 +46,7 @@ async fn a_delete_on_first_drops_the_copy_of_second(first: &TestApp, second: &Te
         hits + 1.0,
         "the second lookup was answered from the copy"
     );
-    let received = second.metric(RECEIVED);
-    let path = format!("/v1/discounts/{sn}");
-    assert_eq!(first.delete(&path).await.status(), 204);
-    wait_until(
-        "the invalidation reaches the other instance",
-        WAIT,
-        || async { second.metric(RECEIVED) > received },
-    )
-    .await;
-    assert_eq!(source_of(second, sn).await, "upstream");
+    delete_reaches(first, second, sn, WAIT).await;
     assert_eq!(second.upstream.calls(sn), 2);
 }
 

@@ -276,3 +276,21 @@ impl TestApp {
 pub fn results(body: &Value) -> &Vec<Value> {
     body["results"].as_array().expect("results is an array")
 }
+
+/// `DELETE`s `sn` on `first` and waits, up to `wait`, for the invalidation to reach
+/// `second`'s in-process tier (its received count grows); then `second` looks `sn` up again
+/// and must fetch it from its upstream, its copy gone.
+pub async fn delete_reaches(first: &TestApp, second: &TestApp, sn: &str, wait: Duration) {
+    const RECEIVED: &str = r#"discount_proxy_invalidation_messages_total{event="received"}"#;
+    let received = second.metric(RECEIVED);
+    let path = format!("/v1/discounts/{sn}");
+    assert_eq!(first.delete(&path).await.status(), 204);
+    super::wait_until(
+        "the invalidation reaches the other instance",
+        wait,
+        || async { second.metric(RECEIVED) > received },
+    )
+    .await;
+    let again = second.lookup(&[sn]).await;
+    assert_eq!(results(&again)[0]["source"], "upstream", "{again}");
+}

@@ -37,6 +37,37 @@ impl RedisCluster {
             .unwrap_or_else(|err| panic!("redis :{port} {args:?} failed: {err}"))
     }
 
+    /// Waits until `CLUSTER SLOTS` names a replica for every range, so a client reading from
+    /// replicas finds them: Redis lists a replica only once it has replicated something, so
+    /// a key under `prefix` is first written through each master.
+    pub async fn wait_until_replicas_listed(&self, prefix: &str) {
+        let masters = self.masters().await;
+        let mut warmed = std::collections::BTreeSet::new();
+        for i in 0.. {
+            let key = format!("{prefix}warm-{i}");
+            if warmed.insert(self.master_of_key(&key).await) {
+                self.set_replicated(&key, "x").await;
+            }
+            if warmed.len() == masters.len() {
+                break;
+            }
+        }
+        super::wait_until(
+            "CLUSTER SLOTS names every replica",
+            Duration::from_secs(10),
+            || async {
+                let slots = self.command(masters[0], &["CLUSTER", "SLOTS"]).await;
+                let redis::Value::Array(ranges) = slots else {
+                    return false;
+                };
+                ranges
+                    .iter()
+                    .all(|range| matches!(range, redis::Value::Array(parts) if parts.len() > 3))
+            },
+        )
+        .await;
+    }
+
     /// How many times the node on `port` has run `command` (`INFO commandstats`).
     pub async fn calls_of(&self, port: u16, command: &str) -> u64 {
         let info: String = query_async(self.access(), port, &["INFO", "commandstats"])
