@@ -217,14 +217,9 @@ async fn cluster_master_killed() {
 }
 
 async fn sentinel_proxy(sentinels: &SentinelSet, prefix: &str) -> TestApp {
-    let nodes = sentinels.sentinel_urls();
-    let master = sentinels.master_name().to_owned();
-    let prefix = prefix.to_owned();
-    TestApp::spawn_with(move |config| {
-        config.redis.mode = RedisMode::Sentinel;
-        config.redis.nodes = nodes;
-        config.redis.sentinel_master = Some(master);
-        config.redis.key_prefix = prefix;
+    TestApp::spawn_with(|config| {
+        sentinels.point(config);
+        config.redis.key_prefix = prefix.to_owned();
     })
     .await
 }

@@ -3,22 +3,14 @@
 //! of their decision, without a client error.
 
 use crate::support::{SentinelSet, TestApp, results, wait_until};
-use discount_proxy::config::RedisMode;
 use serde_json::{Value, json};
 use std::time::Duration;
 use tokio::time::Instant;
 
 async fn proxy_on(sentinels: &SentinelSet, prefix: &str) -> TestApp {
-    let nodes = sentinels.sentinel_urls();
-    let master = sentinels.master_name().to_owned();
-    let prefix = prefix.to_owned();
-    TestApp::spawn_with(move |config| {
-        config.redis.mode = RedisMode::Sentinel;
-        config.redis.nodes = nodes;
-        config.redis.sentinel_master = Some(master);
-        config.redis.key_prefix = prefix;
-        // Its host and port are not used: a port nothing listens on proves it.
-        config.redis.url = "redis://127.0.0.1:1/0".to_owned();
+    TestApp::spawn_with(|config| {
+        sentinels.point(config);
+        config.redis.key_prefix = prefix.to_owned();
     })
     .await
 }

@@ -136,15 +136,9 @@ async fn on_a_cluster_the_subscription_moves_to_another_seed_when_its_node_dies(
 /// An instance in sentinel mode whose `redis.url` host is a port nothing listens on: only
 /// the master the sentinels name can serve it.
 async fn proxy_on(sentinels: &SentinelSet, prefix: &str) -> TestApp {
-    let nodes = sentinels.sentinel_urls();
-    let master = sentinels.master_name().to_owned();
-    let prefix = prefix.to_owned();
-    TestApp::spawn_with(move |config| {
-        config.redis.mode = RedisMode::Sentinel;
-        config.redis.nodes = nodes;
-        config.redis.sentinel_master = Some(master);
-        config.redis.url = "redis://127.0.0.1:1/0".to_owned();
-        with_tier(config, &prefix);
+    TestApp::spawn_with(|config| {
+        sentinels.point(config);
+        with_tier(config, prefix);
     })
     .await
 }

@@ -101,6 +101,15 @@ impl SentinelSet {
         self.sentinels.iter().map(RedisNode::url).collect()
     }
 
+    /// Points `config` at these sentinels (`redis.mode = sentinel`). `redis.url` is a port
+    /// nothing listens on: its host and port are not used in sentinel mode, which this proves.
+    pub fn point(&self, config: &mut discount_proxy::config::Config) {
+        config.redis.mode = discount_proxy::config::RedisMode::Sentinel;
+        config.redis.nodes = self.sentinel_urls();
+        config.redis.sentinel_master = Some(MASTER_NAME.to_owned());
+        config.redis.url = "redis://127.0.0.1:1/0".to_owned();
+    }
+
     /// The name the sentinels monitor the master under.
     pub fn master_name(&self) -> &'static str {
         MASTER_NAME
