@@ -32,11 +32,12 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-/// Where connections go: one fixed Redis, or the master the sentinels name at each connect.
+/// Where connections go: one fixed Redis, or the node (master or replica) the sentinels name
+/// at each connect.
 pub(super) enum Endpoint {
     /// `redis.url`.
     Fixed(Box<Client>),
-    /// The master of `redis.sentinel_master`.
+    /// The master of `redis.sentinel_master`, or one of its replicas.
     Sentinel(Arc<SentinelEndpoint>),
 }
 
@@ -44,7 +45,7 @@ impl Endpoint {
     async fn client(&self) -> Result<Client, CacheError> {
         match self {
             Self::Fixed(client) => Ok(Client::clone(client)),
-            Self::Sentinel(sentinels) => sentinels.master().await,
+            Self::Sentinel(sentinels) => sentinels.client().await,
         }
     }
 }

@@ -19,7 +19,7 @@ mod scripts;
 
 use super::cluster::{ClusterLink, ClusterNode, Topology};
 use super::connections::{Connections, Endpoint, Lease};
-use super::sentinel::{self, SentinelEndpoint};
+use super::sentinel::{self, SentinelEndpoint, SentinelReplicas, SentinelServerType};
 use super::slots::{Address, Owner};
 use super::subscription::{SeedRotation, SubscriptionEndpoint};
 use super::{Cache, CacheError, CacheKind, PoolStatus, Values, Write};
@@ -48,7 +48,8 @@ pub struct RedisCache {
     key_prefix: String,
     timeout: Duration,
     chunk_size: usize,
-    /// Whether cluster reads may go to replicas.
+    /// Whether cluster reads may go to replicas (behind Sentinel, whether `Route::Standalone`
+    /// has replicas).
     read_from_replicas: bool,
     /// One Redis's breaker; on a cluster, the breaker of what is not sent to one master
     /// (the slot map, `PUBLISH`), each master having its own.
@@ -67,8 +68,12 @@ pub struct RedisCache {
 
 /// Where commands go.
 enum Route {
-    /// One Redis (or the master Sentinel names), over a few shared multiplexed connections.
-    Standalone(Arc<Connections>),
+    /// One Redis (or the master Sentinel names), over a few shared multiplexed connections;
+    /// behind Sentinel with `redis.read_from_replicas`, reads go to its replicas first.
+    Standalone {
+        primary: Arc<Connections>,
+        replicas: Option<SentinelReplicas>,
+    },
     /// A Redis Cluster, over one cluster connection that routes each command to its shard.
     Cluster(Arc<ClusterLink>),
 }
@@ -190,6 +195,28 @@ fn settle<T>(
     }
 }
 
+/// `command` over the next of `connections`, the wait for it included, by `deadline`
+/// (`timeout` from the start); a connection that broke or hung is discarded.
+async fn send_over(
+    op: &'static str,
+    connections: &Connections,
+    command: &Command,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Vec<Value>, CacheError> {
+    let Lease {
+        mut conn,
+        generation,
+    } = tokio::time::timeout_at(deadline, connections.get())
+        .await
+        .map_err(|_| CacheError::Timeout {
+            op: "connect",
+            timeout,
+        })??;
+    let queried = tokio::time::timeout_at(deadline, command.send(&mut conn)).await;
+    settle(op, timeout, queried, || connections.discard(generation))
+}
+
 /// How a command ended, for metrics.
 fn outcome<T>(result: &Result<T, CacheError>) -> RedisOutcome {
     match result {
@@ -269,20 +296,36 @@ impl RedisCache {
                 SeedRotation::new(&seeds)?.map_or_else(fixed, SubscriptionEndpoint::Seeds),
             ),
             RedisMode::Standalone => (
-                Route::Standalone(shared(Endpoint::Fixed(Box::new(first.clone())))),
+                Route::Standalone {
+                    primary: shared(Endpoint::Fixed(Box::new(first.clone()))),
+                    replicas: None,
+                },
                 fixed(),
             ),
             RedisMode::Sentinel => {
                 let master = settings.sentinel_master.as_deref().unwrap_or_default();
-                let sentinels = Arc::new(SentinelEndpoint::new(
-                    &settings.nodes,
-                    master,
-                    &settings.url,
-                )?);
-                let connections = shared(Endpoint::Sentinel(Arc::clone(&sentinels)));
-                sentinel::follow_master(Arc::downgrade(&connections), Arc::clone(&sentinels));
+                let endpoint = |server| {
+                    SentinelEndpoint::new(&settings.nodes, master, &settings.url, server)
+                        .map(Arc::new)
+                };
+                let sentinels = endpoint(SentinelServerType::Master)?;
+                let primary = shared(Endpoint::Sentinel(Arc::clone(&sentinels)));
+                let replicas = match settings.read_from_replicas {
+                    true => Some(SentinelReplicas::new(
+                        shared(Endpoint::Sentinel(endpoint(SentinelServerType::Replica)?)),
+                        settings.breaker_cooldown,
+                    )),
+                    false => None,
+                };
+                sentinel::follow_master(
+                    Arc::downgrade(&primary),
+                    replicas
+                        .as_ref()
+                        .map(|replicas| Arc::downgrade(replicas.connections())),
+                    Arc::clone(&sentinels),
+                );
                 (
-                    Route::Standalone(connections),
+                    Route::Standalone { primary, replicas },
                     SubscriptionEndpoint::Sentinel(sentinels),
                 )
             }
@@ -370,15 +413,21 @@ impl RedisCache {
         let deadline = Instant::now() + timeout;
         let timed_out = |op| CacheError::Timeout { op, timeout };
         match &self.route {
-            Route::Standalone(connections) => {
-                let Lease {
-                    mut conn,
-                    generation,
-                } = tokio::time::timeout_at(deadline, connections.get())
-                    .await
-                    .map_err(|_| timed_out("connect"))??;
-                let queried = tokio::time::timeout_at(deadline, command.send(&mut conn)).await;
-                settle(op, timeout, queried, || connections.discard(generation))
+            Route::Standalone { primary, replicas } => {
+                let replicas = replicas
+                    .as_ref()
+                    .filter(|replicas| op == RedisCommand::Mget.as_str() && replicas.usable());
+                if let Some(replicas) = replicas {
+                    // Half the bound for a replica, the rest for the master if it fails.
+                    let half = timeout / 2;
+                    let replica = replicas.connections();
+                    let read = send_over(op, replica, &command, Instant::now() + half, half);
+                    match read.await {
+                        Ok(replies) => return Ok(replies),
+                        Err(_) => replicas.failed(),
+                    }
+                }
+                send_over(op, primary, &command, deadline, timeout).await
             }
             Route::Cluster(link) => match to {
                 Destination::Shard {
@@ -649,7 +698,7 @@ impl RedisCache {
     fn state(&self) -> CircuitState {
         let own = self.circuit.state();
         match &self.route {
-            Route::Standalone(_) => own,
+            Route::Standalone { .. } => own,
             Route::Cluster(link) => own.worst(link.circuit()),
         }
     }
@@ -738,7 +787,7 @@ impl Cache for RedisCache {
 
     fn pool(&self) -> Option<PoolStatus> {
         match &self.route {
-            Route::Standalone(connections) => Some(connections.status()),
+            Route::Standalone { primary, .. } => Some(primary.status()),
             Route::Cluster(_) => None,
         }
     }

@@ -31,7 +31,7 @@ impl SubscriptionEndpoint {
         match self {
             Self::Fixed(client) => Ok(Client::clone(client)),
             Self::Seeds(seeds) => Ok(seeds.next()),
-            Self::Sentinel(sentinels) => sentinels.master().await,
+            Self::Sentinel(sentinels) => sentinels.client().await,
         }
     }
 }

@@ -181,8 +181,8 @@ pub struct RedisConfig {
     /// Sentinel: the master's service name. `url` then gives only the master's database,
     /// credentials and TLS.
     pub sentinel_master: Option<String>,
-    /// Cluster: cache reads may be answered by replicas (a little staler, less load on the
-    /// masters).
+    /// Cluster and sentinel: cache reads may be answered by replicas (a little staler, less
+    /// load on the masters).
     pub read_from_replicas: bool,
 }
 

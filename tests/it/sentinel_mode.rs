@@ -1,11 +1,16 @@
 //! `redis.mode = sentinel` against real sentinels (a master, a replica, three sentinels):
-//! the proxy caches on the master they name, and follows a failover within about a second
-//! of their decision, without a client error.
+//! the proxy caches on the master they name, follows a failover within about a second of
+//! their decision without a client error, and with `redis.read_from_replicas` reads on the
+//! replica, its master answering when the replica cannot.
 
 use crate::support::{SentinelSet, TestApp, results, wait_until};
 use serde_json::{Value, json};
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// How long a replica read may take before its master is asked: long, so that a lookup that
+/// waited for it shows by its time alone.
+const REPLICA_BOUND: Duration = Duration::from_secs(1);
 
 async fn proxy_on(sentinels: &SentinelSet, prefix: &str) -> TestApp {
     TestApp::spawn_with(|config| {
@@ -13,6 +18,37 @@ async fn proxy_on(sentinels: &SentinelSet, prefix: &str) -> TestApp {
         config.redis.key_prefix = prefix.to_owned();
     })
     .await
+}
+
+/// A proxy on `sentinels` with `redis.read_from_replicas`, a replica read bounded by
+/// [`REPLICA_BOUND`] (half of `redis.timeout`), a failed replica left alone for a minute.
+async fn replica_reader_on(sentinels: &SentinelSet, prefix: &str) -> TestApp {
+    TestApp::spawn_with(|config| {
+        sentinels.point(config);
+        config.redis.key_prefix = prefix.to_owned();
+        config.redis.read_from_replicas = true;
+        config.redis.timeout = 2 * REPLICA_BOUND;
+        config.redis.breaker_cooldown = Duration::from_secs(60);
+    })
+    .await
+}
+
+/// Looks `sns` up (all cold) and waits until the replica holds every one of their keys.
+async fn cached_on_the_replica(sentinels: &SentinelSet, app: &TestApp, sns: &[&str]) -> u16 {
+    let body = app.lookup(sns).await;
+    assert_eq!(body["summary"]["upstream_fetches"], sns.len(), "{body}");
+    let replica = sentinels.replica_port().await;
+    let keys: Vec<String> = sns.iter().map(|sn| app.key(sn)).collect();
+    let mut exists = vec!["EXISTS"];
+    exists.extend(keys.iter().map(String::as_str));
+    let all = redis::Value::Int(i64::try_from(sns.len()).unwrap());
+    wait_until(
+        "the replica holds every key",
+        Duration::from_secs(5),
+        || async { sentinels.command(replica, &exists).await == all },
+    )
+    .await;
+    replica
 }
 
 /// Whether `key` exists on the node at `port`.
@@ -40,6 +76,51 @@ async fn lookups_are_cached_on_the_master_the_sentinels_name() {
         (&ready["redis_mode"], &ready["redis"]),
         (&json!("sentinel"), &json!("ok"))
     );
+}
+
+#[tokio::test]
+async fn with_read_from_replicas_hits_are_read_on_the_replica_not_the_master() {
+    let sentinels = SentinelSet::shared();
+    let app = replica_reader_on(&sentinels, "st-replica:").await;
+    let sns = ["R-1", "R-2", "R-3"];
+    let replica = cached_on_the_replica(&sentinels, &app, &sns).await;
+    let before = sentinels.calls_of(replica, "MGET").await;
+
+    let again = app.lookup(&sns).await;
+    assert_eq!(again["summary"]["cache_hits"], 3, "{again}");
+    let after = sentinels.calls_of(replica, "MGET").await;
+    assert!(
+        after > before,
+        "the hits were read on the replica ({before} MGETs there before, {after} after)"
+    );
+}
+
+#[tokio::test]
+async fn a_paused_replica_is_read_around_its_master_answering_its_reads() {
+    // Pauses the replica: a sentinel set of its own.
+    let sentinels = SentinelSet::start();
+    let app = replica_reader_on(&sentinels, "st-paused:").await;
+    let sns = ["P-1", "P-2", "P-3"];
+    let replica = cached_on_the_replica(&sentinels, &app, &sns).await;
+    sentinels
+        .command(replica, &["CLIENT", "PAUSE", "20000", "ALL"])
+        .await;
+    let calls = app.upstream.total_calls();
+    for round in 0..3 {
+        let body = app.lookup(&sns).await;
+        assert_eq!(
+            body["summary"]["cache_hits"], 3,
+            "the paused replica's reads were answered by the master: {}",
+            body["summary"]
+        );
+        // After the first read it failed, the replica is left alone: no lookup waits for it.
+        let waited = Duration::from_millis(body["summary"]["elapsed_ms"].as_u64().unwrap());
+        assert!(
+            round == 0 || waited < REPLICA_BOUND,
+            "lookup {round} waited {waited:?} for the paused replica"
+        );
+    }
+    assert_eq!(app.upstream.total_calls(), calls, "nothing fetched again");
 }
 
 #[tokio::test]

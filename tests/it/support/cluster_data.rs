@@ -2,7 +2,7 @@
 //! and their TTLs per master, and moving slots between masters.
 
 use super::RedisCluster;
-use super::node::{Role, connect, query_async, role_of, set_replicated};
+use super::node::{Role, calls_of, connect, query_async, role_of, set_replicated};
 use super::tls::Access;
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
@@ -70,14 +70,8 @@ impl RedisCluster {
 
     /// How many times the node on `port` has run `command` (`INFO commandstats`).
     pub async fn calls_of(&self, port: u16, command: &str) -> u64 {
-        let info: String = query_async(self.access(), port, &["INFO", "commandstats"])
-            .await
-            .unwrap();
-        let field = format!("cmdstat_{}:calls=", command.to_ascii_lowercase());
-        info.lines()
-            .find_map(|line| line.strip_prefix(&field))
-            .and_then(|rest| rest.split(',').next())
-            .map_or(0, |calls| calls.parse().unwrap())
+        self.node(port);
+        calls_of(self.access(), port, command).await
     }
 
     /// Runs a raw command on the node on `port`, an error reply included in the result.

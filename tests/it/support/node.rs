@@ -226,6 +226,18 @@ pub async fn set_replicated(access: &Access, port: u16, key: &str, value: &str) 
 }
 
 /// The value of `field` in an `INFO` reply (`field:value` lines).
+/// How many times the node on `port` has run `command` (`INFO commandstats`).
+pub async fn calls_of(access: &Access, port: u16, command: &str) -> u64 {
+    let info: String = query_async(access, port, &["INFO", "commandstats"])
+        .await
+        .unwrap();
+    let field = format!("cmdstat_{}:calls=", command.to_ascii_lowercase());
+    info.lines()
+        .find_map(|line| line.strip_prefix(&field))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().unwrap())
+}
+
 pub fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
     info.lines()
         .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))

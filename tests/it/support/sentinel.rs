@@ -3,7 +3,8 @@
 //! Plain, or secured: every process serves TLS only, the data nodes take only ACL users.
 
 use super::node::{
-    RedisNode, Role, info_field, log_tails, query, query_async, role_of, set_replicated, temp_dir,
+    RedisNode, Role, calls_of, info_field, log_tails, query, query_async, role_of, set_replicated,
+    temp_dir,
 };
 use super::shared::Shared;
 use super::tls::{Access, TestCertificate, as_args, as_config};
@@ -192,6 +193,23 @@ impl SentinelSet {
     /// write a failover must keep.
     pub async fn set_replicated(&self, key: &str, value: &str) {
         set_replicated(&self.access, self.master_port().await, key, value).await;
+    }
+
+    /// The port of the data node that is not the master the sentinels name now: the
+    /// replica (the set has two data nodes).
+    pub async fn replica_port(&self) -> u16 {
+        let master = self.master_port().await;
+        let replica = self.data_ports().into_iter().find(|&port| port != master);
+        replica.expect("the set has a replica")
+    }
+
+    /// How many times the data node on `port` has run `command` (`INFO commandstats`).
+    pub async fn calls_of(&self, port: u16, command: &str) -> u64 {
+        assert!(
+            self.data_ports().contains(&port),
+            "{port} is not a data node"
+        );
+        calls_of(&self.access, port, command).await
     }
 
     /// Runs a raw command on the node (or sentinel) on `port` and returns the reply; an error
