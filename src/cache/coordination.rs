@@ -1,5 +1,8 @@
 //! What instances sharing a Redis use to act as one (`coalesce.distributed`): claims on
-//! fetches (leases), renewed and released by compare-token scripts; fences that an
+//! fetches (leases), renewed and released by compare-token scripts; a lease taken for a fetch
+//! still queued behind others, which an instance about to fetch the SN at once may take over
+//! until the holder starts it (so a short lookup never waits for another instance's long
+//! export to reach its SN, and still only one instance fetches it); fences that an
 //! invalidation sets so no fetch that began before it is written back anywhere; write-backs
 //! made only if no fence and no newer answer came first; and a notification after each
 //! write-back that wakes the instances waiting for it.
@@ -25,6 +28,8 @@ pub enum Claim {
     Won {
         /// The fence token seen with the claim.
         fence: Bytes,
+        /// Taken over from another instance, which held it for a fetch still queued.
+        took_over: bool,
     },
     /// Another instance holds the lease.
     Lost,
@@ -33,6 +38,19 @@ pub enum Claim {
     Present,
     /// Redis could not be asked: the caller fetches on its own (fail open).
     Skipped,
+}
+
+/// One SN to claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ask<'a> {
+    /// The SN.
+    pub sn: &'a str,
+    /// A miss (as opposed to a refresh): claimed only if its entry is absent.
+    pub if_absent: bool,
+    /// Its fetch waits behind others: the lease is held as queued, which an instance about
+    /// to fetch the SN at once takes over, until [`Coordination::start`] turns it into a
+    /// fetch's. A claim that is not queued takes a queued lease over.
+    pub queued: bool,
 }
 
 /// A write-back made only if the SN's fence is still `fence` and the stored entry, if any,
@@ -61,15 +79,24 @@ pub struct Refusals {
 /// The cross-instance side of coalescing, as the lookup core sees it. Every batch call sends
 /// one pipeline per group (per chunk on one Redis, per master on a cluster).
 pub trait Coordination: Send + Sync + 'static {
-    /// Claims each SN's fetch for `lease_ttl` under `token`, in order; an SN asked with
-    /// `true` (a miss, as opposed to a refresh) only if its entry is absent. A group Redis
-    /// failed for comes back [`Claim::Skipped`].
+    /// Claims each SN's fetch for `lease_ttl` under `token`, in order (see [`Ask`]). A group
+    /// Redis failed for comes back [`Claim::Skipped`].
     fn claim<'a>(
         &'a self,
-        sns: &'a [(&'a str, bool)],
+        sns: &'a [Ask<'a>],
         token: &'a str,
         lease_ttl: Duration,
     ) -> BoxFuture<'a, Vec<Claim>>;
+
+    /// Starts the fetch of each queued lease `(sn, token)`: from now on no other instance
+    /// takes it over. `Some(true)` where it was still this token's (or already started),
+    /// `Some(false)` where another instance took it over (or it is gone), `None` where Redis
+    /// failed.
+    fn start<'a>(
+        &'a self,
+        leases: &'a [(&'a str, &'a str)],
+        lease_ttl: Duration,
+    ) -> BoxFuture<'a, Vec<Option<bool>>>;
 
     /// Extends each lease `(sn, token)` still held to `lease_ttl`: `Some(false)` where it was
     /// lost (expired, or another instance holds it now), `None` where Redis failed.

@@ -19,7 +19,7 @@ mod subscription;
 mod tiered;
 mod wakeups;
 
-pub use self::coordination::{Claim, Coordination, FencedWrite, Refusals};
+pub use self::coordination::{Ask, Claim, Coordination, FencedWrite, Refusals};
 pub use self::entry::{Entry, EntryError, EntryKind};
 pub use self::local::LocalTier;
 pub use self::memory::MemoryCache;

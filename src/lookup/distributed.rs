@@ -1,11 +1,20 @@
-//! Coalescing across instances (`coalesce.distributed`): a fetch task claims the flights
-//! queued in it in Redis, up to `redis.chunk_size` at a time in one round trip per node,
-//! after the local flight table (so a pure-hit lookup sends nothing more than its reads).
-//! The claim is recorded on the flight ([`Remote`]), not taken as a local lead: what is
-//! queued may still be taken on by another lookup's task, or dropped by a drain or a client
-//! that left, as without other instances. Won SNs are fetched by whichever task takes them
-//! on; lost ones are waited for (see `waiting`); if Redis cannot be asked, they are fetched
-//! here too (fail open to local coalescing).
+//! Coalescing across instances (`coalesce.distributed`): a fetch task claims every flight
+//! queued in it in Redis at once, in one round trip per node (all of a batch's misses, or a
+//! streamed lookup's window), after the local flight table (so a pure-hit lookup sends
+//! nothing more than its reads). The claim is recorded on the flight ([`Remote`]), not taken
+//! as a local lead: what is queued may still be taken on by another lookup's task, or dropped
+//! by a drain or a client that left, as without other instances. Won SNs are fetched by
+//! whichever task takes them on; lost ones are waited for (see `waiting`); if Redis cannot be
+//! asked, they are fetched here too (fail open to local coalescing).
+//!
+//! Claiming a 10,000-SN export at once must not make another instance wait for that
+//! export's queue to reach an SN it wants now. So only the first `upstream.concurrency`
+//! claims of a batch are for fetches that start at once; the rest are held as *queued*. A
+//! claim for a fetch that starts at once (a short lookup's, or a waiter's taking over) takes
+//! a queued lease over; the holder starts each queued fetch by turning its lease into a
+//! started one first (`START`, one script call), and on finding it taken over it waits for
+//! the new holder's answer instead. Still one instance fetches each SN. Facebook's memcache
+//! leases (NSDI 2013) have no queue to take over from; this is that, plus the queue.
 //!
 //! Leases held are renewed every third of `coalesce.lease_ttl` by one task per instance, all
 //! at once, from the claim until the write-back (queued and retrying fetches included), and
@@ -16,7 +25,7 @@
 use super::Core;
 use super::fetch::Lead;
 use super::flights::Flight;
-use crate::cache::{Claim, Coordination};
+use crate::cache::{Ask, Claim, Coordination};
 use crate::metrics::{ClaimResult, LeaseEvent, Metrics};
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -60,6 +69,8 @@ pub(super) struct Shared {
 pub(super) struct LeaseHold {
     sn: String,
     token: Mutex<Option<String>>,
+    /// Held as queued: its fetch must be started in Redis (`START`) before it begins.
+    queued: std::sync::atomic::AtomicBool,
     fence: Bytes,
     coordination: Arc<dyn Coordination>,
     leases: Arc<Leases>,
@@ -78,6 +89,17 @@ impl LeaseHold {
     /// The fence token seen with the claim (empty: none).
     pub(super) fn fence(&self) -> &Bytes {
         &self.fence
+    }
+
+    /// The lease's token, if still held and its fetch not yet started in Redis.
+    fn queued_token(&self) -> Option<String> {
+        if !self.queued.load(Ordering::Acquire) {
+            return None;
+        }
+        self.token
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Hands the lease over to whoever releases it in Redis: it is renewed no more.
@@ -200,14 +222,22 @@ impl Shared {
         format!("{}:{batch}", self.instance)
     }
 
-    /// What a won (`token`) or skipped claim gives the flight of `sn`.
-    pub(super) fn hold(&self, sn: &str, token: Option<&str>, fence: Bytes) -> Arc<LeaseHold> {
+    /// What a won (`token`, held as `queued` or not) or skipped claim gives the flight of
+    /// `sn`.
+    pub(super) fn hold(
+        &self,
+        sn: &str,
+        token: Option<&str>,
+        fence: Bytes,
+        queued: bool,
+    ) -> Arc<LeaseHold> {
         if let Some(token) = token {
             self.leases.hold(sn, token);
         }
         Arc::new(LeaseHold {
             sn: sn.to_owned(),
             token: Mutex::new(token.map(str::to_owned)),
+            queued: std::sync::atomic::AtomicBool::new(queued && token.is_some()),
             fence,
             coordination: Arc::clone(&self.coordination),
             leases: Arc::clone(&self.leases),
@@ -216,56 +246,97 @@ impl Shared {
 }
 
 impl Core {
-    /// Claims `flights` in Redis in one round trip per node, and records on each what this
-    /// instance may do about it (see [`Remote`]). Only flights this call moved from
-    /// unchecked to checking are claimed: a flight is claimed once per instance.
-    pub(super) async fn claim_ahead(&self, flights: &[Arc<Flight>]) {
+    /// Claims `flights` in Redis in one round trip per node, the first `at_once` for fetches
+    /// that start now and the rest as queued, and records on each what this instance may do
+    /// about it (see [`Remote`]). Only flights this call moved from unchecked to checking are
+    /// claimed: a flight is claimed once per instance.
+    pub(super) async fn claim_ahead(&self, flights: &[Arc<Flight>], at_once: usize) {
         let Some(shared) = &self.shared else { return };
         let flights: Vec<&Arc<Flight>> = flights.iter().filter(|f| f.begin_check()).collect();
         if flights.is_empty() {
             return;
         }
         let token = shared.token();
-        let sns: Vec<(&str, bool)> = flights
+        let asks: Vec<Ask<'_>> = flights
             .iter()
-            .map(|flight| (flight.sn.as_str(), flight.claims_if_absent()))
+            .enumerate()
+            .map(|(at, flight)| Ask {
+                sn: flight.sn.as_str(),
+                if_absent: flight.claims_if_absent(),
+                queued: at >= at_once,
+            })
             .collect();
         let claims = shared
             .coordination
-            .claim(&sns, &token, shared.lease_ttl)
+            .claim(&asks, &token, shared.lease_ttl)
             .await;
-        let mut counts = [0usize; 4];
-        for (flight, claim) in flights.into_iter().zip(claims) {
+        let mut counts = Counts::default();
+        for ((flight, ask), claim) in flights.into_iter().zip(&asks).zip(claims) {
+            counts.add(&claim);
             let remote = match claim {
-                Claim::Won { fence } => {
-                    counts[0] += 1;
-                    Remote::Fetch(shared.hold(&flight.sn, Some(&token), fence))
+                Claim::Won { fence, .. } => {
+                    Remote::Fetch(shared.hold(&flight.sn, Some(&token), fence, ask.queued))
                 }
-                Claim::Lost => {
-                    counts[1] += 1;
-                    Remote::Lost
-                }
-                Claim::Skipped => {
-                    counts[2] += 1;
-                    Remote::Fetch(shared.hold(&flight.sn, None, Bytes::new()))
-                }
-                // Written meanwhile: the wait for it reads it at once.
-                Claim::Present => {
-                    counts[3] += 1;
-                    Remote::Lost
-                }
+                Claim::Skipped => Remote::Fetch(shared.hold(&flight.sn, None, Bytes::new(), false)),
+                // Written meanwhile (present): the wait for it reads it at once.
+                Claim::Lost | Claim::Present => Remote::Lost,
             };
             flight.decide(remote);
         }
-        let results = [
-            ClaimResult::Won,
-            ClaimResult::Lost,
-            ClaimResult::Skipped,
-            ClaimResult::Present,
-        ];
-        for (result, count) in results.into_iter().zip(counts) {
-            self.metrics.record_claims(result, count);
+        counts.record(&self.metrics);
+    }
+
+    /// Starts `lead`'s fetch in Redis if its lease is held as queued (see the module doc):
+    /// `false` when another instance took it over meanwhile, and fetches it. If Redis cannot
+    /// be asked, the fetch goes on (fail open).
+    pub(super) async fn start_fetch(&self, lead: &Lead) -> bool {
+        let (Some(shared), Some(hold)) = (&self.shared, &lead.hold) else {
+            return true;
+        };
+        let Some(token) = hold.queued_token() else {
+            return true;
+        };
+        let lease = [(hold.sn.as_str(), token.as_str())];
+        let started = shared.coordination.start(&lease, shared.lease_ttl).await;
+        hold.queued.store(false, Ordering::Release);
+        if started.first().copied().flatten() == Some(false) {
+            // Not ours any more: not renewed, not released.
+            shared.leases.forget(&hold.sn, &token);
+            hold.token
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            self.metrics.record_leases(LeaseEvent::Yielded, 1);
+            return false;
         }
+        true
+    }
+
+    /// Gives up at once, in one round trip per node, the leases of `flights` that are
+    /// dropped before their fetches started (a drain, a client that left), and tells the
+    /// other instances to look again, instead of one release per flight as each goes.
+    pub(super) fn release_unstarted(&self, flights: &[Arc<Flight>]) {
+        let Some(shared) = &self.shared else { return };
+        let leases: Vec<(String, String)> = flights
+            .iter()
+            .filter_map(|flight| {
+                let token = flight.hold()?.take_token()?;
+                Some((flight.sn.clone(), token))
+            })
+            .collect();
+        if leases.is_empty() {
+            return;
+        }
+        let coordination = Arc::clone(&shared.coordination);
+        self.tasks.spawn(async move {
+            let pairs: Vec<(&str, &str)> = leases
+                .iter()
+                .map(|(sn, token)| (sn.as_str(), token.as_str()))
+                .collect();
+            coordination.release(&pairs).await;
+            let sns: Vec<&str> = pairs.iter().map(|(sn, _)| *sn).collect();
+            coordination.announce(&sns).await;
+        });
     }
 
     /// Marks `flights` as fetched here without a claim, when the lookup's cache read failed:
@@ -276,7 +347,8 @@ impl Core {
         let mut skipped = 0;
         for flight in flights {
             if flight.begin_check() {
-                flight.decide(Remote::Fetch(shared.hold(&flight.sn, None, Bytes::new())));
+                let hold = shared.hold(&flight.sn, None, Bytes::new(), false);
+                flight.decide(Remote::Fetch(hold));
                 skipped += 1;
             }
         }
@@ -292,7 +364,8 @@ impl Core {
         }
         let mut remote = lead.flight.decided().await;
         if matches!(remote, Remote::Unchecked) {
-            self.claim_ahead(std::slice::from_ref(&lead.flight)).await;
+            self.claim_ahead(std::slice::from_ref(&lead.flight), 1)
+                .await;
             remote = lead.flight.decided().await;
         }
         match remote {
@@ -330,6 +403,41 @@ impl Core {
         if let Some(hold) = &lead.hold {
             self.tasks.spawn(hold.release_now());
         }
+    }
+}
+
+/// Claims by what they came to, for the metrics.
+#[derive(Default)]
+struct Counts {
+    won: usize,
+    took_over: usize,
+    lost: usize,
+    skipped: usize,
+    present: usize,
+}
+
+impl Counts {
+    fn add(&mut self, claim: &Claim) {
+        let count = match claim {
+            Claim::Won {
+                took_over: false, ..
+            } => &mut self.won,
+            Claim::Won {
+                took_over: true, ..
+            } => &mut self.took_over,
+            Claim::Lost => &mut self.lost,
+            Claim::Skipped => &mut self.skipped,
+            Claim::Present => &mut self.present,
+        };
+        *count += 1;
+    }
+
+    fn record(&self, metrics: &Metrics) {
+        metrics.record_claims(ClaimResult::Won, self.won);
+        metrics.record_claims(ClaimResult::TookOver, self.took_over);
+        metrics.record_claims(ClaimResult::Lost, self.lost);
+        metrics.record_claims(ClaimResult::Skipped, self.skipped);
+        metrics.record_claims(ClaimResult::Present, self.present);
     }
 }
 

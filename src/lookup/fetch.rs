@@ -69,8 +69,9 @@ impl Queue {
     }
 
     /// With other instances: when the next flight to fetch has not been claimed in Redis,
-    /// claims it with those queued behind it (up to `redis.chunk_size`) in one round trip;
-    /// the ones lost are taken on at once, to wait for the other instance's answers.
+    /// claims it with every unclaimed one queued behind it, in one round trip per node (all
+    /// of a batch's misses, or the window a streamed lookup just fed); the ones lost are
+    /// taken on at once, to wait for the other instance's answers.
     async fn claim_ahead(&mut self) {
         let Some((core, until)) = self.claims.clone() else {
             return;
@@ -90,15 +91,14 @@ impl Queue {
         if !head_unchecked {
             return;
         }
-        let most = core.settings.write_batch.max(1);
         let ahead: Vec<Arc<Flight>> = self
             .waiting
             .iter()
             .filter(|flight| flight.is_unchecked())
-            .take(most)
             .cloned()
             .collect();
-        core.claim_ahead(&ahead).await;
+        // Those this task fetches first start at once; the others wait, held as queued.
+        core.claim_ahead(&ahead, core.upstream.concurrency()).await;
         let lost = ahead
             .into_iter()
             .filter(|flight| flight.is_lost() && !flight.is_refresh() && flight.claim())
@@ -113,22 +113,33 @@ impl Queue {
     /// joining one right now either keeps it or finds it gone.
     fn drop_unwanted(&mut self) {
         self.close_feed();
-        for flight in std::mem::take(&mut self.waiting) {
-            if self.flights.claim_unwanted(&flight) {
-                drop(self.lead(flight));
-            }
-        }
+        let dropped: Vec<Arc<Flight>> = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .filter(|flight| self.flights.claim_unwanted(flight))
+            .collect();
+        self.settle_dropped(dropped);
     }
 
     /// Settles everything still queued as abandoned: the proxy is draining, or the task
     /// ended early.
     fn abandon_all(&mut self) {
         self.close_feed();
-        // Claiming makes a Lead, whose drop settles the flight and removes it.
-        while let Some(flight) = self.waiting.pop_front() {
-            if flight.claim() {
-                drop(self.lead(flight));
-            }
+        let dropped: Vec<Arc<Flight>> = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .filter(|flight| flight.claim())
+            .collect();
+        self.settle_dropped(dropped);
+    }
+
+    /// Settles `dropped` (claimed by this task, not to be fetched) as abandoned and removes
+    /// them; their leases in Redis, if any, go all at once.
+    fn settle_dropped(&self, dropped: Vec<Arc<Flight>>) {
+        if let Some((core, _)) = &self.claims {
+            core.release_unstarted(&dropped);
+        }
+        // A Lead's drop settles the flight and removes it.
+        for flight in dropped {
+            drop(self.lead(flight));
         }
     }
 
@@ -261,16 +272,26 @@ impl Core {
         let mut answers = Box::pin(
             leads
                 .map(|lead| {
-                    let upstream = &self.upstream;
+                    let core = &self;
                     async move {
-                        let answer = upstream.fetch(&lead.flight.sn, retry_until).await;
-                        (lead, answer)
+                        if !core.start_fetch(&lead).await {
+                            return (lead, None);
+                        }
+                        let answer = core.upstream.fetch(&lead.flight.sn, retry_until).await;
+                        (lead, Some(answer))
                     }
                 })
                 .buffer_unordered(per_request),
         );
         let mut writes = PendingWrites::new(Arc::clone(&self));
         while let Some((lead, answer)) = next_answer(&mut answers, &mut writes).await {
+            let Some(answer) = answer else {
+                // Taken over by another instance before it started: wait for its answer.
+                if !lead.flight.is_refresh() {
+                    self.wait_elsewhere(vec![lead], retry_until);
+                }
+                continue;
+            };
             self.record(&lead.flight.sn, &answer);
             if answer.is_err() {
                 self.let_go(&lead);

@@ -10,7 +10,7 @@
 
 use super::Core;
 use super::fetch::Lead;
-use crate::cache::{Claim, Entry};
+use crate::cache::{Ask, Claim, Entry};
 use crate::metrics::WaitOutcome;
 use crate::upstream::Fetched;
 use std::collections::HashMap;
@@ -132,9 +132,15 @@ impl Core {
         };
         let token = shared.token();
         // Only if still absent: one written since the read is read again, not fetched again.
-        let asked: Vec<(&str, bool)> = absent
+        // Fetched at once: a lease another instance holds for a fetch still queued is taken
+        // over (see `distributed`).
+        let asked: Vec<Ask<'_>> = absent
             .iter()
-            .map(|(sn, nothing)| (sn.as_str(), *nothing))
+            .map(|(sn, nothing)| Ask {
+                sn: sn.as_str(),
+                if_absent: *nothing,
+                queued: false,
+            })
             .collect();
         let claims = shared
             .coordination
@@ -149,11 +155,11 @@ impl Core {
                     present.push(sn.clone());
                     continue;
                 }
-                Claim::Won { fence } => (Some(token.as_str()), fence),
+                Claim::Won { fence, .. } => (Some(token.as_str()), fence),
                 Claim::Skipped => (None, bytes::Bytes::new()),
             };
             if let Some(mut lead) = waiting.remove(sn) {
-                lead.hold = Some(shared.hold(sn, token, fence));
+                lead.hold = Some(shared.hold(sn, token, fence, false));
                 taken.push(lead);
             }
         }

@@ -112,6 +112,8 @@ label_values! {
         Publish => "PUBLISH",
         /// Claims on fetches (leases), one script call per SN.
         Claim => "EVALSHA claim",
+        /// Queued leases whose fetches start.
+        Start => "EVALSHA start",
         /// Leases renewed while their fetches run.
         Renew => "EVALSHA renew",
         /// Leases given up by compare-and-delete.
@@ -192,6 +194,9 @@ label_values! {
         Skipped => "skipped",
         /// Another instance wrote the answer since this one read the SN as missing: read.
         Present => "present",
+        /// Another instance held it for a fetch still queued behind others; this one was
+        /// about to fetch it at once, so took it over and fetches it.
+        TookOver => "took_over",
     }
 
     /// How a wait for another instance's fetch ended.
@@ -213,6 +218,9 @@ label_values! {
         Renewed => "renewed",
         /// Found expired or taken over at renewal: another instance may fetch too.
         Expired => "expired",
+        /// Held for a fetch still queued, taken over by an instance that fetched it at
+        /// once: this one waits for that answer instead.
+        Yielded => "yielded",
     }
 
     /// Why a fenced write-back was refused.

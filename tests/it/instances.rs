@@ -221,6 +221,55 @@ async fn overlapping_exports_on_three_instances_on_a_cluster_make_one_call_per_s
     overlapping_exports_on_three_instances(&instances).await;
 }
 
+/// A lookup on B of the last SN of an export A has just begun: A claimed every SN at once,
+/// but B takes that SN's queued claim over and fetches it at once, instead of waiting for
+/// A's queue to reach it; A waits for B's answer. One call per SN all the same.
+async fn lookup_during_another_instances_export(redis: Shared<'_>, prefix: &str) {
+    // Two fetches at a time, 100 ms each: A's queue reaches X-39 after about 2 s.
+    let extra = [("DISCOUNT_PROXY_UPSTREAM__CONCURRENCY", "2")];
+    let instances = Instances::start(redis, 2, prefix, &extra).await;
+    instances.upstream.set_latency(Duration::from_millis(100));
+    let export = sns("X", 0..40);
+    let exporting = instances.lookup(0, &export);
+    let wanted = async {
+        crate::support::wait_until("A is fetching", Duration::from_secs(5), || async {
+            instances.upstream.total_calls() > 0
+        })
+        .await;
+        let (status, body) = instances.get(1, "X-39").await;
+        (status, body, instances.upstream.total_calls())
+    };
+    let (results, (status, body, calls_then)) = tokio::join!(exporting, wanted);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["source"], "upstream", "{body}");
+    assert!(
+        calls_then < export.len(),
+        "B answered before A's queue reached X-39 ({calls_then} calls by then): {}",
+        instances.counters().await
+    );
+    assert!(all_ok(&results), "{}", instances.logs());
+    for sn in &export {
+        assert_eq!(
+            instances.upstream.calls(sn),
+            1,
+            "{sn}: {}",
+            instances.counters().await
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_lookup_does_not_wait_for_another_instances_export_to_reach_its_sn() {
+    let redis = RedisServer::start();
+    lookup_during_another_instances_export(Shared::One(&redis), "queued:").await;
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_lookup_does_not_wait_for_another_instances_export() {
+    let cluster = RedisCluster::shared();
+    lookup_during_another_instances_export(Shared::Cluster(&cluster), "inst-queued:").await;
+}
+
 /// Whether `key` exists, wherever the proxies' Redis keeps it.
 async fn exists(redis: Shared<'_>, key: &str) -> bool {
     let reply = match redis {

@@ -13,7 +13,7 @@
 
 use super::scripts::{Call, Script, pipeline};
 use super::{Command, Destination, Group, RedisCache};
-use crate::cache::coordination::{Claim, Coordination, FencedWrite, Refusals, companion_key};
+use crate::cache::coordination::{Ask, Claim, Coordination, FencedWrite, Refusals, companion_key};
 use crate::cache::invalidation_channel;
 use crate::cache::wakeups::Wakeups;
 use crate::cache::{CacheError, Write};
@@ -61,7 +61,14 @@ fn claim_of(reply: Value) -> Claim {
         _ => Bytes::new(),
     };
     match won {
-        Some(1) => Claim::Won { fence },
+        Some(1) => Claim::Won {
+            fence,
+            took_over: false,
+        },
+        Some(3) => Claim::Won {
+            fence,
+            took_over: true,
+        },
         Some(2) => Claim::Present,
         Some(_) => Claim::Lost,
         None => Claim::Skipped,
@@ -167,6 +174,36 @@ impl RedisCache {
         groups.iter().zip(join_all(runs).await).collect()
     }
 
+    /// Runs `script` (`START` or `RENEW`: the lease key, its token and `lease_ttl`) for each
+    /// lease `(sn, token)`: whether it answered 1, or `None` where its group failed.
+    async fn per_lease(
+        &self,
+        script: &Script,
+        name: RedisCommand,
+        leases: &[(&str, &str)],
+        lease_ttl: Duration,
+    ) -> Vec<Option<bool>> {
+        let mut answered = vec![None; leases.len()];
+        let Ok(groups) = self.groups(leases.iter().map(|(sn, _)| *sn)).await else {
+            return answered;
+        };
+        let ttl = millis(lease_ttl).to_string();
+        let call = |place: usize| {
+            let (sn, token) = leases[place];
+            Call {
+                keys: self.keys_of(sn, &["lease"])[1..].to_vec(),
+                args: vec![token.as_bytes().to_vec(), ttl.clone().into_bytes()],
+            }
+        };
+        for (group, replies) in self.eval_all(script, name, &groups, &call).await {
+            let Ok(replies) = replies else { continue };
+            for (&place, reply) in group.places.iter().zip(replies) {
+                answered[place] = int(&reply).map(|n| n == 1);
+            }
+        }
+        answered
+    }
+
     /// Fences and deletes one group's SNs (an invalidation with `coalesce.distributed`).
     pub(super) async fn fence_group(&self, sns: &[&str], group: &Group) -> Result<u64, CacheError> {
         let token = fence_token();
@@ -189,13 +226,13 @@ impl RedisCache {
 impl Coordination for RedisCache {
     fn claim<'a>(
         &'a self,
-        sns: &'a [(&'a str, bool)],
+        sns: &'a [Ask<'a>],
         token: &'a str,
         lease_ttl: Duration,
     ) -> BoxFuture<'a, Vec<Claim>> {
         Box::pin(async move {
             let mut claims = vec![Claim::Skipped; sns.len()];
-            let groups = match self.groups(sns.iter().map(|(sn, _)| *sn)).await {
+            let groups = match self.groups(sns.iter().map(|ask| ask.sn)).await {
                 Ok(groups) => groups,
                 Err(err) => {
                     debug!(error = %err, "claims skipped: no slot map");
@@ -203,20 +240,18 @@ impl Coordination for RedisCache {
                 }
             };
             let ttl = millis(lease_ttl).to_string();
+            let flag = |on: bool| if on { b"1".to_vec() } else { b"0".to_vec() };
             let call = |place: usize| {
-                let (sn, if_absent) = sns[place];
-                let mut keys = self.keys_of(sn, &["lease", "fence"]);
+                let ask = sns[place];
+                let mut keys = self.keys_of(ask.sn, &["lease", "fence"]);
                 keys.rotate_left(1);
                 Call {
                     keys,
                     args: vec![
                         token.as_bytes().to_vec(),
                         ttl.clone().into_bytes(),
-                        if if_absent {
-                            b"1".to_vec()
-                        } else {
-                            b"0".to_vec()
-                        },
+                        flag(ask.if_absent),
+                        flag(ask.queued),
                     ],
                 }
             };
@@ -241,36 +276,22 @@ impl Coordination for RedisCache {
         })
     }
 
+    fn start<'a>(
+        &'a self,
+        leases: &'a [(&'a str, &'a str)],
+        lease_ttl: Duration,
+    ) -> BoxFuture<'a, Vec<Option<bool>>> {
+        let start = &self.scripts.start;
+        Box::pin(self.per_lease(start, RedisCommand::Start, leases, lease_ttl))
+    }
+
     fn renew<'a>(
         &'a self,
         leases: &'a [(&'a str, &'a str)],
         lease_ttl: Duration,
     ) -> BoxFuture<'a, Vec<Option<bool>>> {
-        Box::pin(async move {
-            let mut renewed = vec![None; leases.len()];
-            let Ok(groups) = self.groups(leases.iter().map(|(sn, _)| *sn)).await else {
-                return renewed;
-            };
-            let ttl = millis(lease_ttl).to_string();
-            let call = |place: usize| {
-                let (sn, token) = leases[place];
-                Call {
-                    keys: self.keys_of(sn, &["lease"])[1..].to_vec(),
-                    args: vec![token.as_bytes().to_vec(), ttl.clone().into_bytes()],
-                }
-            };
-            let renew = &self.scripts.renew;
-            for (group, replies) in self
-                .eval_all(renew, RedisCommand::Renew, &groups, &call)
-                .await
-            {
-                let Ok(replies) = replies else { continue };
-                for (&place, reply) in group.places.iter().zip(replies) {
-                    renewed[place] = int(&reply).map(|n| n == 1);
-                }
-            }
-            renewed
-        })
+        let renew = &self.scripts.renew;
+        Box::pin(self.per_lease(renew, RedisCommand::Renew, leases, lease_ttl))
     }
 
     fn release<'a>(&'a self, leases: &'a [(&'a str, &'a str)]) -> BoxFuture<'a, ()> {

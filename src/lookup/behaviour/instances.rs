@@ -4,7 +4,7 @@
 //! shared [`FakeRedis`].
 
 use super::super::testing::{FakeRedis, LATENCY, Reply, Rig, Setup, described};
-use crate::cache::{Cache, Coordination, Entry};
+use crate::cache::{Ask, Cache, Coordination, Entry};
 use crate::upstream::UpstreamError;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -102,7 +102,12 @@ async fn a_dead_holder_delays_the_others_at_most_its_lease() {
     let (redis, rigs) = instances(1);
     // An instance that claimed A and died: its lease is never renewed nor released.
     let dead = redis.link();
-    let claims = dead.claim(&[("A", true)], "dead", LEASE).await;
+    let ask = Ask {
+        sn: "A",
+        if_absent: true,
+        queued: false,
+    };
+    let claims = dead.claim(&[ask], "dead", LEASE).await;
     assert!(matches!(claims[0], crate::cache::Claim::Won { .. }));
     let started = Instant::now();
     let batch = rigs[0].resolve(&["A"]).await;
@@ -197,16 +202,111 @@ async fn without_redis_each_instance_fetches_on_its_own_and_answers() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_batch_of_misses_is_claimed_a_chunk_per_call() {
+async fn a_batch_of_misses_is_claimed_in_one_call_before_its_first_fetch() {
     let (redis, rigs) = instances(1);
     let batch: Vec<String> = (0..250).map(|i| format!("C-{i}")).collect();
     let batch: Vec<&str> = batch.iter().map(String::as_str).collect();
-    let lines = described(&rigs[0].resolve(&batch).await);
+    let export = rigs[0].spawn_resolve(&batch);
+    sleep(LATENCY / 2).await;
+    assert_eq!(
+        rigs[0].upstream.total_calls(),
+        8,
+        "the first fetches are under way"
+    );
+    // All of them, though `write_batch` (`redis.chunk_size`) is 100 here.
+    assert!(
+        batch.iter().all(|sn| redis.leased(sn)),
+        "every miss claimed"
+    );
+    assert_eq!(redis.claim_calls.load(Ordering::SeqCst), 1);
+    let lines = described(&export.await.unwrap());
     assert!(lines.iter().all(|line| line.ends_with("ok upstream")));
-    // `write_batch` (`redis.chunk_size`) is 100 here: 250 misses, three claim calls.
-    assert_eq!(redis.claim_calls.load(Ordering::SeqCst), 3);
+    assert_eq!(redis.claim_calls.load(Ordering::SeqCst), 1);
     assert_eq!(
         rigs[0].metric("discount_proxy_claims_total{result=\"won\"}"),
         250.0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lookup_does_not_wait_for_another_instances_export_to_reach_its_sn() {
+    let (_redis, rigs) = instances(2);
+    // Eight at a time, half a second each: ten rounds before the export reaches E-79.
+    let export: Vec<String> = (0..80).map(|i| format!("E-{i}")).collect();
+    let refs: Vec<&str> = export.iter().map(String::as_str).collect();
+    let holder = rigs[0].spawn_resolve(&refs);
+    sleep(Duration::from_millis(10)).await;
+    let started = Instant::now();
+    let wanted = rigs[1].resolve(&["E-79"]).await;
+    assert_eq!(described(&wanted), ["E-79 ok upstream"]);
+    let took = started.elapsed();
+    assert!(
+        took <= LATENCY + Duration::from_millis(100),
+        "took over the queued claim and fetched at once, not after the export's queue: {took:?}"
+    );
+    let lines = described(&holder.await.unwrap());
+    assert!(
+        lines.iter().all(|line| line.ends_with("ok upstream")),
+        "{lines:?}"
+    );
+    assert_eq!(calls(&rigs, "E-79"), 1, "one fetch between them");
+    assert_eq!(
+        rigs[0].upstream.calls("E-79"),
+        0,
+        "the export waited for it"
+    );
+    let total: usize = rigs.iter().map(|rig| rig.upstream.total_calls()).sum();
+    assert_eq!(total, 80);
+    assert_eq!(
+        rigs[1].metric("discount_proxy_claims_total{result=\"took_over\"}"),
+        1.0
+    );
+    assert_eq!(
+        rigs[0].metric("discount_proxy_leases_total{event=\"yielded\"}"),
+        1.0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_started_fetch_is_never_taken_over() {
+    let (_redis, rigs) = instances(2);
+    let holder = rigs[0].spawn_resolve(&["S-0"]);
+    sleep(Duration::from_millis(10)).await;
+    let waiter = rigs[1].resolve(&["S-0"]).await;
+    assert_eq!(described(&waiter), ["S-0 ok upstream"]);
+    assert_eq!(described(&holder.await.unwrap()), ["S-0 ok upstream"]);
+    assert_eq!(calls(&rigs, "S-0"), 1);
+    assert_eq!(
+        rigs[1].metric("discount_proxy_claims_total{result=\"lost\"}"),
+        1.0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_leaves_an_export_gives_its_queued_claims_up_in_one_call() {
+    let redis = Arc::new(FakeRedis::default());
+    let setup = Setup {
+        concurrency: 2,
+        ..Setup::default()
+    };
+    let rig = Rig::instance(setup, &redis, LEASE);
+    let export: Vec<String> = (0..40).map(|i| format!("L-{i}")).collect();
+    let stream = rig.open_stream(&export).await;
+    sleep(Duration::from_millis(100)).await;
+    assert!(export.iter().all(|sn| redis.leased(sn)), "all claimed");
+    drop(stream);
+    // The task finds its client gone when it next takes from its queue: as a fetch ends.
+    sleep(LATENCY).await;
+    let queued = &export[2..];
+    assert!(
+        queued.iter().all(|sn| !redis.leased(sn)),
+        "the queued ones are free for another instance long before their leases expire"
+    );
+    assert_eq!(redis.release_calls.load(Ordering::SeqCst), 1);
+    rig.settled().await;
+    assert_eq!(
+        rig.upstream.total_calls(),
+        2,
+        "only the fetches under way ran"
     );
 }

@@ -2,7 +2,7 @@
 //! entries, and in memory too the leases (expiring in paused time), the fences and the
 //! announcements the real scripts and channel carry. It can be made unreachable.
 
-use crate::cache::coordination::{Claim, Coordination, FencedWrite, Refusals, Wakeups};
+use crate::cache::coordination::{Ask, Claim, Coordination, FencedWrite, Refusals, Wakeups};
 use crate::cache::{Cache, CacheError, CacheKind, MemoryCache, Values, Write};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -15,6 +15,8 @@ use tokio::time::Instant;
 /// The shared store.
 pub(in crate::lookup) struct FakeRedis {
     memory: MemoryCache,
+    /// Each lease's value (its token, or `q` and its token while queued), as the scripts
+    /// keep it, and when it expires.
     leases: Mutex<HashMap<String, (String, Instant)>>,
     fences: Mutex<HashMap<String, String>>,
     instances: Mutex<Vec<Arc<Wakeups>>>,
@@ -22,6 +24,9 @@ pub(in crate::lookup) struct FakeRedis {
     down: AtomicBool,
     /// Claim calls made, for "a pure-hit lookup claims nothing".
     pub(in crate::lookup) claim_calls: AtomicU64,
+    /// Release calls that sent anything (as `RedisCache`, which sends nothing for none), for
+    /// "dropped claims go in one call".
+    pub(in crate::lookup) release_calls: AtomicU64,
 }
 
 impl Default for FakeRedis {
@@ -34,6 +39,7 @@ impl Default for FakeRedis {
             fence_count: AtomicU64::new(0),
             down: AtomicBool::new(false),
             claim_calls: AtomicU64::new(0),
+            release_calls: AtomicU64::new(0),
         }
     }
 }
@@ -120,7 +126,7 @@ pub(in crate::lookup) struct FakeLink {
 impl Coordination for FakeLink {
     fn claim<'a>(
         &'a self,
-        sns: &'a [(&'a str, bool)],
+        sns: &'a [Ask<'a>],
         token: &'a str,
         lease_ttl: Duration,
     ) -> BoxFuture<'a, Vec<Claim>> {
@@ -128,30 +134,49 @@ impl Coordination for FakeLink {
             let redis = &self.redis;
             redis.claim_calls.fetch_add(1, Ordering::SeqCst);
             let mut claims = Vec::with_capacity(sns.len());
-            for &(sn, if_absent) in sns {
+            for ask in sns {
+                let sn = ask.sn;
                 if redis.is_down() {
                     claims.push(Claim::Skipped);
                     continue;
                 }
                 let stored = redis.memory.get_many(&[sn]).await.values.pop().flatten();
-                if if_absent && stored.is_some() {
+                if ask.if_absent && stored.is_some() {
                     claims.push(Claim::Present);
                     continue;
                 }
-                if redis.holder(sn).is_some() {
-                    claims.push(Claim::Lost);
-                    continue;
-                }
+                let took_over = match redis.holder(sn) {
+                    None => false,
+                    Some(held) if held.starts_with('q') && !ask.queued => true,
+                    Some(_) => {
+                        claims.push(Claim::Lost);
+                        continue;
+                    }
+                };
+                let value = match ask.queued {
+                    true => format!("q{token}"),
+                    false => token.to_owned(),
+                };
                 let until = Instant::now() + lease_ttl;
                 let mut leases = redis.leases.lock().unwrap();
-                leases.insert(sn.to_owned(), (token.to_owned(), until));
+                leases.insert(sn.to_owned(), (value, until));
                 drop(leases);
                 claims.push(Claim::Won {
                     fence: Bytes::from(redis.fence(sn)),
+                    took_over,
                 });
             }
             claims
         })
+    }
+
+    fn start<'a>(
+        &'a self,
+        leases: &'a [(&'a str, &'a str)],
+        lease_ttl: Duration,
+    ) -> BoxFuture<'a, Vec<Option<bool>>> {
+        let started = self.extend(leases, lease_ttl, |_, token| token.to_owned());
+        Box::pin(async move { started })
     }
 
     fn renew<'a>(
@@ -159,26 +184,14 @@ impl Coordination for FakeLink {
         leases: &'a [(&'a str, &'a str)],
         lease_ttl: Duration,
     ) -> BoxFuture<'a, Vec<Option<bool>>> {
-        let redis = &self.redis;
-        let renewed = leases
-            .iter()
-            .map(|(sn, token)| {
-                if redis.is_down() {
-                    return None;
-                }
-                let held = redis.holder(sn).is_some_and(|holder| holder == *token);
-                if held {
-                    let until = Instant::now() + lease_ttl;
-                    let mut all = redis.leases.lock().unwrap();
-                    all.insert((*sn).to_owned(), ((*token).to_owned(), until));
-                }
-                Some(held)
-            })
-            .collect();
+        let renewed = self.extend(leases, lease_ttl, |held, _| held.to_owned());
         Box::pin(async move { renewed })
     }
 
     fn release<'a>(&'a self, leases: &'a [(&'a str, &'a str)]) -> BoxFuture<'a, ()> {
+        if !leases.is_empty() {
+            self.redis.release_calls.fetch_add(1, Ordering::SeqCst);
+        }
         for (sn, token) in leases {
             self.release_one(sn, token);
         }
@@ -244,6 +257,11 @@ impl Coordination for FakeLink {
     }
 }
 
+/// Whether a lease's value is `token`'s, queued or not, as the real scripts compare it.
+fn holds(held: &str, token: &str) -> bool {
+    held.strip_prefix('q').unwrap_or(held) == token
+}
+
 /// The fetch time in a `dp1±<13-digit ms>` header, as the real script reads it.
 fn fetched_ms(raw: &[u8]) -> Option<u64> {
     let digits = raw.get(4..17)?;
@@ -252,12 +270,38 @@ fn fetched_ms(raw: &[u8]) -> Option<u64> {
 }
 
 impl FakeLink {
+    /// Each lease `(sn, token)` still `token`'s (queued or not) made to last `lease_ttl`
+    /// more, its value now `value(held, token)`, as `START` and `RENEW` do.
+    fn extend(
+        &self,
+        leases: &[(&str, &str)],
+        lease_ttl: Duration,
+        value: impl Fn(&str, &str) -> String,
+    ) -> Vec<Option<bool>> {
+        let redis = &self.redis;
+        leases
+            .iter()
+            .map(|(sn, token)| {
+                if redis.is_down() {
+                    return None;
+                }
+                let held = redis.holder(sn).filter(|held| holds(held, token));
+                if let Some(held) = &held {
+                    let until = Instant::now() + lease_ttl;
+                    let mut all = redis.leases.lock().unwrap();
+                    all.insert((*sn).to_owned(), (value(held, token), until));
+                }
+                Some(held.is_some())
+            })
+            .collect()
+    }
+
     fn release_one(&self, sn: &str, token: &str) {
         if self.redis.is_down() {
             return;
         }
         let mut leases = self.redis.leases.lock().unwrap();
-        if leases.get(sn).is_some_and(|(holder, _)| holder == token) {
+        if leases.get(sn).is_some_and(|(held, _)| holds(held, token)) {
             leases.remove(sn);
         }
     }
