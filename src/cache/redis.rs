@@ -48,8 +48,8 @@ pub struct RedisCache {
     key_prefix: String,
     timeout: Duration,
     chunk_size: usize,
-    /// Whether cluster reads may go to replicas (behind Sentinel, whether `Route::Standalone`
-    /// has replicas).
+    /// Whether cluster reads may go to replicas (behind Sentinel, `Route::Standalone` holds
+    /// the replicas to read from instead).
     read_from_replicas: bool,
     /// One Redis's breaker; on a cluster, the breaker of what is not sent to one master
     /// (the slot map, `PUBLISH`), each master having its own.
@@ -377,7 +377,7 @@ impl RedisCache {
         let result = match circuit.try_acquire() {
             None => Err(CacheError::Skipped),
             Some(ticket) => {
-                let result = self.send(name.as_str(), to, command).await;
+                let result = self.send(name, to, command).await;
                 match &result {
                     Err(err) if err.is_unreachable() => ticket.failure(),
                     // Redis answered, even if with an error (`OOM`, `READONLY`): reachable.
@@ -405,10 +405,11 @@ impl RedisCache {
     /// A connection that timed out or broke is discarded: the next caller makes a new one.
     async fn send(
         &self,
-        op: &'static str,
+        name: RedisCommand,
         to: &Destination,
         command: Command,
     ) -> Result<Vec<Value>, CacheError> {
+        let op = name.as_str();
         let timeout = self.timeout;
         let deadline = Instant::now() + timeout;
         let timed_out = |op| CacheError::Timeout { op, timeout };
@@ -416,7 +417,7 @@ impl RedisCache {
             Route::Standalone { primary, replicas } => {
                 let replicas = replicas
                     .as_ref()
-                    .filter(|replicas| op == RedisCommand::Mget.as_str() && replicas.usable());
+                    .filter(|replicas| name == RedisCommand::Mget && replicas.usable());
                 if let Some(replicas) = replicas {
                     // Half the bound for a replica, the rest for the master if it fails.
                     let half = timeout / 2;
@@ -434,7 +435,7 @@ impl RedisCache {
                     replica: Some(replica),
                     slot,
                     ..
-                } if op == RedisCommand::Mget.as_str() => {
+                } if name == RedisCommand::Mget => {
                     // Half the bound for the replica, the rest for its master if it fails.
                     let replica_deadline = Instant::now() + timeout / 2;
                     let read = async {
@@ -767,9 +768,7 @@ impl Cache for RedisCache {
                 Err(CacheError::Skipped)
             } else {
                 let command = Command::Single(redis::cmd("PING"));
-                self.send(ping.as_str(), &Destination::Any, command)
-                    .await
-                    .map(drop)
+                self.send(ping, &Destination::Any, command).await.map(drop)
             };
             self.metrics
                 .record_redis(ping, outcome(&result), started.elapsed());
