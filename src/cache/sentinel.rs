@@ -140,6 +140,9 @@ impl SentinelReplicas {
 /// Asks the sentinels for the master every [`FOLLOW_EVERY`] while `connections` (the
 /// master's) lives, and drops every connection of `connections` and of `followers` (the
 /// replicas', whose roles a failover changed too) when the master moves. Ends with the cache.
+///
+/// The sentinels themselves drop the clients of a node they promote or demote (`CLIENT KILL
+/// TYPE normal` with the `REPLICAOF`), when they can reach it: this does not count on it.
 pub(super) fn follow_master(
     connections: Weak<Connections>,
     followers: Option<Weak<Connections>>,

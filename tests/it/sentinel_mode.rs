@@ -160,3 +160,35 @@ async fn a_sentinel_failover_is_followed_within_seconds_without_a_client_error()
         "followed after {followed:?}"
     );
 }
+
+#[tokio::test]
+async fn with_read_from_replicas_reads_follow_a_failover_to_the_new_replica() {
+    // Fails over: a sentinel set of its own.
+    let sentinels = SentinelSet::start();
+    let app = replica_reader_on(&sentinels, "st-replica-fail:").await;
+    let sns = ["RF-1", "RF-2", "RF-3"];
+    let replica = cached_on_the_replica(&sentinels, &app, &sns).await;
+    let old = sentinels.master_port().await;
+    sentinels.failover().await;
+    let new = sentinels
+        .wait_for_new_master(old, Duration::from_secs(10))
+        .await;
+    assert_eq!(new, replica, "the replica was promoted");
+    // The replica connections pointed at the node now promoted: they are dropped with the
+    // master's, and made again to the new replica, the old master. Every lookup meanwhile is
+    // answered.
+    wait_until(
+        "hits are read on the old master, now the replica",
+        Duration::from_secs(10),
+        || async {
+            let before = sentinels.calls_of(old, "MGET").await;
+            let body = app.lookup(&sns).await;
+            assert!(
+                results(&body).iter().all(|result| result["status"] == "ok"),
+                "{body}"
+            );
+            body["summary"]["cache_hits"] == 3 && sentinels.calls_of(old, "MGET").await > before
+        },
+    )
+    .await;
+}
