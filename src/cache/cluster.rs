@@ -11,6 +11,12 @@
 //! Connected lazily, like the standalone connections: a cluster that is down at start is not
 //! an error. A connection that broke or timed out is dropped and made anew by the next
 //! caller; callers bound their wait for it with `redis.timeout` (see `RedisCache`).
+//!
+//! The connect runs as a task of its own ([`SharedConnect`]), not in the caller that
+//! started it: redis-rs connects to every seed at once and waits for all of them, so one seed
+//! that hangs (paused, or a black-holed address) makes each connect take its
+//! `connection_timeout`, `redis.timeout` itself. Run in the callers, every attempt would be
+//! cut off at their bound, and a proxy started while one node hangs would never connect.
 
 use super::CacheError;
 use super::slots::{Address, Owner, SlotMap};
@@ -114,7 +120,11 @@ struct ReplicaConnections {
     /// The first seed's connection settings; each replica's host and port replace its own.
     seed: redis::ConnectionInfo,
     config: redis::AsyncConnectionConfig,
-    open: tokio::sync::Mutex<HashMap<Address, MultiplexedConnection>>,
+    /// Held only to look up, insert or remove, never across a connect.
+    open: Mutex<HashMap<Address, MultiplexedConnection>>,
+    /// One gate per replica, held while connecting to it: callers of one replica wait for
+    /// the same connect, and a replica that hangs at connect holds up no other.
+    connecting: Mutex<HashMap<Address, Arc<tokio::sync::Mutex<()>>>>,
     /// Replicas that failed a read, and until when reads leave them alone (their masters
     /// answer instead).
     avoided: Mutex<HashMap<Address, Instant>>,
@@ -125,9 +135,20 @@ struct ReplicaConnections {
 impl ReplicaConnections {
     /// The connection to `replica`, made first if there is none.
     async fn get(&self, replica: &Address) -> Result<MultiplexedConnection, CacheError> {
-        let mut open = self.open.lock().await;
-        if let Some(conn) = open.get(replica) {
-            return Ok(conn.clone());
+        if let Some(conn) = self.opened(replica) {
+            return Ok(conn);
+        }
+        let gate = Arc::clone(
+            self.connecting
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(replica.clone())
+                .or_default(),
+        );
+        let _connecting = gate.lock().await;
+        // Whoever held the gate before may have connected it.
+        if let Some(conn) = self.opened(replica) {
+            return Ok(conn);
         }
         let addr = match self.seed.addr() {
             ConnectionAddr::TcpTls {
@@ -152,15 +173,23 @@ impl ReplicaConnections {
             .query_async(&mut conn)
             .await
             .map_err(CacheError::Connect)?;
-        open.insert(replica.clone(), conn.clone());
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(replica.clone(), conn.clone());
         Ok(conn)
+    }
+
+    /// The open connection to `replica`, if any.
+    fn opened(&self, replica: &Address) -> Option<MultiplexedConnection> {
+        let open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        open.get(replica).cloned()
     }
 
     /// Drops the connection to `replica` after it broke or hung.
     fn discard(&self, replica: &Address) {
-        if let Ok(mut open) = self.open.try_lock() {
-            open.remove(replica);
-        }
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        open.remove(replica);
     }
 
     /// Leaves `replica` alone for a cool-down: reads go to its master meanwhile.
@@ -183,11 +212,96 @@ impl ReplicaConnections {
     }
 }
 
-pub(super) struct ClusterLink {
+/// How many times `redis.timeout` a connect to the cluster may take in all: redis-rs's own
+/// bound applies to each of its steps (the seeds, `CLUSTER SLOTS`, the masters).
+const CONNECT_BOUND: u32 = 3;
+
+/// The shared cluster connection, made by one connect at a time, run as a task of its own
+/// (see the module doc): a caller that gives up waiting does not cancel it, so it is there
+/// for the callers after it.
+struct SharedConnect {
     client: ClusterClient,
+    /// The bound on one connect.
+    bound: Duration,
+    current: Arc<Mutex<Option<ClusterConnection>>>,
+    /// Whether a connect is under way.
+    connecting: Arc<AtomicBool>,
+    /// Counts the connects that ended, made or not: callers wait for it to move.
+    ended: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl SharedConnect {
+    fn new(client: ClusterClient, bound: Duration) -> Self {
+        Self {
+            client,
+            bound,
+            current: Arc::default(),
+            connecting: Arc::default(),
+            ended: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
+
+    fn opened(&self) -> Option<ClusterConnection> {
+        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        current.clone()
+    }
+
+    /// The connection, waiting for a connect (started if none is under way) when there is
+    /// none. Callers bound the wait themselves.
+    ///
+    /// # Errors
+    /// The connect ended without a connection.
+    async fn get(&self) -> Result<ClusterConnection, CacheError> {
+        if let Some(conn) = self.opened() {
+            return Ok(conn);
+        }
+        let mut ended = self.ended.subscribe();
+        // Made between the look above and the subscription: no need to wait.
+        if let Some(conn) = self.opened() {
+            return Ok(conn);
+        }
+        self.start();
+        // The sender lives with `self`: this returns when the connect under way ends.
+        let _ = ended.changed().await;
+        self.opened().ok_or(CacheError::ConnectFailed)
+    }
+
+    /// Starts a connect unless one is under way.
+    fn start(&self) {
+        if self.connecting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.connecting.store(false, Ordering::Release);
+            return;
+        };
+        let (client, bound) = (self.client.clone(), self.bound);
+        let current = Arc::clone(&self.current);
+        let connecting = Arc::clone(&self.connecting);
+        let ended = Arc::clone(&self.ended);
+        runtime.spawn(async move {
+            match tokio::time::timeout(bound, client.get_async_connection()).await {
+                Ok(Ok(conn)) => {
+                    *current.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn);
+                }
+                Ok(Err(err)) => warn!(error = %err, "could not connect to the redis cluster"),
+                Err(_) => warn!(?bound, "connecting to the redis cluster took too long"),
+            }
+            connecting.store(false, Ordering::Release);
+            ended.send_modify(|count| *count += 1);
+        });
+    }
+
+    /// Drops the connection after it broke or hung: the next caller makes a new one.
+    fn discard(&self) {
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
+pub(super) struct ClusterLink {
     replicas: ReplicaConnections,
     connect_timeout: Duration,
-    current: tokio::sync::Mutex<Option<ClusterConnection>>,
+    current: SharedConnect,
     topology: RwLock<Option<Arc<Topology>>>,
     /// A group failed: the map may be behind the cluster, take it again.
     stale: AtomicBool,
@@ -227,15 +341,15 @@ impl ClusterLink {
             config: redis::AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(config.timeout))
                 .set_response_timeout(Some(config.timeout)),
-            open: tokio::sync::Mutex::new(HashMap::new()),
+            open: Mutex::default(),
+            connecting: Mutex::default(),
             avoided: Mutex::new(HashMap::new()),
             cooldown: config.breaker_cooldown,
         };
         Ok(Self {
-            client,
             replicas,
             connect_timeout: config.timeout,
-            current: tokio::sync::Mutex::new(None),
+            current: SharedConnect::new(client, CONNECT_BOUND * config.timeout),
             topology: RwLock::new(None),
             stale: AtomicBool::new(false),
             refreshing: Arc::new(tokio::sync::Mutex::new(())),
@@ -252,20 +366,7 @@ impl ClusterLink {
     /// # Errors
     /// No node of the cluster could be reached in time.
     pub(super) async fn get(&self) -> Result<ClusterConnection, CacheError> {
-        let mut current = self.current.lock().await;
-        if let Some(conn) = current.as_ref() {
-            return Ok(conn.clone());
-        }
-        let connect = self.client.get_async_connection();
-        let conn = tokio::time::timeout(self.connect_timeout, connect)
-            .await
-            .map_err(|_| CacheError::Timeout {
-                op: "connect",
-                timeout: self.connect_timeout,
-            })?
-            .map_err(CacheError::Connect)?;
-        *current = Some(conn.clone());
-        Ok(conn)
+        self.current.get().await
     }
 
     /// The connection to `replica` for reads, made first if there is none.
@@ -293,9 +394,7 @@ impl ClusterLink {
 
     /// Drops the shared connection after it broke or hung: the next caller makes a new one.
     pub(super) fn discard(&self) {
-        if let Ok(mut current) = self.current.try_lock() {
-            *current = None;
-        }
+        self.current.discard();
     }
 
     /// Marks the slot map as possibly behind the cluster: the next batch takes it again.

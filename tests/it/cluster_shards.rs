@@ -1,10 +1,14 @@
 //! One shard of a cluster in trouble costs only its own keys: each master has its own
-//! circuit breaker and its own command counters (`discount_proxy_redis_node_commands_total`).
-//! A cluster of its own: the test pauses a master.
+//! circuit breaker and its own command counters (`discount_proxy_redis_node_commands_total`),
+//! and a replica in trouble holds up no read of another. Clusters of their own: the tests
+//! pause nodes.
 
 use crate::support::{RedisCluster, TestApp, Ttl, wait_until};
-use discount_proxy::config::RedisMode;
+use discount_proxy::cache::{Cache, RedisCache};
+use discount_proxy::config::{RedisConfig, RedisMode};
+use discount_proxy::metrics::Metrics;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -84,7 +88,7 @@ async fn a_paused_master_turns_only_its_own_keys_into_misses_and_is_named_in_the
 }
 
 #[tokio::test]
-async fn a_paused_replica_is_read_around_its_master_answering_its_reads() {
+async fn a_paused_replica_is_read_around_and_holds_up_no_other_connect_or_read() {
     let cluster = RedisCluster::start();
     cluster.wait_until_replicas_listed("").await;
     let masters = cluster.masters().await;
@@ -129,4 +133,58 @@ async fn a_paused_replica_is_read_around_its_master_answering_its_reads() {
         );
     }
     assert_eq!(app.upstream.total_calls(), calls, "nothing fetched again");
+
+    // A cache started now, with no connection yet: the paused replica, one of its seeds,
+    // must not keep it from connecting to the cluster, and its connect to the paused replica
+    // hangs without holding up a read on another master's replica meanwhile.
+    let config = RedisConfig {
+        url: cluster.nodes()[0].clone(),
+        nodes: cluster.nodes(),
+        mode: RedisMode::Cluster,
+        read_from_replicas: true,
+        timeout: Duration::from_millis(400),
+        breaker_cooldown: Duration::from_secs(60),
+        ..RedisConfig::default()
+    };
+    let fresh = Arc::new(RedisCache::new(&config, Arc::new(Metrics::new())).unwrap());
+    let mut on_paused = None;
+    let mut elsewhere = None;
+    for sn in &refs {
+        match cluster.master_of_key(&app.key(sn)).await == masters[0] {
+            true => on_paused = on_paused.or(Some(*sn)),
+            false => elsewhere = elsewhere.or(Some(*sn)),
+        }
+    }
+    let (on_paused, elsewhere) = (on_paused.unwrap(), elsewhere.unwrap());
+    let other_master = cluster.master_of_key(&app.key(elsewhere)).await;
+    let other_replica = cluster.replicas_of(other_master).await[0];
+    // It connects though a seed hangs (the paused replica is one), and takes the slot map
+    // with a DEL on the masters, leaving the replicas unconnected.
+    wait_until("a fresh cache reaches the cluster", WAIT, || async {
+        fresh.ping().await.is_ok()
+    })
+    .await;
+    fresh.delete_many(&["absent"]).await.unwrap();
+    // Connecting to the paused replica now: the spawned read is polled until that connect
+    // waits for its answer.
+    let hung = {
+        let fresh = Arc::clone(&fresh);
+        let sn = on_paused.to_owned();
+        tokio::spawn(async move { fresh.get_many(&[sn.as_str()]).await })
+    };
+    tokio::task::yield_now().await;
+    let before = cluster.calls_of(other_replica, "MGET").await;
+    let read = fresh.get_many(&[elsewhere]).await;
+    assert!(
+        read.values[0].is_some(),
+        "{elsewhere} is read: {:?}",
+        read.failures
+    );
+    assert_eq!(
+        cluster.calls_of(other_replica, "MGET").await,
+        before + 1,
+        "read on its own replica while the paused one's connect hangs"
+    );
+    let hung = hung.await.unwrap();
+    assert!(hung.values[0].is_some(), "its master answered {on_paused}");
 }
