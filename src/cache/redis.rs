@@ -13,14 +13,17 @@
 //! `MGET` per slot sent through redis-rs's routing 227 ms, one `GET` per key 313 ms, one
 //! `MGET` split by redis-rs 77 ms (failing whole when one shard fails), one pipeline per
 //! master 9.6 ms, against 3.9 ms on one standalone Redis. The table is in the README.
+//!
+//! `groups` cuts a batch; `coordination` (with its `scripts`) is the cross-instance side of
+//! the same cache (`coalesce.distributed`).
 
 mod coordination;
+mod groups;
 mod scripts;
 
-use super::cluster::{ClusterLink, ClusterNode, Topology};
+use super::cluster::ClusterLink;
 use super::connections::{Connections, Endpoint, Lease};
 use super::sentinel::{self, SentinelEndpoint, SentinelReplicas, SentinelServerType};
-use super::slots::{Address, Owner};
 use super::subscription::{SeedRotation, SubscriptionEndpoint};
 use super::{Cache, CacheError, CacheKind, PoolStatus, Values, Write};
 use crate::circuit::{Circuit, CircuitState};
@@ -30,11 +33,9 @@ use ::redis::{self, AsyncConnectionConfig, Value};
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::future::join_all;
+use groups::{Destination, Group};
 use redis::aio::ConnectionLike;
-use redis::cluster_routing::{
-    Route as SlotRoute, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr,
-};
-use std::collections::HashMap;
+use redis::cluster_routing::{Route as SlotRoute, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -124,45 +125,6 @@ fn without_errors(mut replies: Vec<Value>) -> redis::RedisResult<Vec<Value>> {
     }
     Ok(replies)
 }
-
-/// Where a group of a batch goes.
-#[derive(Clone)]
-enum Destination {
-    /// The one Redis; on a cluster, wherever redis-rs routes the command (`PUBLISH`, `PING`).
-    Any,
-    /// A cluster master, addressed through one slot it serves (so redis-rs's connections,
-    /// credentials, replica reads and redirects apply), with its own breaker when the slot
-    /// map knows the master.
-    Shard {
-        slot: Slot,
-        node: Option<Arc<ClusterNode>>,
-        /// With `redis.read_from_replicas`: the replica this group's reads go to (over a
-        /// connection of the proxy's own, see `cluster`), counted against its master's
-        /// breaker.
-        replica: Option<Address>,
-    },
-}
-
-/// One command or pipeline of a batch: the places of its SNs in the batch, in runs that share
-/// a hash slot (`ends` are where the runs end), and where it goes.
-struct Group {
-    places: Vec<usize>,
-    ends: Vec<usize>,
-    to: Destination,
-}
-
-impl Group {
-    /// The runs of places that share a slot, each a command of its own.
-    fn runs(&self) -> impl Iterator<Item = &[usize]> {
-        let starts = std::iter::once(0).chain(self.ends.iter().copied());
-        starts
-            .zip(self.ends.iter().copied())
-            .map(|(start, end)| &self.places[start..end])
-    }
-}
-
-/// A place in a batch with its slot's number (numbered in order of first sight).
-type SlotPlace = (u32, usize);
 
 /// The seed URLs: `redis.nodes`, or `redis.url` when that is empty.
 fn seeds(config: &RedisConfig) -> Vec<String> {
@@ -409,190 +371,96 @@ impl RedisCache {
         to: &Destination,
         command: Command,
     ) -> Result<Vec<Value>, CacheError> {
-        let op = name.as_str();
-        let timeout = self.timeout;
-        let deadline = Instant::now() + timeout;
-        let timed_out = |op| CacheError::Timeout { op, timeout };
+        let deadline = Instant::now() + self.timeout;
         match &self.route {
             Route::Standalone { primary, replicas } => {
-                let replicas = replicas
-                    .as_ref()
-                    .filter(|replicas| name == RedisCommand::Mget && replicas.usable());
-                if let Some(replicas) = replicas {
-                    // Half the bound for a replica, the rest for the master if it fails.
-                    let half = timeout / 2;
-                    let replica = replicas.connections();
-                    let read = send_over(op, replica, &command, Instant::now() + half, half);
-                    match read.await {
-                        Ok(replies) => return Ok(replies),
-                        Err(_) => replicas.failed(),
-                    }
-                }
-                send_over(op, primary, &command, deadline, timeout).await
+                let replicas = replicas.as_ref();
+                self.send_standalone(name, primary, replicas, &command, deadline)
+                    .await
             }
-            Route::Cluster(link) => match to {
-                Destination::Shard {
-                    replica: Some(replica),
-                    slot,
-                    ..
-                } if name == RedisCommand::Mget => {
-                    // Half the bound for the replica, the rest for its master if it fails.
-                    let replica_deadline = Instant::now() + timeout / 2;
-                    let read = async {
-                        let mut conn = link.replica(replica).await?;
-                        command
-                            .send(&mut conn)
-                            .await
-                            .map_err(|source| CacheError::Command { op, source })
-                    };
-                    match tokio::time::timeout_at(replica_deadline, read).await {
-                        Ok(Ok(replies)) => return Ok(replies),
-                        Ok(Err(_)) | Err(_) => link.replica_failed(replica),
-                    }
-                    let mut conn = tokio::time::timeout_at(deadline, link.get())
-                        .await
-                        .map_err(|_| timed_out("connect"))??;
-                    let route = SingleNodeRoutingInfo::SpecificNode(SlotRoute::with_slot(
-                        *slot,
-                        SlotAddr::Master,
-                    ));
-                    let queried =
-                        tokio::time::timeout_at(deadline, command.route(&mut conn, route)).await;
-                    settle(op, timeout, queried, || {})
-                }
-                _ => {
-                    let mut conn = tokio::time::timeout_at(deadline, link.get())
-                        .await
-                        .map_err(|_| timed_out("connect"))??;
-                    match to {
-                        Destination::Any => {
-                            let queried =
-                                tokio::time::timeout_at(deadline, command.send(&mut conn)).await;
-                            settle(op, timeout, queried, || link.discard())
-                        }
-                        // One master failing is that master's: the connection stays, since a
-                        // new one would have to reach every master again, the failing one
-                        // included (a hung master would then fail them all). redis-rs
-                        // reconnects a node whose connection dropped by itself; the master's
-                        // breaker spares it meanwhile.
-                        Destination::Shard { slot, .. } => {
-                            let route = SingleNodeRoutingInfo::SpecificNode(SlotRoute::with_slot(
-                                *slot,
-                                SlotAddr::Master,
-                            ));
-                            let queried =
-                                tokio::time::timeout_at(deadline, command.route(&mut conn, route))
-                                    .await;
-                            settle(op, timeout, queried, || {})
-                        }
-                    }
-                }
-            },
+            Route::Cluster(link) => self.send_cluster(name, link, to, command, deadline).await,
         }
     }
 
-    /// The groups a batch of `sns` is sent in (see the module doc). On a cluster with no
-    /// slot map yet, the map is asked for first, through the cluster's own breaker.
-    async fn groups<'s>(
+    /// To the one Redis (or the master Sentinel names); a read goes to a replica first when
+    /// there are replicas to read from and none failed lately.
+    async fn send_standalone(
         &self,
-        sns: impl ExactSizeIterator<Item = &'s str>,
-    ) -> Result<Vec<Group>, CacheError> {
-        let Route::Cluster(link) = &self.route else {
-            let places: Vec<usize> = (0..sns.len()).collect();
-            return Ok(places
-                .chunks(self.chunk_size)
-                .map(|chunk| Group {
-                    places: chunk.to_vec(),
-                    ends: vec![chunk.len()],
-                    to: Destination::Any,
-                })
-                .collect());
-        };
-        let topology = match link.topology_now() {
-            Some(topology) => topology,
-            None => self.first_topology(link).await?,
-        };
-        // Per master (or, for a slot no master serves, per slot): the places, each with its
-        // slot's number in order of first sight (`Slot` itself has no order to sort by).
-        let mut slot_ids: HashMap<Slot, u32, ahash::RandomState> = HashMap::default();
-        let mut shards: HashMap<Owner, (Destination, Vec<SlotPlace>), ahash::RandomState> =
-            HashMap::default();
-        let mut key = Vec::new();
-        for (place, sn) in sns.enumerate() {
-            self.key_into(&mut key, sn);
-            let slot = Slot::for_key(&key);
-            let next = u32::try_from(slot_ids.len()).unwrap_or(u32::MAX);
-            let slot_id = *slot_ids.entry(slot).or_insert(next);
-            let (owner, node) = match topology.node_of(slot) {
-                Some((index, node)) => (Owner::Node(index), Some((index, node))),
-                None => (Owner::Unowned(slot), None),
+        name: RedisCommand,
+        primary: &Connections,
+        replicas: Option<&SentinelReplicas>,
+        command: &Command,
+        deadline: Instant,
+    ) -> Result<Vec<Value>, CacheError> {
+        let (op, timeout) = (name.as_str(), self.timeout);
+        let replicas = replicas.filter(|replicas| name == RedisCommand::Mget && replicas.usable());
+        if let Some(replicas) = replicas {
+            // Half the bound for a replica, the rest for the master if it fails.
+            let half = timeout / 2;
+            let replica = replicas.connections();
+            match send_over(op, replica, command, Instant::now() + half, half).await {
+                Ok(replies) => return Ok(replies),
+                Err(_) => replicas.failed(),
+            }
+        }
+        send_over(op, primary, command, deadline, timeout).await
+    }
+
+    /// To the cluster master `to` names (a read to its replica first, with
+    /// `redis.read_from_replicas`), or wherever redis-rs routes it.
+    async fn send_cluster(
+        &self,
+        name: RedisCommand,
+        link: &ClusterLink,
+        to: &Destination,
+        command: Command,
+        deadline: Instant,
+    ) -> Result<Vec<Value>, CacheError> {
+        let (op, timeout) = (name.as_str(), self.timeout);
+        if let Destination::Shard {
+            replica: Some(replica),
+            ..
+        } = to
+            && name == RedisCommand::Mget
+        {
+            // Half the bound for the replica, the rest for its master if it fails.
+            let read = async {
+                let mut conn = link.replica(replica).await?;
+                command
+                    .send(&mut conn)
+                    .await
+                    .map_err(|source| CacheError::Command { op, source })
             };
-            let (_, places) = shards.entry(owner).or_insert_with(|| {
-                let replica = node
-                    .filter(|_| self.read_from_replicas)
-                    .and_then(|(index, node)| {
-                        topology.replica_of(index, node, |replica| link.replica_usable(replica))
-                    });
-                let node = node.map(|(_, node)| Arc::clone(node));
-                let to = Destination::Shard {
-                    slot,
-                    node,
-                    replica,
-                };
-                (to, Vec::new())
-            });
-            places.push((slot_id, place));
-        }
-        let mut groups = Vec::new();
-        for (to, mut places) in shards.into_values() {
-            places.sort_unstable_by_key(|&(slot_id, _)| slot_id);
-            for chunk in places.chunks(self.chunk_size) {
-                groups.push(Self::slot_runs(chunk, to.clone()));
+            match tokio::time::timeout_at(Instant::now() + timeout / 2, read).await {
+                Ok(Ok(replies)) => return Ok(replies),
+                Ok(Err(_)) | Err(_) => link.replica_failed(replica),
             }
         }
-        Ok(groups)
-    }
-
-    /// A group of `places` (sorted by slot) with a run per slot.
-    fn slot_runs(places: &[SlotPlace], to: Destination) -> Group {
-        let mut ends = Vec::new();
-        for (at, pair) in places.windows(2).enumerate() {
-            if pair[0].0 != pair[1].0 {
-                ends.push(at + 1);
+        let mut conn = tokio::time::timeout_at(deadline, link.get())
+            .await
+            .map_err(|_| CacheError::Timeout {
+                op: "connect",
+                timeout,
+            })??;
+        match to {
+            Destination::Any => {
+                let queried = tokio::time::timeout_at(deadline, command.send(&mut conn)).await;
+                settle(op, timeout, queried, || link.discard())
+            }
+            // One master failing is that master's: the connection stays, since a new one
+            // would have to reach every master again, the failing one included (a hung master
+            // would then fail them all). redis-rs reconnects a node whose connection dropped
+            // by itself; the master's breaker spares it meanwhile.
+            Destination::Shard { slot, .. } => {
+                let route = SingleNodeRoutingInfo::SpecificNode(SlotRoute::with_slot(
+                    *slot,
+                    SlotAddr::Master,
+                ));
+                let queried =
+                    tokio::time::timeout_at(deadline, command.route(&mut conn, route)).await;
+                settle(op, timeout, queried, || {})
             }
         }
-        ends.push(places.len());
-        Group {
-            places: places.iter().map(|&(_, place)| place).collect(),
-            ends,
-            to,
-        }
-    }
-
-    /// The first slot map, asked for through the cluster's breaker, within `redis.timeout`.
-    async fn first_topology(&self, link: &ClusterLink) -> Result<Arc<Topology>, CacheError> {
-        let started = Instant::now();
-        let result = match self.circuit.try_acquire() {
-            None => Err(CacheError::Skipped),
-            Some(ticket) => {
-                let asked = tokio::time::timeout(self.timeout, link.first_topology()).await;
-                let result = asked.unwrap_or(Err(CacheError::Timeout {
-                    op: "CLUSTER SLOTS",
-                    timeout: self.timeout,
-                }));
-                match &result {
-                    Err(err) if err.is_unreachable() => ticket.failure(),
-                    _ => ticket.success(),
-                }
-                result
-            }
-        };
-        self.metrics.record_redis(
-            RedisCommand::ClusterSlots,
-            outcome(&result),
-            started.elapsed(),
-        );
-        result
     }
 
     fn key_into(&self, buf: &mut Vec<u8>, sn: &str) {
