@@ -2,8 +2,8 @@
 //! and written back over every master with TTLs, invalidations on every shard, and a master
 //! killed under load costing no client error.
 
-use crate::support::delete_reaches;
 use crate::support::{RedisCluster, TestApp, Ttl, results, wait_until};
+use crate::support::{delete_reaches, following_invalidations};
 use discount_proxy::config::RedisMode;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
@@ -106,12 +106,7 @@ async fn an_invalidation_on_one_instance_drops_the_other_instances_copy_on_a_clu
     let first = proxy_with_tier(&cluster, "cl-tier:", true).await;
     let second = proxy_with_tier(&cluster, "cl-tier:", true).await;
     for app in [&first, &second] {
-        wait_until(
-            "the instance follows the invalidation channel",
-            WAIT,
-            || async { app.metric("discount_proxy_invalidation_channel_up") == 1.0 },
-        )
-        .await;
+        following_invalidations(app, WAIT).await;
     }
     second.lookup(&["T-1"]).await;
     assert_eq!(

@@ -193,27 +193,47 @@ async fn cluster_master_killed() {
         wanted: Box::new(move |key: &str| slots.contains(&Slot::for_key(key))),
     };
     let replica = cluster.replicas_of(victim).await[0];
+    under_load(
+        &app,
+        &sns,
+        "cluster, master killed",
+        cluster.kill_master(victim),
+        || cluster.role(replica),
+        || async { key_count(cluster.command(replica, &["DBSIZE"]).await) },
+    )
+    .await;
+}
+
+/// Lookups under load while `cause` fails Redis over, the write-backs watched and the
+/// promotion followed (the replica's `role` and its key count, `keys`); prints the timeline
+/// as `scenario`.
+async fn under_load<R, K>(
+    app: &TestApp,
+    sns: &Sns<'_>,
+    scenario: &str,
+    cause: impl Future<Output = ()>,
+    role: impl Fn() -> R,
+    keys: impl Fn() -> K,
+) where
+    R: Future<Output = Role>,
+    K: Future<Output = i64>,
+{
     let stop = AtomicBool::new(false);
     let caused = OnceLock::new();
     let settled = OnceLock::new();
     let cause = async {
         let _ = caused.set(Instant::now());
-        cluster.kill_master(victim).await;
+        cause.await;
     };
-    let follow = promotion(
-        || cluster.role(replica),
-        || async { key_count(cluster.command(replica, &["DBSIZE"]).await) },
-        &caused,
-        &settled,
-    );
+    let follow = promotion(role, keys, &caused, &settled);
     let (lookups, mut timeline, (promoted, written)) = tokio::join!(
-        load(&app, &sns, &stop),
-        watch(&app, &stop, &settled, cause),
+        load(app, sns, &stop),
+        watch(app, &stop, &settled, cause),
         follow
     );
     timeline.promoted = Some(promoted);
     timeline.first_write_on_new_master = Some(written);
-    timeline.print("cluster, master killed", lookups);
+    timeline.print(scenario, lookups);
 }
 
 async fn sentinel_proxy(sentinels: &SentinelSet, prefix: &str) -> TestApp {
@@ -275,47 +295,33 @@ where
 async fn sentinel_failover(kill: bool) {
     let sentinels = SentinelSet::start();
     let app = sentinel_proxy(&sentinels, "fw-sentinel:").await;
-    let old = sentinels.master_port().await;
-    let replica = *sentinels
-        .data_ports()
-        .iter()
-        .find(|&&port| port != old)
-        .unwrap();
+    let replica = sentinels.replica_port().await;
     let sns = Sns {
         prefix: "FS",
         next: AtomicUsize::new(0),
         wanted: Box::new(|_: &str| true),
     };
-    let stop = AtomicBool::new(false);
-    let caused = OnceLock::new();
-    let settled = OnceLock::new();
     let cause = async {
-        let _ = caused.set(Instant::now());
         if kill {
             sentinels.kill_master().await;
         } else {
             sentinels.failover().await;
         }
     };
-    let follow = promotion(
-        || sentinels.role(replica),
-        || async { key_count(sentinels.command(replica, &["DBSIZE"]).await) },
-        &caused,
-        &settled,
-    );
-    let (lookups, mut timeline, (promoted, written)) = tokio::join!(
-        load(&app, &sns, &stop),
-        watch(&app, &stop, &settled, cause),
-        follow
-    );
-    timeline.promoted = Some(promoted);
-    timeline.first_write_on_new_master = Some(written);
     let scenario = if kill {
         "sentinel, master killed"
     } else {
         "sentinel, SENTINEL FAILOVER"
     };
-    timeline.print(scenario, lookups);
+    under_load(
+        &app,
+        &sns,
+        scenario,
+        cause,
+        || sentinels.role(replica),
+        || async { key_count(sentinels.command(replica, &["DBSIZE"]).await) },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -128,25 +128,41 @@ async fn write_costs(redis: &RedisCache, what: &str) {
 #[tokio::test]
 #[ignore = "a measurement: run it with --ignored --nocapture"]
 async fn fenced_write_back_cost() {
-    let server = RedisServer::start();
-    let config = RedisConfig {
-        url: server.url(),
-        timeout: Duration::from_secs(5),
-        ..RedisConfig::default()
+    on_one_redis_and_a_cluster("measured-writes:", |cache, what| async move {
+        write_costs(&cache, what).await;
+    })
+    .await;
+}
+
+/// Runs `measure` with a `RedisCache` on a Redis of its own, then with one on the shared
+/// local cluster (keys under `prefix`), each named for the printout.
+async fn on_one_redis_and_a_cluster<F, Measured>(prefix: &str, measure: F)
+where
+    F: Fn(RedisCache, &'static str) -> Measured,
+    Measured: std::future::Future<Output = ()>,
+{
+    let cache = |config: RedisConfig| {
+        let config = RedisConfig {
+            timeout: Duration::from_secs(5),
+            ..config
+        };
+        RedisCache::new(&config, Arc::new(Metrics::new())).unwrap()
     };
-    let one = RedisCache::new(&config, Arc::new(Metrics::new())).unwrap();
-    write_costs(&one, "one Redis").await;
+    let server = RedisServer::start();
+    let one = cache(RedisConfig {
+        url: server.url(),
+        ..RedisConfig::default()
+    });
+    measure(one, "one Redis").await;
     let cluster = RedisCluster::shared();
-    let config = RedisConfig {
+    let many = cache(RedisConfig {
         url: cluster.nodes()[0].clone(),
         nodes: cluster.nodes(),
         mode: RedisMode::Cluster,
-        key_prefix: "measured-writes:".to_owned(),
-        timeout: Duration::from_secs(5),
+        key_prefix: prefix.to_owned(),
         ..RedisConfig::default()
-    };
-    let many = RedisCache::new(&config, Arc::new(Metrics::new())).unwrap();
-    write_costs(&many, "a 3-master cluster").await;
+    });
+    measure(many, "a 3-master cluster").await;
 }
 
 /// The best of five rounds of claiming 10,000 misses at once and a chunk of 500 per call in
@@ -204,25 +220,10 @@ fn queued_asks(sns: &[String]) -> Vec<Ask<'_>> {
 #[tokio::test]
 #[ignore = "a measurement: run it with --ignored --nocapture"]
 async fn claim_cost() {
-    let server = RedisServer::start();
-    let config = RedisConfig {
-        url: server.url(),
-        timeout: Duration::from_secs(5),
-        ..RedisConfig::default()
-    };
-    let one = RedisCache::new(&config, Arc::new(Metrics::new())).unwrap();
-    claim_costs(&one, "one Redis").await;
-    let cluster = RedisCluster::shared();
-    let config = RedisConfig {
-        url: cluster.nodes()[0].clone(),
-        nodes: cluster.nodes(),
-        mode: RedisMode::Cluster,
-        key_prefix: "measured-claims:".to_owned(),
-        timeout: Duration::from_secs(5),
-        ..RedisConfig::default()
-    };
-    let many = RedisCache::new(&config, Arc::new(Metrics::new())).unwrap();
-    claim_costs(&many, "a 3-master cluster").await;
+    on_one_redis_and_a_cluster("measured-claims:", |cache, what| async move {
+        claim_costs(&cache, what).await;
+    })
+    .await;
 }
 
 /// 100-SN hit batches from 8 clients for `run`: batches per second.

@@ -2,7 +2,9 @@
 //! carried to every instance over Redis pub/sub, and copies that never outlive the local TTL
 //! when that channel is down. Two proxy instances share one Redis and one upstream here.
 
-use crate::support::{RedisServer, Reply, StubUpstream, TestApp, results, wait_until};
+use crate::support::{
+    RedisServer, Reply, StubUpstream, TestApp, following_invalidations, results, wait_until,
+};
 use discount_proxy::app::CacheChoice;
 use discount_proxy::config::Config;
 use serde_json::json;
@@ -37,12 +39,7 @@ fn metric(app: &TestApp, sample: &str) -> f64 {
 }
 
 async fn following(app: &TestApp) {
-    wait_until(
-        "the instance follows the invalidation channel",
-        Duration::from_secs(10),
-        || async { metric(app, "discount_proxy_invalidation_channel_up") == 1.0 },
-    )
-    .await;
+    following_invalidations(app, Duration::from_secs(10)).await;
 }
 
 async fn received(app: &TestApp, at_least: f64) {

@@ -3,11 +3,11 @@
 //! with the user and TLS its URLs carry; with a wrong password it answers from the upstream
 //! and never shows it.
 
-use crate::support::delete_reaches;
 use crate::support::{
     PROXY_PASSWORD, PROXY_USER, Process, RedisCluster, SentinelSet, StubUpstream, TestApp, Ttl,
     http_client, results, wait_until, with_user,
 };
+use crate::support::{delete_reaches, following_invalidations};
 use discount_proxy::config::RedisMode;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -118,12 +118,7 @@ async fn an_invalidation_reaches_the_other_instances_tier_over_a_tls_cluster_wit
     let second = proxy_on_cluster(&cluster, "sec-tier:", true).await;
     for app in [&first, &second] {
         // The subscription is a connection of its own, with the seed's TLS and user.
-        wait_until(
-            "the instance follows the invalidation channel",
-            WAIT,
-            || async { app.metric("discount_proxy_invalidation_channel_up") == 1.0 },
-        )
-        .await;
+        following_invalidations(app, WAIT).await;
     }
     second.lookup(&["T-1"]).await;
     assert_eq!(

@@ -3,8 +3,8 @@
 //! the sentinels name after a failover, so an invalidation on one instance still drops the
 //! copy the other holds.
 
-use crate::support::delete_reaches;
 use crate::support::{RedisCluster, SentinelSet, TestApp, refusing_port, results, wait_until};
+use crate::support::{delete_reaches, following_invalidations};
 use discount_proxy::config::{Config, RedisMode};
 use std::time::Duration;
 
@@ -22,12 +22,7 @@ fn with_tier(config: &mut Config, prefix: &str) {
 }
 
 async fn following(app: &TestApp) {
-    wait_until(
-        "the instance follows the invalidation channel",
-        WAIT,
-        || async { app.metric("discount_proxy_invalidation_channel_up") == 1.0 },
-    )
-    .await;
+    following_invalidations(app, WAIT).await;
 }
 
 async fn source_of(app: &TestApp, sn: &str) -> String {

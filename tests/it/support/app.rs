@@ -277,6 +277,17 @@ pub fn results(body: &Value) -> &Vec<Value> {
     body["results"].as_array().expect("results is an array")
 }
 
+/// Waits, up to `wait`, until `app` follows the invalidation channel (its subscription is
+/// up), so an invalidation sent from now on reaches its in-process tier.
+pub async fn following_invalidations(app: &TestApp, wait: Duration) {
+    super::wait_until(
+        "the instance follows the invalidation channel",
+        wait,
+        || async { app.metric("discount_proxy_invalidation_channel_up") == 1.0 },
+    )
+    .await;
+}
+
 /// `DELETE`s `sn` on `first` and waits, up to `wait`, for the invalidation to reach
 /// `second`'s in-process tier (its received count grows); then `second` looks `sn` up again
 /// and must fetch it from its upstream, its copy gone.
