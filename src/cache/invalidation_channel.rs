@@ -39,12 +39,12 @@ pub(super) fn encode(sns: &[&str]) -> Vec<u8> {
 /// What a message asks for: dropping these SNs, or (a message this proxy did not write)
 /// dropping everything, since there is no telling what it meant.
 #[derive(Debug, PartialEq)]
-enum Invalidate<'a> {
+pub(super) enum Invalidate<'a> {
     These(Vec<&'a str>),
     All,
 }
 
-fn decode(message: &[u8]) -> Invalidate<'_> {
+pub(super) fn decode(message: &[u8]) -> Invalidate<'_> {
     match std::str::from_utf8(message) {
         Ok(text) => Invalidate::These(text.split('\n').filter(|sn| !sn.is_empty()).collect()),
         Err(_) => Invalidate::All,

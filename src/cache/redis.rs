@@ -179,6 +179,21 @@ async fn send_over(
     settle(op, timeout, queried, || connections.discard(generation))
 }
 
+/// A count Redis answered (`DEL`, `PUBLISH`, the fence script), 0 for any other reply.
+fn count(reply: &Value) -> u64 {
+    match reply {
+        Value::Int(count) => u64::try_from(*count).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// A duration in whole milliseconds, at least 1: what `PX` and `PEXPIRE` take.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
 /// How a command ended, for metrics.
 fn outcome<T>(result: &Result<T, CacheError>) -> RedisOutcome {
     match result {
@@ -506,9 +521,7 @@ impl RedisCache {
             let write = &writes[place];
             self.key_into(&mut key, &write.sn);
             // One SET with PX: a key can never be left without its TTL.
-            let millis = u64::try_from(write.ttl.as_millis())
-                .unwrap_or(u64::MAX)
-                .max(1);
+            let millis = millis(write.ttl);
             pipe.cmd("SET")
                 .arg(&key[..])
                 .arg(&write.value[..])
@@ -526,13 +539,7 @@ impl RedisCache {
         }
         let command = self.per_run("DEL", sns, group);
         let replies = self.run(RedisCommand::Del, &group.to, command).await?;
-        Ok(replies
-            .iter()
-            .map(|reply| match reply {
-                Value::Int(count) => u64::try_from(*count).unwrap_or(0),
-                _ => 0,
-            })
-            .sum())
+        Ok(replies.iter().map(count).sum())
     }
 
     /// Publishes `message` on `channel`; returns how many subscribers received it.
@@ -549,10 +556,7 @@ impl RedisCache {
                 Command::Single(cmd),
             )
             .await?;
-        Ok(match replies.first() {
-            Some(Value::Int(count)) => u64::try_from(*count).unwrap_or(0),
-            _ => 0,
-        })
+        Ok(replies.first().map_or(0, count))
     }
 
     /// Where connections of its own go, such as a pub/sub subscription, which cannot share

@@ -6,6 +6,7 @@
 //! subscription that can be lost: when it comes back, every waiter is woken (it may have
 //! missed one), and the waiters poll slowly besides.
 
+use super::invalidation_channel::{self, Invalidate};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -116,9 +117,9 @@ impl super::invalidation_channel::Handler for Wakeups {
     }
 
     fn message(&self, payload: &[u8]) {
-        match std::str::from_utf8(payload) {
-            Ok(text) => self.wake(text.split('\n').filter(|sn| !sn.is_empty())),
-            Err(_) => self.wake_all(),
+        match invalidation_channel::decode(payload) {
+            Invalidate::These(sns) => self.wake(sns),
+            Invalidate::All => self.wake_all(),
         }
     }
 }

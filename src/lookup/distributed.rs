@@ -38,7 +38,7 @@ use tracing::{Instrument, debug, info_span, warn};
 
 /// How often a waiter looks at the cache (and the lease) without being told: the safety net
 /// under the notified wake-up, and how a crashed holder is found out once its lease expired.
-const POLL: Duration = Duration::from_secs(1);
+pub(super) const POLL: Duration = Duration::from_secs(1);
 
 /// What the proxy needs to coalesce with the other instances sharing its Redis.
 pub struct Distributed {
@@ -52,7 +52,6 @@ pub struct Distributed {
 pub(super) struct Shared {
     pub(super) coordination: Arc<dyn Coordination>,
     pub(super) lease_ttl: Duration,
-    pub(super) poll: Duration,
     pub(super) leases: Arc<Leases>,
     /// This instance's part of every lease token.
     instance: String,
@@ -115,15 +114,13 @@ impl LeaseHold {
 
     /// Releases the lease now (if still held) and tells the other instances to look again.
     pub(super) fn release_now(&self) -> impl std::future::Future<Output = ()> + use<> {
-        let token = self.take_token();
+        let leases = self.take_token().map(|token| (self.sn.clone(), token));
         let coordination = Arc::clone(&self.coordination);
-        let sn = self.sn.clone();
-        async move {
-            if let Some(token) = token {
-                coordination.release(&[(sn.as_str(), token.as_str())]).await;
-            }
-            coordination.announce(&[sn.as_str()]).await;
-        }
+        release_and_announce(
+            coordination,
+            leases.into_iter().collect(),
+            vec![self.sn.clone()],
+        )
     }
 }
 
@@ -135,13 +132,30 @@ impl Drop for LeaseHold {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let coordination = Arc::clone(&self.coordination);
         let sn = std::mem::take(&mut self.sn);
-        runtime.spawn(async move {
-            coordination.release(&[(sn.as_str(), token.as_str())]).await;
-            coordination.announce(&[sn.as_str()]).await;
-        });
+        let coordination = Arc::clone(&self.coordination);
+        runtime.spawn(release_and_announce(
+            coordination,
+            vec![(sn.clone(), token)],
+            vec![sn],
+        ));
     }
+}
+
+/// Gives up the leases `(sn, token)` (compare-and-delete, one round trip per node), then tells
+/// every instance to look at `sns` again.
+async fn release_and_announce(
+    coordination: Arc<dyn Coordination>,
+    leases: Vec<(String, String)>,
+    sns: Vec<String>,
+) {
+    let pairs: Vec<(&str, &str)> = leases
+        .iter()
+        .map(|(sn, token)| (sn.as_str(), token.as_str()))
+        .collect();
+    coordination.release(&pairs).await;
+    let sns: Vec<&str> = sns.iter().map(String::as_str).collect();
+    coordination.announce(&sns).await;
 }
 
 /// Where a flight stands with the other instances.
@@ -208,7 +222,6 @@ impl Shared {
         Self {
             coordination: distributed.coordination,
             lease_ttl: distributed.lease_ttl,
-            poll: POLL,
             leases,
             instance: format!("{:016x}", fastrand::u64(..)),
             batches: AtomicU64::new(0),
@@ -301,11 +314,7 @@ impl Core {
         hold.queued.store(false, Ordering::Release);
         if started.first().copied().flatten() == Some(false) {
             // Not ours any more: not renewed, not released.
-            shared.leases.forget(&hold.sn, &token);
-            hold.token
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take();
+            hold.take_token();
             self.metrics.record_leases(LeaseEvent::Yielded, 1);
             return false;
         }
@@ -327,16 +336,10 @@ impl Core {
         if leases.is_empty() {
             return;
         }
+        let sns = leases.iter().map(|(sn, _)| sn.clone()).collect();
         let coordination = Arc::clone(&shared.coordination);
-        self.tasks.spawn(async move {
-            let pairs: Vec<(&str, &str)> = leases
-                .iter()
-                .map(|(sn, token)| (sn.as_str(), token.as_str()))
-                .collect();
-            coordination.release(&pairs).await;
-            let sns: Vec<&str> = pairs.iter().map(|(sn, _)| *sn).collect();
-            coordination.announce(&sns).await;
-        });
+        self.tasks
+            .spawn(release_and_announce(coordination, leases, sns));
     }
 
     /// Marks `flights` as fetched here without a claim, when the lookup's cache read failed:
@@ -374,12 +377,12 @@ impl Core {
                 Some(lead)
             }
             Remote::Lost if lead.flight.is_refresh() => None,
-            Remote::Lost => {
+            // Lost; or not decided, if a claim was ever cut off half-way: then no lease fences
+            // a write-back of its own, and the waiter claims it anew before it fetches.
+            Remote::Lost | Remote::Unchecked | Remote::Checking => {
                 self.wait_elsewhere(vec![lead], until);
                 None
             }
-            // Not decided (its claim was dropped half-way): fetch it, unfenced by a lease.
-            Remote::Unchecked | Remote::Checking => Some(lead),
         }
     }
 

@@ -9,6 +9,7 @@
 //! the lookup whose task claimed the flights.
 
 use super::Core;
+use super::distributed::{POLL, Remote};
 use super::fetch::Lead;
 use crate::cache::{Ask, Claim, Entry};
 use crate::metrics::WaitOutcome;
@@ -35,8 +36,8 @@ impl Core {
             .await;
         // A poll past the deadline: the lookups' own deadlines answer them first
         // (`deadline_exceeded`), and a lookup that joined later may still want the answer.
-        let give_up = until + shared.poll;
-        let mut poll = tokio::time::interval_at(Instant::now() + shared.poll, shared.poll);
+        let give_up = until + POLL;
+        let mut poll = tokio::time::interval_at(Instant::now() + POLL, POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !waiting.is_empty() {
             tokio::select! {
@@ -159,7 +160,10 @@ impl Core {
                 Claim::Skipped => (None, bytes::Bytes::new()),
             };
             if let Some(mut lead) = waiting.remove(sn) {
-                lead.hold = Some(shared.hold(sn, token, fence, false));
+                let hold = shared.hold(sn, token, fence, false);
+                // On the flight too, where an invalidation finds the lease to give up.
+                lead.flight.decide(Remote::Fetch(Arc::clone(&hold)));
+                lead.hold = Some(hold);
                 taken.push(lead);
             }
         }

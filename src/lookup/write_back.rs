@@ -115,17 +115,7 @@ impl Core {
                     unwritten.settle(WriteBackOutcome::Ok, writes.len());
                     debug!(keys = writes.len(), "write-back done");
                 }
-                Err(err) if err.is_skipped() => {
-                    unwritten.settle(WriteBackOutcome::Skipped, writes.len());
-                    debug!(
-                        keys = writes.len(),
-                        "write-back skipped: redis's circuit is open"
-                    );
-                }
-                Err(err) => {
-                    unwritten.settle(WriteBackOutcome::Failed, writes.len());
-                    warn!(error = %err, keys = writes.len(), "write-back failed; the next lookup refetches");
-                }
+                Err(err) => self.count_failure(&err, writes.len()),
             }
         }
         drop(leads);
@@ -140,13 +130,12 @@ impl Core {
         let mut fenced = Vec::with_capacity(writes.len());
         let mut release = Vec::new();
         for (write, lead) in writes.into_iter().zip(&leads) {
-            let sn = lead.flight.sn.clone();
             let token = lead.hold.as_ref().and_then(|hold| hold.take_token());
             // Checked again right before the write: an invalidation may have come in meanwhile.
             let hold = lead.hold.as_ref();
             let Some(hold) = hold.filter(|_| !lead.flight.is_invalidated()) else {
                 self.unwritten.settle(WriteBackOutcome::Fenced, 1);
-                release.extend(token.map(|token| (sn, token)));
+                release.extend(token.map(|token| (lead.flight.sn.clone(), token)));
                 continue;
             };
             fenced.push(FencedWrite {
@@ -156,7 +145,12 @@ impl Core {
             });
         }
         let coordination = &shared.coordination;
-        match coordination.write_fenced(&fenced).await {
+        // All invalidated: nothing to send (on a cluster, not even a first slot map).
+        let sent = match fenced.is_empty() {
+            true => Ok(Refusals::default()),
+            false => coordination.write_fenced(&fenced).await,
+        };
+        match sent {
             Ok(refusals) => {
                 let written: Vec<Write> = fenced
                     .iter()

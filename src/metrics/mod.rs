@@ -280,7 +280,7 @@ impl Metrics {
         let registry = &mut self.registry;
         registry.register(
             "claims",
-            "Claims on missed SNs' fetches across instances, by result: won, lost, skipped",
+            "Claims on missed SNs' fetches across instances, by result: won, lost, skipped, present, took_over",
             self.claims.clone(),
         );
         registry.register(
@@ -290,7 +290,7 @@ impl Metrics {
         );
         registry.register(
             "leases",
-            "Leases on fetches by event: renewed, expired (found lost at renewal)",
+            "Leases on fetches by event: renewed, expired (found lost at renewal), yielded (queued, taken over before its fetch started)",
             self.leases.clone(),
         );
         registry.register(
@@ -302,38 +302,22 @@ impl Metrics {
 
     /// `count` claims came to `result`.
     pub fn record_claims(&self, result: ClaimResult, count: usize) {
-        if count > 0 {
-            self.claims
-                .get_or_create(&ClaimLabel { result })
-                .inc_by(count as u64);
-        }
+        add(&self.claims, &ClaimLabel { result }, count);
     }
 
     /// `count` waits for another instance's fetch ended with `outcome`.
     pub fn record_waits(&self, outcome: WaitOutcome, count: usize) {
-        if count > 0 {
-            self.waits
-                .get_or_create(&WaitLabel { outcome })
-                .inc_by(count as u64);
-        }
+        add(&self.waits, &WaitLabel { outcome }, count);
     }
 
     /// `count` leases came to `event`.
     pub fn record_leases(&self, event: LeaseEvent, count: usize) {
-        if count > 0 {
-            self.leases
-                .get_or_create(&LeaseLabel { event })
-                .inc_by(count as u64);
-        }
+        add(&self.leases, &LeaseLabel { event }, count);
     }
 
     /// `count` fenced write-backs were refused for `reason`.
     pub fn record_refused_writes(&self, reason: RefusalReason, count: usize) {
-        if count > 0 {
-            self.refused_writes
-                .get_or_create(&RefusalLabel { reason })
-                .inc_by(count as u64);
-        }
+        add(&self.refused_writes, &RefusalLabel { reason }, count);
     }
 
     /// One lookup joined a fetch under way.
@@ -382,11 +366,7 @@ impl Metrics {
     /// SNs the in-process tier had (`hits`) and lacked (`misses`) in one read.
     pub fn record_local_lookups(&self, hits: usize, misses: usize) {
         for (result, count) in [(LocalResult::Hit, hits), (LocalResult::Miss, misses)] {
-            if count > 0 {
-                self.local_lookups
-                    .get_or_create(&LocalLabel { result })
-                    .inc_by(count as u64);
-            }
+            add(&self.local_lookups, &LocalLabel { result }, count);
         }
     }
 
@@ -488,6 +468,16 @@ pub struct Current {
 
 fn gauge(value: usize) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Adds `count` to the counter of `labels` in `family`; a zero creates no series.
+fn add<L>(family: &Family<L, Counter>, labels: &L, count: usize)
+where
+    L: Clone + std::hash::Hash + Eq,
+{
+    if count > 0 {
+        family.get_or_create(labels).inc_by(count as u64);
+    }
 }
 
 #[cfg(test)]

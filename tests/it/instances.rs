@@ -3,7 +3,9 @@
 //! them, however the lookups are spread; an invalidation on one fences a fetch on another; a
 //! holder killed mid-fetch is taken over within its lease; a pure-hit batch sends no claim.
 
-use crate::support::{Process, RedisCluster, RedisServer, Reply, StubUpstream, http_client};
+use crate::support::{
+    Process, RedisCluster, RedisServer, Reply, StubUpstream, http_client, sample_in,
+};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -82,6 +84,13 @@ impl Instances {
         let response = self.client.get(url).send().await.unwrap();
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// One sample of instance `at`'s `/metrics`.
+    async fn metric(&self, at: usize, sample: &str) -> f64 {
+        let url = format!("http://{}/metrics", self.addrs[at]);
+        let text = self.client.get(url).send().await.unwrap().text().await;
+        sample_in(&text.unwrap(), sample)
     }
 
     fn key(&self, sn: &str) -> String {
@@ -219,6 +228,34 @@ async fn overlapping_exports_on_three_instances_on_a_cluster_make_one_call_per_s
     let cluster = RedisCluster::shared();
     let instances = Instances::start(Shared::Cluster(&cluster), 3, "inst-exports:", &[]).await;
     overlapping_exports_on_three_instances(&instances).await;
+}
+
+#[tokio::test]
+async fn a_fetch_longer_than_its_lease_keeps_it_by_renewing_it() {
+    let redis = RedisServer::start();
+    let extra = [("DISCOUNT_PROXY_COALESCE__LEASE_TTL", "600ms")];
+    let instances = Instances::start(Shared::One(&redis), 2, "renewed:", &extra).await;
+    // Four leases long: unrenewed, the lease would expire and B would fetch it too.
+    instances.upstream.set_latency(Duration::from_millis(2400));
+    let holder = instances.get(0, "LONG");
+    let waiter = async {
+        crate::support::wait_until("A is fetching", Duration::from_secs(5), || async {
+            instances.upstream.calls("LONG") == 1
+        })
+        .await;
+        instances.get(1, "LONG").await
+    };
+    let ((status, body), (waited, waited_body)) = tokio::join!(holder, waiter);
+    assert_eq!((status, waited), (200, 200), "{body} {waited_body}");
+    assert_eq!(waited_body["source"], "upstream", "{waited_body}");
+    assert_eq!(
+        instances.upstream.calls("LONG"),
+        1,
+        "{}",
+        instances.counters().await
+    );
+    let renewed = r#"discount_proxy_leases_total{event="renewed"}"#;
+    assert!(instances.metric(0, renewed).await >= 3.0);
 }
 
 /// A lookup on B of the last SN of an export A has just begun: A claimed every SN at once,

@@ -12,7 +12,7 @@
 //! miss path only, where each entry cost an upstream call of about 0.5 s.
 
 use super::scripts::{Call, Script, pipeline};
-use super::{Command, Destination, Group, RedisCache};
+use super::{Command, Destination, Group, RedisCache, count, millis};
 use crate::cache::coordination::{Ask, Claim, Coordination, FencedWrite, Refusals, companion_key};
 use crate::cache::invalidation_channel;
 use crate::cache::wakeups::Wakeups;
@@ -30,13 +30,6 @@ use tracing::{debug, warn};
 /// `server.request_timeout`, which is at most 1 h), so none finds the fence gone and writes
 /// its older answer. One small key per invalidated SN, for two hours.
 const FENCE_TTL: Duration = Duration::from_secs(2 * 3600);
-
-/// A duration in whole milliseconds, at least 1.
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1)
-}
 
 /// A fence token: 128 random bits, unique enough that no two invalidations share one.
 fn fence_token() -> String {
@@ -215,11 +208,7 @@ impl RedisCache {
         let replies = self
             .eval_group(&self.scripts.fence, RedisCommand::Fence, group, &call)
             .await?;
-        Ok(replies
-            .iter()
-            .filter_map(int)
-            .map(|n| u64::try_from(n).unwrap_or(0))
-            .sum())
+        Ok(replies.iter().map(count).sum())
     }
 }
 

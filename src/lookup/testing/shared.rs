@@ -175,7 +175,10 @@ impl Coordination for FakeLink {
         leases: &'a [(&'a str, &'a str)],
         lease_ttl: Duration,
     ) -> BoxFuture<'a, Vec<Option<bool>>> {
-        let started = self.extend(leases, lease_ttl, |_, token| token.to_owned());
+        // A queued lease becomes the token's, its TTL renewed; a started one is left as it is.
+        let started = self.extend(leases, lease_ttl, |held, token| {
+            held.starts_with('q').then(|| token.to_owned())
+        });
         Box::pin(async move { started })
     }
 
@@ -184,7 +187,7 @@ impl Coordination for FakeLink {
         leases: &'a [(&'a str, &'a str)],
         lease_ttl: Duration,
     ) -> BoxFuture<'a, Vec<Option<bool>>> {
-        let renewed = self.extend(leases, lease_ttl, |held, _| held.to_owned());
+        let renewed = self.extend(leases, lease_ttl, |held, _| Some(held.to_owned()));
         Box::pin(async move { renewed })
     }
 
@@ -270,13 +273,14 @@ fn fetched_ms(raw: &[u8]) -> Option<u64> {
 }
 
 impl FakeLink {
-    /// Each lease `(sn, token)` still `token`'s (queued or not) made to last `lease_ttl`
-    /// more, its value now `value(held, token)`, as `START` and `RENEW` do.
+    /// Whether each lease `(sn, token)` is still `token`'s (queued or not); where `value(held,
+    /// token)` gives a new value, it is set and lasts `lease_ttl` more, as `START` and `RENEW`
+    /// do.
     fn extend(
         &self,
         leases: &[(&str, &str)],
         lease_ttl: Duration,
-        value: impl Fn(&str, &str) -> String,
+        value: impl Fn(&str, &str) -> Option<String>,
     ) -> Vec<Option<bool>> {
         let redis = &self.redis;
         leases
@@ -286,10 +290,10 @@ impl FakeLink {
                     return None;
                 }
                 let held = redis.holder(sn).filter(|held| holds(held, token));
-                if let Some(held) = &held {
+                if let Some(value) = held.as_deref().and_then(|held| value(held, token)) {
                     let until = Instant::now() + lease_ttl;
                     let mut all = redis.leases.lock().unwrap();
-                    all.insert((*sn).to_owned(), (value(held, token), until));
+                    all.insert((*sn).to_owned(), (value, until));
                 }
                 Some(held.is_some())
             })

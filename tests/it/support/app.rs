@@ -210,21 +210,14 @@ impl TestApp {
     /// recorded yet. Values read at scrape time (gauges of connections, pools, circuits)
     /// need a `GET /metrics` instead.
     pub fn metric(&self, sample: &str) -> f64 {
-        self.state
-            .metrics
-            .encode()
-            .lines()
-            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
+        sample_in(&self.state.metrics.encode(), sample)
     }
 
     /// One sample of a `GET /metrics` scrape, which also reads the values of the moment
     /// (connections, pools, circuits); 0 when it has not been recorded yet.
     pub async fn scraped(&self, sample: &str) -> f64 {
         let text = self.get("/metrics").await.text().await.unwrap();
-        text.lines()
-            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
+        sample_in(&text, sample)
     }
 
     /// `POST /v1/discounts/lookup` of these SNs with `Accept: application/x-ndjson`.
@@ -275,6 +268,13 @@ impl TestApp {
 
 pub fn results(body: &Value) -> &Vec<Value> {
     body["results"].as_array().expect("results is an array")
+}
+
+/// One sample (`name{labels}` as exposed) of a metrics text, 0 when it is not there.
+pub fn sample_in(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// Waits, up to `wait`, until `app` follows the invalidation channel (its subscription is
