@@ -55,7 +55,7 @@ pub async fn build(config: &Config, choice: CacheChoice) -> Result<Arc<AppState>
     let distributed = redis
         .filter(|_| config.coalesce.distributed)
         .map(|redis| {
-            redis.follow_answers();
+            redis.coordinate();
             info!(lease_ttl = ?config.coalesce.lease_ttl, "coalescing with the instances sharing redis");
             Distributed {
                 coordination: redis,
@@ -116,7 +116,7 @@ async fn build_cache(
         return Ok(memory());
     }
     let redis = match RedisCache::new(&config.redis, Arc::clone(metrics)) {
-        Ok(redis) => Arc::new(redis.with_fences(config.coalesce.distributed)),
+        Ok(redis) => Arc::new(redis),
         Err(err) if choice == CacheChoice::RedisIfAnswering => {
             warn!(error = %err, "redis URL unusable; using the in-process cache");
             return Ok(memory());

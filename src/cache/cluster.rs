@@ -226,8 +226,8 @@ struct SharedConnect {
     current: Arc<Mutex<Option<ClusterConnection>>>,
     /// Whether a connect is under way.
     connecting: Arc<AtomicBool>,
-    /// Counts the connects that ended, made or not: callers wait for it to move.
-    ended: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Sent when a connect ends, made or not: callers wait for it.
+    ended: Arc<tokio::sync::watch::Sender<()>>,
 }
 
 impl SharedConnect {
@@ -237,7 +237,7 @@ impl SharedConnect {
             bound,
             current: Arc::default(),
             connecting: Arc::default(),
-            ended: Arc::new(tokio::sync::watch::Sender::new(0)),
+            ended: Arc::new(tokio::sync::watch::Sender::new(())),
         }
     }
 
@@ -271,15 +271,11 @@ impl SharedConnect {
         if self.connecting.swap(true, Ordering::AcqRel) {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.connecting.store(false, Ordering::Release);
-            return;
-        };
         let (client, bound) = (self.client.clone(), self.bound);
         let current = Arc::clone(&self.current);
         let connecting = Arc::clone(&self.connecting);
         let ended = Arc::clone(&self.ended);
-        runtime.spawn(async move {
+        tokio::spawn(async move {
             match tokio::time::timeout(bound, client.get_async_connection()).await {
                 Ok(Ok(conn)) => {
                     *current.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn);
@@ -288,7 +284,7 @@ impl SharedConnect {
                 Err(_) => warn!(?bound, "connecting to the redis cluster took too long"),
             }
             connecting.store(false, Ordering::Release);
-            ended.send_modify(|count| *count += 1);
+            ended.send_replace(());
         });
     }
 
@@ -311,6 +307,8 @@ pub(super) struct ClusterLink {
     labelled: Mutex<HashSet<String>>,
     breaker_failures: u32,
     breaker_cooldown: Duration,
+    /// `redis.read_from_replicas`.
+    read_from_replicas: bool,
     metrics: Arc<Metrics>,
 }
 
@@ -357,6 +355,7 @@ impl ClusterLink {
             labelled: Mutex::new(HashSet::new()),
             breaker_failures: config.breaker_failures,
             breaker_cooldown: config.breaker_cooldown,
+            read_from_replicas: config.read_from_replicas,
             metrics,
         })
     }
@@ -387,9 +386,10 @@ impl ClusterLink {
         self.replicas.avoid(replica);
     }
 
-    /// Whether reads may go to `replica` now (it has not failed lately).
+    /// Whether reads may go to `replica` now: reads go to replicas at all
+    /// (`redis.read_from_replicas`), and this one has not failed lately.
     pub(super) fn replica_usable(&self, replica: &Address) -> bool {
-        self.replicas.usable(replica)
+        self.read_from_replicas && self.replicas.usable(replica)
     }
 
     /// Drops the shared connection after it broke or hung: the next caller makes a new one.

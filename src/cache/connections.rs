@@ -22,9 +22,10 @@
 //! instead of stampeding Redis with their own. When that connect fails, the callers that
 //! waited for it fail with it rather than each connecting in turn: with a hung Redis, the
 //! tenth waiter would otherwise pay for ten connect timeouts. Callers bound their whole
-//! attempt, wait included, by `redis.timeout` (see `RedisCache::run_shared`).
+//! attempt, wait included, by `redis.timeout` (see `send_over` in `redis`).
 
 use super::sentinel::SentinelEndpoint;
+use super::subscription::SeedRotation;
 use super::{CacheError, PoolStatus};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client};
@@ -32,20 +33,30 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-/// Where connections go: one fixed Redis, or the node (master or replica) the sentinels name
-/// at each connect.
+/// Where connections go, asked at each connect: one fixed Redis, the node (master or
+/// replica) the sentinels name now, or (the invalidation subscription on a cluster) the next
+/// seed.
 pub(super) enum Endpoint {
     /// `redis.url`.
     Fixed(Box<Client>),
     /// The master of `redis.sentinel_master`, or one of its replicas.
     Sentinel(Arc<SentinelEndpoint>),
+    /// A cluster's seeds, one per connect in turn: a `PUBLISH` on a cluster reaches the
+    /// subscribers of every node, so any node that answers will do, and a dead one must not
+    /// keep the channel down while the others are up.
+    Seeds(SeedRotation),
 }
 
 impl Endpoint {
-    async fn client(&self) -> Result<Client, CacheError> {
+    /// A client for the next connect.
+    ///
+    /// # Errors
+    /// Sentinel only: no sentinel answered, or none names a node of the kind asked for.
+    pub(super) async fn client(&self) -> Result<Client, CacheError> {
         match self {
             Self::Fixed(client) => Ok(Client::clone(client)),
             Self::Sentinel(sentinels) => sentinels.client().await,
+            Self::Seeds(seeds) => Ok(seeds.next()),
         }
     }
 }

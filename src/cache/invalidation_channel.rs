@@ -3,14 +3,14 @@
 //! `wakeups`.
 //!
 //! Each instance subscribes on a connection of its own, on the node its
-//! [`SubscriptionEndpoint`] names for each attempt, and hands each message to the channel's
+//! [`Endpoint`] names for each attempt, and hands each message to the channel's
 //! [`Handler`]. The subscription is checked with a `PING` every second; when it is lost, the
 //! handler is told on the way back (a message may have been missed meanwhile): the tier is
 //! emptied, and while it is down no copy outlives `cache.local.ttl`, which is the staleness
 //! bound; every waiter looks again.
 
 use super::LocalTier;
-use super::subscription::SubscriptionEndpoint;
+use super::connections::Endpoint;
 use crate::metrics::{InvalidationEvent, Metrics};
 use futures_util::StreamExt;
 use std::sync::Arc;
@@ -66,7 +66,7 @@ impl InvalidationChannel {
     /// lost, until the returned token is cancelled.
     pub(super) fn follow(
         &self,
-        endpoint: Arc<SubscriptionEndpoint>,
+        endpoint: Arc<Endpoint>,
         local: Arc<LocalTier>,
         metrics: Arc<Metrics>,
     ) -> CancellationToken {
@@ -89,7 +89,7 @@ pub(super) trait Handler: Send + Sync + 'static {
 /// Follows `channel` in a task of its own, resubscribing whenever the subscription is lost,
 /// until the returned token is cancelled.
 pub(super) fn follow(
-    endpoint: Arc<SubscriptionEndpoint>,
+    endpoint: Arc<Endpoint>,
     channel: String,
     handler: Arc<dyn Handler>,
 ) -> CancellationToken {
@@ -143,7 +143,7 @@ impl Handler for Invalidations {
 struct Follower {
     /// Asked for a client at each attempt: on a cluster or behind Sentinel, where to
     /// subscribe changes.
-    endpoint: Arc<SubscriptionEndpoint>,
+    endpoint: Arc<Endpoint>,
     channel: String,
     handler: Arc<dyn Handler>,
 }

@@ -24,9 +24,9 @@ mod scripts;
 use super::cluster::ClusterLink;
 use super::connections::{Connections, Endpoint, Lease};
 use super::sentinel::{self, SentinelEndpoint, SentinelReplicas, SentinelServerType};
-use super::subscription::{SeedRotation, SubscriptionEndpoint};
+use super::subscription::SeedRotation;
 use super::{Cache, CacheError, CacheKind, PoolStatus, Values, Write};
-use crate::circuit::{Circuit, CircuitState};
+use crate::circuit::{Circuit, CircuitState, Ticket};
 use crate::config::{RedisConfig, RedisMode};
 use crate::metrics::{Metrics, RedisCommand, RedisOutcome};
 use ::redis::{self, AsyncConnectionConfig, Value};
@@ -45,25 +45,20 @@ use tokio::time::Instant;
 pub struct RedisCache {
     route: Route,
     /// Where connections of their own (the invalidation subscription) go, asked per attempt.
-    subscription: Arc<SubscriptionEndpoint>,
+    subscription: Arc<Endpoint>,
     key_prefix: String,
     timeout: Duration,
     chunk_size: usize,
-    /// Whether cluster reads may go to replicas (behind Sentinel, `Route::Standalone` holds
-    /// the replicas to read from instead).
-    read_from_replicas: bool,
     /// One Redis's breaker; on a cluster, the breaker of what is not sent to one master
     /// (the slot map, `PUBLISH`), each master having its own.
     circuit: Circuit,
     metrics: Arc<Metrics>,
-    /// Whether an invalidation fences fetches in flight on every instance
-    /// (`coalesce.distributed`), instead of a plain `DEL`.
-    fences: bool,
     /// The scripts of `coordination`, their SHA1s learned as they are loaded.
     scripts: scripts::Scripts,
     /// This instance's waiters for answers other instances fetch.
     wakeups: Arc<super::wakeups::Wakeups>,
-    /// Stops following the answers channel when the cache is dropped.
+    /// Stops following the answers channel when the cache is dropped; set once it
+    /// coordinates with other instances (`coordinate`).
     following: std::sync::OnceLock<tokio_util::sync::DropGuard>,
 }
 
@@ -155,6 +150,16 @@ fn settle<T>(
             Err(CacheError::Timeout { op, timeout })
         }
     }
+}
+
+/// `result`, once the circuit whose `ticket` let the call through is told whether Redis
+/// could be reached: Redis that answered, even with an error (`OOM`, `READONLY`), was.
+fn told<T>(ticket: Ticket<'_>, result: Result<T, CacheError>) -> Result<T, CacheError> {
+    match &result {
+        Err(err) if err.is_unreachable() => ticket.failure(),
+        _ => ticket.success(),
+    }
+    result
 }
 
 /// `command` over the next of `connections`, the wait for it included, by `deadline`
@@ -262,7 +267,7 @@ impl RedisCache {
                 settings.pool_size,
             ))
         };
-        let fixed = || SubscriptionEndpoint::Fixed(Box::new(first.clone()));
+        let fixed = || Endpoint::Fixed(Box::new(first.clone()));
         let (route, subscription) = match settings.mode {
             RedisMode::Cluster => (
                 Route::Cluster(Arc::new(ClusterLink::new(
@@ -270,11 +275,11 @@ impl RedisCache {
                     settings,
                     Arc::clone(&metrics),
                 )?)),
-                SeedRotation::new(&seeds)?.map_or_else(fixed, SubscriptionEndpoint::Seeds),
+                Endpoint::Seeds(SeedRotation::new(&seeds)?),
             ),
             RedisMode::Standalone => (
                 Route::Standalone {
-                    primary: shared(Endpoint::Fixed(Box::new(first.clone()))),
+                    primary: shared(fixed()),
                     replicas: None,
                 },
                 fixed(),
@@ -285,8 +290,9 @@ impl RedisCache {
                     SentinelEndpoint::new(&settings.nodes, master, &settings.url, server)
                         .map(Arc::new)
                 };
-                let sentinels = endpoint(SentinelServerType::Master)?;
-                let primary = shared(Endpoint::Sentinel(Arc::clone(&sentinels)));
+                // One client of the sentinels per user: asking them holds it (redis-rs takes
+                // it `&mut`), and the 500 ms follow must not hold up a connect.
+                let primary = shared(Endpoint::Sentinel(endpoint(SentinelServerType::Master)?));
                 let replicas = match settings.read_from_replicas {
                     true => Some(SentinelReplicas::new(
                         shared(Endpoint::Sentinel(endpoint(SentinelServerType::Replica)?)),
@@ -299,11 +305,11 @@ impl RedisCache {
                     replicas
                         .as_ref()
                         .map(|replicas| Arc::downgrade(replicas.connections())),
-                    Arc::clone(&sentinels),
+                    endpoint(SentinelServerType::Master)?,
                 );
                 (
                     Route::Standalone { primary, replicas },
-                    SubscriptionEndpoint::Sentinel(sentinels),
+                    Endpoint::Sentinel(endpoint(SentinelServerType::Master)?),
                 )
             }
         };
@@ -313,26 +319,16 @@ impl RedisCache {
             key_prefix: settings.key_prefix.clone(),
             timeout: settings.timeout,
             chunk_size: settings.chunk_size.max(1),
-            read_from_replicas: settings.read_from_replicas,
             circuit: Circuit::on_streak(
                 "redis",
                 settings.breaker_failures,
                 settings.breaker_cooldown,
             ),
             metrics,
-            fences: false,
             scripts: scripts::Scripts::default(),
             wakeups: Arc::default(),
             following: std::sync::OnceLock::new(),
         })
-    }
-
-    /// With `on`, an invalidation sets a fence (see `coordination`) as it deletes, so no
-    /// fetch that began before it is written back by any instance (`coalesce.distributed`).
-    #[must_use]
-    pub fn with_fences(mut self, on: bool) -> Self {
-        self.fences = on;
-        self
     }
 
     /// Sends one command or pipeline to `to`, unless its circuit is open, and tells the
@@ -353,15 +349,7 @@ impl RedisCache {
         let circuit = node.map_or(&self.circuit, |node| &node.circuit);
         let result = match circuit.try_acquire() {
             None => Err(CacheError::Skipped),
-            Some(ticket) => {
-                let result = self.send(name, to, command).await;
-                match &result {
-                    Err(err) if err.is_unreachable() => ticket.failure(),
-                    // Redis answered, even if with an error (`OOM`, `READONLY`): reachable.
-                    _ => ticket.success(),
-                }
-                result
-            }
+            Some(ticket) => told(ticket, self.send(name, to, command).await),
         };
         if let (Route::Cluster(link), Destination::Shard { .. }, Err(err)) =
             (&self.route, to, &result)
@@ -507,11 +495,10 @@ impl RedisCache {
         Command::Pipeline(pipe)
     }
 
-    /// The values of one group's SNs, in the group's order.
+    /// The `MGET` replies of one group, which hold its SNs' values in the group's order.
     async fn get_group(&self, sns: &[&str], group: &Group) -> Result<Vec<Value>, CacheError> {
         let command = self.per_run("MGET", sns, group);
-        let replies = self.run(RedisCommand::Mget, &group.to, command).await?;
-        Ok(replies.into_iter().flat_map(mget_values).collect())
+        self.run(RedisCommand::Mget, &group.to, command).await
     }
 
     async fn set_group(&self, writes: &[Write], group: &Group) -> Result<(), CacheError> {
@@ -534,7 +521,7 @@ impl RedisCache {
     }
 
     async fn delete_group(&self, sns: &[&str], group: &Group) -> Result<u64, CacheError> {
-        if self.fences {
+        if self.coordinates() {
             return self.fence_group(sns, group).await;
         }
         let command = self.per_run("DEL", sns, group);
@@ -562,7 +549,7 @@ impl RedisCache {
     /// Where connections of its own go, such as a pub/sub subscription, which cannot share
     /// the multiplexed ones: asked for a client at each attempt, since on a cluster or behind
     /// Sentinel the node that answers changes.
-    pub(super) fn subscription(&self) -> Arc<SubscriptionEndpoint> {
+    pub(super) fn subscription(&self) -> Arc<Endpoint> {
         Arc::clone(&self.subscription)
     }
 
@@ -597,7 +584,8 @@ impl Cache for RedisCache {
             let reads = join_all(reads).await;
             for (group, read) in groups.iter().zip(reads) {
                 match read {
-                    Ok(values) => {
+                    Ok(replies) => {
+                        let values = replies.into_iter().flat_map(mget_values);
                         for (&place, value) in group.places.iter().zip(values) {
                             found.values[place] = stored(value);
                         }

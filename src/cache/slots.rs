@@ -5,8 +5,8 @@
 //! each command by itself. Handing it one command per slot (a random 10,000-key batch
 //! touches about 7,700 slots) costs 30–40 µs of its routing per command; one pipeline per
 //! node costs that once per pipeline. The pipelines still go through redis-rs, addressed by
-//! one slot of the node (see `ClusterLink`), so its connections, credentials, TLS, replica
-//! reads and redirects are used as they are.
+//! one slot of the node (see `ClusterLink`), so its connections, credentials, TLS and
+//! redirects are used as they are (replica reads go over connections of the proxy's own).
 //!
 //! The copy may be behind the cluster (a failover, a reshard): a key then reaches a node that
 //! no longer owns it, that node answers `MOVED`, and the group fails as a whole: its keys are

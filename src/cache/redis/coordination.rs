@@ -81,14 +81,21 @@ impl RedisCache {
         keys
     }
 
+    /// Whether [`RedisCache::coordinate`] was called: invalidations fence.
+    pub(super) fn coordinates(&self) -> bool {
+        self.following.get().is_some()
+    }
+
     /// The channel answers are announced on: `<prefix>answers`.
     fn answers_channel(&self) -> String {
         format!("{}answers", self.key_prefix)
     }
 
-    /// Starts following the announcements channel for this instance's waiters (once; needs a
-    /// Tokio runtime). Following stops when the cache is dropped.
-    pub fn follow_answers(&self) {
+    /// Coalesces with the other instances sharing this Redis (`coalesce.distributed`): from
+    /// now on an invalidation sets a fence as it deletes, so no fetch that began before it is
+    /// written back by any instance, and this instance's waiters follow the answers channel
+    /// (once; needs a Tokio runtime; it stops when the cache is dropped).
+    pub fn coordinate(&self) {
         self.following.get_or_init(|| {
             invalidation_channel::follow(
                 self.subscription(),

@@ -3,7 +3,7 @@
 //! on a cluster, the keys of each master (by the proxy's own slot map, see `cluster`), in
 //! runs that share a hash slot, chunked.
 
-use super::{RedisCache, Route, outcome};
+use super::{RedisCache, Route, outcome, told};
 use crate::cache::CacheError;
 use crate::cache::cluster::{ClusterLink, ClusterNode, Topology};
 use crate::cache::slots::{Address, Owner};
@@ -19,7 +19,7 @@ pub(super) enum Destination {
     /// The one Redis; on a cluster, wherever redis-rs routes the command (`PUBLISH`, `PING`).
     Any,
     /// A cluster master, addressed through one slot it serves (so redis-rs's connections,
-    /// credentials, replica reads and redirects apply), with its own breaker when the slot
+    /// credentials, TLS and redirects apply), with its own breaker when the slot
     /// map knows the master.
     Shard {
         slot: Slot,
@@ -60,13 +60,16 @@ impl RedisCache {
         sns: impl ExactSizeIterator<Item = &'s str>,
     ) -> Result<Vec<Group>, CacheError> {
         let Route::Cluster(link) = &self.route else {
-            let places: Vec<usize> = (0..sns.len()).collect();
-            return Ok(places
-                .chunks(self.chunk_size)
-                .map(|chunk| Group {
-                    places: chunk.to_vec(),
-                    ends: vec![chunk.len()],
-                    to: Destination::Any,
+            let count = sns.len();
+            return Ok((0..count)
+                .step_by(self.chunk_size)
+                .map(|start| {
+                    let places: Vec<usize> = (start..count.min(start + self.chunk_size)).collect();
+                    Group {
+                        ends: vec![places.len()],
+                        places,
+                        to: Destination::Any,
+                    }
                 })
                 .collect());
         };
@@ -90,11 +93,9 @@ impl RedisCache {
                 None => (Owner::Unowned(slot), None),
             };
             let (_, places) = shards.entry(owner).or_insert_with(|| {
-                let replica = node
-                    .filter(|_| self.read_from_replicas)
-                    .and_then(|(index, node)| {
-                        topology.replica_of(index, node, |replica| link.replica_usable(replica))
-                    });
+                let replica = node.and_then(|(index, node)| {
+                    topology.replica_of(index, node, |replica| link.replica_usable(replica))
+                });
                 let node = node.map(|(_, node)| Arc::clone(node));
                 let to = Destination::Shard {
                     slot,
@@ -138,15 +139,11 @@ impl RedisCache {
             None => Err(CacheError::Skipped),
             Some(ticket) => {
                 let asked = tokio::time::timeout(self.timeout, link.first_topology()).await;
-                let result = asked.unwrap_or(Err(CacheError::Timeout {
+                let asked = asked.unwrap_or(Err(CacheError::Timeout {
                     op: "CLUSTER SLOTS",
                     timeout: self.timeout,
                 }));
-                match &result {
-                    Err(err) if err.is_unreachable() => ticket.failure(),
-                    _ => ticket.success(),
-                }
-                result
+                told(ticket, asked)
             }
         };
         self.metrics.record_redis(
