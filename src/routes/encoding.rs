@@ -19,7 +19,7 @@ use crate::error::Error;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::Response;
-use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::{Body as HttpBody, Frame};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use std::convert::Infallible;
 use std::io::{Read, Write};
@@ -115,13 +115,10 @@ pub(crate) fn compress(
         .and_then(|value| value.to_str().ok())
         .unwrap_or_default();
     let streamed = media.starts_with("application/x-ndjson");
-    let big_enough = response
-        .body()
-        .size_hint()
-        .exact()
-        .is_some_and(|len| len >= min_bytes as u64);
+    let len = response.body().size_hint().exact();
+    let big_enough = len.is_some_and(|len| len >= min_bytes as u64);
     let worth_it = media.starts_with("application/json") && big_enough || streamed;
-    if !worth_it || headers.contains_key(header::CONTENT_ENCODING) {
+    if !worth_it {
         return response;
     }
     let (mut parts, body) = response.into_parts();
@@ -133,7 +130,7 @@ pub(crate) fn compress(
     parts
         .headers
         .append(header::VARY, HeaderValue::from_static("accept-encoding"));
-    let encoded = match Encoder::new(coding) {
+    let encoded = match Encoder::new(coding, len) {
         Ok(encoder) => Encoded {
             inner: body,
             encoder: Some(encoder),
@@ -155,13 +152,19 @@ enum Encoder {
 }
 
 impl Encoder {
-    fn new(coding: Coding) -> std::io::Result<Self> {
+    /// An encoder for a body of `len` bytes when known: zstd then sizes its tables for it
+    /// (a 1 KiB answer does not set up what a 10 MB stream needs) and records the size.
+    fn new(coding: Coding, len: Option<u64>) -> std::io::Result<Self> {
         Ok(match coding {
             Coding::Gzip => Self::Gzip(flate2::write::GzEncoder::new(
                 Vec::new(),
                 flate2::Compression::default(),
             )),
-            Coding::Zstd => Self::Zstd(zstd::stream::write::Encoder::new(Vec::new(), ZSTD_LEVEL)?),
+            Coding::Zstd => {
+                let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), ZSTD_LEVEL)?;
+                encoder.set_pledged_src_size(len)?;
+                Self::Zstd(encoder)
+            }
         })
     }
 
@@ -275,51 +278,45 @@ impl HttpBody for Encoded {
     fn is_end_stream(&self) -> bool {
         self.encoder.is_none()
     }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
-    }
 }
 
-/// The coding of a request body (`Content-Encoding`), if it has one the proxy reads.
+/// Whether the request body is gzipped (`Content-Encoding`): the one coding the proxy
+/// reads besides `identity`.
 ///
 /// # Errors
-/// A coding other than `gzip` or `identity`: `415`.
-pub(super) fn request_coding(headers: &HeaderMap) -> Result<Option<Coding>, Error> {
+/// Any other coding, or a header that is not text: `415`.
+pub(super) fn gzipped(headers: &HeaderMap) -> Result<bool, Error> {
     let Some(value) = headers.get(header::CONTENT_ENCODING) else {
-        return Ok(None);
+        return Ok(false);
     };
-    let value = value.to_str().unwrap_or_default().trim();
+    let Ok(value) = value.to_str() else {
+        let shown = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        return Err(Error::UnsupportedEncoding(shown));
+    };
+    let value = value.trim();
     if value.eq_ignore_ascii_case("identity") || value.is_empty() {
-        Ok(None)
+        Ok(false)
     } else if value.eq_ignore_ascii_case("gzip") || value.eq_ignore_ascii_case("x-gzip") {
-        Ok(Some(Coding::Gzip))
+        Ok(true)
     } else {
         Err(Error::UnsupportedEncoding(value.to_owned()))
     }
 }
 
-/// `body` decoded from `coding`, at most `max` bytes of it.
+/// A gzipped `body` decoded, at most `max` bytes of it.
 ///
 /// # Errors
-/// More than `max` decoded bytes (`413`), or a body that is not valid in its coding (`400`).
-pub(super) fn decode(body: &[u8], coding: Coding, max: usize) -> Result<Bytes, Error> {
+/// More than `max` decoded bytes (`413`), or a body that is not gzip (`400`).
+pub(super) fn gunzip(body: &[u8], max: usize) -> Result<Bytes, Error> {
     let mut decoded = Vec::new();
     // One byte past the bound tells "exactly max" from "more": reading stops there.
     let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
-    let read = match coding {
-        Coding::Gzip => flate2::read::GzDecoder::new(body)
-            .take(limit)
-            .read_to_end(&mut decoded),
-        Coding::Zstd => zstd::stream::read::Decoder::new(body)
-            .and_then(|decoder| decoder.take(limit).read_to_end(&mut decoded)),
-    };
-    read.map_err(|err| {
-        Error::InvalidRequest(format!(
-            "the {} request body could not be decoded: {err}",
-            coding.name()
-        ))
-    })?;
+    flate2::read::GzDecoder::new(body)
+        .take(limit)
+        .read_to_end(&mut decoded)
+        .map_err(|err| {
+            Error::InvalidRequest(format!("the gzip request body could not be decoded: {err}"))
+        })?;
     if decoded.len() > max {
         return Err(Error::PayloadTooLarge { max });
     }
@@ -363,17 +360,25 @@ mod tests {
         let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
         encoder.write_all(&plain).unwrap();
         let gzipped = encoder.finish().unwrap();
-        assert_eq!(
-            decode(&gzipped, Coding::Gzip, 10_000).unwrap().len(),
-            10_000
-        );
+        assert_eq!(gunzip(&gzipped, 10_000).unwrap().len(), 10_000);
         assert!(matches!(
-            decode(&gzipped, Coding::Gzip, 9_999),
+            gunzip(&gzipped, 9_999),
             Err(Error::PayloadTooLarge { max: 9_999 })
         ));
         assert!(matches!(
-            decode(b"not gzip", Coding::Gzip, 100),
+            gunzip(b"not gzip", 100),
             Err(Error::InvalidRequest(_))
+        ));
+    }
+
+    #[test]
+    fn a_content_encoding_that_is_not_text_is_refused_not_taken_for_identity() {
+        let mut headers = HeaderMap::new();
+        let value = HeaderValue::from_bytes(b"gz\xffip").unwrap();
+        headers.insert(header::CONTENT_ENCODING, value);
+        assert!(matches!(
+            gzipped(&headers),
+            Err(Error::UnsupportedEncoding(_))
         ));
     }
 }

@@ -56,7 +56,7 @@ async fn read_json_body(request: Request<Incoming>, limits: &BodyLimits) -> Resu
     if !is_json {
         return Err(Error::UnsupportedMediaType);
     }
-    let coding = encoding::request_coding(request.headers())?;
+    let gzipped = encoding::gzipped(request.headers())?;
     let max = limits.max_bytes;
     let declared = request
         .headers()
@@ -71,10 +71,8 @@ async fn read_json_body(request: Request<Incoming>, limits: &BodyLimits) -> Resu
     let read = Limited::new(request.into_body(), max).collect();
     match tokio::time::timeout(limits.read_timeout, read).await {
         Err(_) => Err(Error::BodyTimeout(limits.read_timeout)),
-        Ok(Ok(collected)) => match coding {
-            None => Ok(collected.to_bytes()),
-            Some(coding) => encoding::decode(&collected.to_bytes(), coding, max),
-        },
+        Ok(Ok(collected)) if gzipped => encoding::gunzip(&collected.to_bytes(), max),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(err)) if err.downcast_ref::<LengthLimitError>().is_some() => {
             Err(Error::PayloadTooLarge { max })
         }

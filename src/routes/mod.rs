@@ -149,13 +149,14 @@ async fn route(
                 authorize(state, &request)?;
                 let admitted = admit(state, unflushed)?;
                 let sn = sn::decode_path_segment(raw_sn)?;
-                let coding = encoding::negotiate(request.headers());
                 let response = if method == Method::DELETE {
-                    cache_control::delete_one(state, &sn).await
+                    cache_control::delete_one(state, &sn).await?
                 } else {
-                    lookups::lookup_one(state, sn, refresh_requested(&request)?, arrived).await
+                    let coding = encoding::negotiate(request.headers());
+                    let refresh = refresh_requested(&request)?;
+                    let found = lookups::lookup_one(state, sn, refresh, arrived).await?;
+                    encoding::compress(found, coding, state.compress_min_bytes)
                 };
-                let response = encoding::compress(response?, coding, state.compress_min_bytes);
                 Ok(admitted.hold(response))
             }
             None => Err(Error::RouteNotFound(format!("{method} {path}"))),

@@ -110,6 +110,38 @@ async fn small_answers_and_codings_the_proxy_lacks_go_out_as_they_are() {
 }
 
 #[tokio::test]
+async fn one_sn_over_the_threshold_comes_compressed_with_its_headers_and_a_delete_never_does() {
+    let app = TestApp::spawn_with(|config| config.server.compress_min_bytes = 1).await;
+    let get = |accept: &'static str| {
+        app.client
+            .get(app.url("/v1/discounts/ONE-1"))
+            .header("accept-encoding", accept)
+            .send()
+    };
+    let first = get("zstd").await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["content-encoding"], "zstd");
+    assert_eq!(first.headers()["vary"], "accept-encoding");
+    assert_eq!(first.headers()["x-cache"], "MISS");
+    let plain = zstd::stream::decode_all(&first.bytes().await.unwrap()[..]).unwrap();
+    let item: Value = serde_json::from_slice(&plain).unwrap();
+    assert_eq!(item["sn"], "ONE-1", "{item}");
+    let again = get("gzip").await.unwrap();
+    assert_eq!(again.headers()["content-encoding"], "gzip");
+    assert_eq!(again.headers()["x-cache"], "HIT");
+
+    let deleted = app
+        .client
+        .delete(app.url("/v1/discounts/ONE-1"))
+        .header("accept-encoding", "gzip, zstd")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    assert!(deleted.headers().get("content-encoding").is_none());
+}
+
+#[tokio::test]
 async fn a_gzipped_stream_delivers_each_line_while_later_ones_are_still_at_the_upstream() {
     let app = TestApp::spawn().await;
     app.lookup(&["ZS-HIT"]).await;
