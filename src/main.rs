@@ -21,6 +21,20 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Printed from the command line's definition: no config, and no runtime to start.
+    match &cli.command {
+        Some(Command::Completions(args)) => {
+            discount_proxy::manual::completions(args, &mut std::io::stdout().lock());
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Man(args)) => {
+            return match discount_proxy::manual::man(args, &mut std::io::stdout().lock()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => fail(&anyhow::Error::new(err).context("could not write the man pages")),
+            };
+        }
+        _ => {}
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -35,15 +49,8 @@ fn main() -> ExitCode {
             Some(Command::SimulateUpstream(args)) => simulate(&args).await,
             // A client, not a server: no config, no logs, and an exit status of its own.
             Some(Command::Warm(args)) => return Ok(warm::run(&args).await),
-            // Printed from the command line's definition: no config, no runtime work.
-            Some(Command::Completions(args)) => {
-                discount_proxy::manual::completions(&args, &mut std::io::stdout().lock());
-                Ok(())
-            }
-            Some(Command::Man(args)) => {
-                discount_proxy::manual::man(&args, &mut std::io::stdout().lock())
-                    .map_err(|err| anyhow::Error::new(err).context("could not write the man pages"))
-            }
+            // Answered above, before the runtime.
+            Some(Command::Completions(_) | Command::Man(_)) => Ok(()),
         }
         .map(|()| ExitCode::SUCCESS)
     });

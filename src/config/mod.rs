@@ -4,7 +4,7 @@
 mod redact;
 mod validate;
 
-pub use self::redact::{RedactedUrl, redacted_url};
+pub use self::redact::redacted_url;
 
 use crate::secret::Secret;
 use figment::Figment;

@@ -53,15 +53,9 @@ fn redacted_value(value: &str) -> String {
     parts.join(PLACEHOLDER)
 }
 
-/// A URL that prints redacted, both as `{}` and `{:?}`: for `Debug` impls and log fields.
+/// A URL that prints redacted as `{:?}`: for the config's `Debug` impls.
 #[derive(Clone, Copy)]
-pub struct RedactedUrl<'a>(pub &'a str);
-
-impl fmt::Display for RedactedUrl<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redacted_url(self.0))
-    }
-}
+struct RedactedUrl<'a>(&'a str);
 
 impl fmt::Debug for RedactedUrl<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

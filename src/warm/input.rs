@@ -173,25 +173,24 @@ fn parse_csv(text: &str, format: &Format) -> Result<Input, FormatError> {
         .from_reader(text.as_bytes());
     let mut records = reader.records();
     let mut input = Input::default();
-    let index = if format.no_header {
-        match &format.column {
-            Some(Column::Name(name)) => return Err(FormatError::NameWithoutHeader(name.clone())),
-            Some(Column::Number(number)) => number.get() - 1,
-            None => 0,
+    let header = if format.no_header {
+        if let Some(Column::Name(name)) = &format.column {
+            return Err(FormatError::NameWithoutHeader(name.clone()));
         }
+        None
     } else {
         // A header that cannot be read is a row like any other: counted, not fatal.
-        let header = match records.next() {
+        match records.next() {
             Some(Ok(header)) => Some(header),
             Some(Err(_)) => {
                 input.skipped.unreadable += 1;
                 None
             }
             None => None,
-        };
-        input.skipped.header = usize::from(header.is_some());
-        column_index(header.as_ref(), format.column.as_ref())?
+        }
     };
+    input.skipped.header = usize::from(header.is_some());
+    let index = column_index(header.as_ref(), format.column.as_ref())?;
     input.skipped.column = match &format.column {
         Some(column) => format!("column {column}"),
         None => "the first column".to_owned(),

@@ -2,7 +2,7 @@
 //! stale values where there are some) without calling the upstream, probes after a
 //! cool-down, and closes when the probes succeed.
 
-use crate::support::{Reply, TestApp, results, seed_found, wait_until};
+use crate::support::{Reply, TestApp, results, seed_found, sns, wait_until};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -25,10 +25,6 @@ async fn readyz(app: &TestApp) -> Value {
     app.get("/readyz").await.json().await.unwrap()
 }
 
-fn sns(prefix: &str, count: usize) -> Vec<String> {
-    (0..count).map(|i| format!("{prefix}-{i}")).collect()
-}
-
 async fn lookup_all(app: &TestApp, sns: &[String]) -> Value {
     let sns: Vec<&str> = sns.iter().map(String::as_str).collect();
     app.lookup(&sns).await
@@ -49,7 +45,7 @@ fn codes(body: &Value) -> Vec<String> {
 async fn open_the_circuit(app: &TestApp) {
     app.upstream
         .set_default_reply(Some(Reply::Status(500, "{}")));
-    let body = lookup_all(app, &sns("FAIL", 5)).await;
+    let body = lookup_all(app, &sns("FAIL", 0..5)).await;
     assert_eq!(codes(&body), vec!["upstream_error"; 5]);
     let ready = readyz(app).await;
     assert_eq!(
@@ -77,7 +73,7 @@ async fn an_open_circuit_fails_fast_serves_stale_then_probes_and_closes() {
     assert_eq!(app.upstream.total_calls(), 5);
 
     // Open: cold SNs fail at once, stale ones are served, and the upstream is not called.
-    let mut wanted = sns("COLD", 10);
+    let mut wanted = sns("COLD", 0..10);
     wanted.push("KEPT-1".to_owned());
     let body = lookup_all(&app, &wanted).await;
     let mut expected = vec!["upstream_unavailable"; 10];
@@ -100,14 +96,14 @@ async fn an_open_circuit_fails_fast_serves_stale_then_probes_and_closes() {
         readyz(&app).await["upstream_circuit"] == "half_open"
     })
     .await;
-    let body = lookup_all(&app, &sns("PROBE", 2)).await;
+    let body = lookup_all(&app, &sns("PROBE", 0..2)).await;
     assert_eq!(codes(&body), vec!["ok"; 2]);
     let ready = readyz(&app).await;
     assert_eq!(
         (&ready["upstream_circuit"], &ready["upstream"]),
         (&json!("closed"), &json!("ok"))
     );
-    let body = lookup_all(&app, &sns("AFTER", 10)).await;
+    let body = lookup_all(&app, &sns("AFTER", 0..10)).await;
     assert_eq!(codes(&body), vec!["ok"; 10]);
     assert_eq!(app.upstream.total_calls(), 5 + 2 + 10);
 }
@@ -121,7 +117,7 @@ async fn half_open_lets_only_the_probes_through_and_a_failed_probe_reopens_it() 
     })
     .await;
     // Still failing: of a batch of 6, two probe; one failure re-opens the circuit.
-    let body = lookup_all(&app, &sns("HALF", 6)).await;
+    let body = lookup_all(&app, &sns("HALF", 0..6)).await;
     let codes = codes(&body);
     assert_eq!(
         codes

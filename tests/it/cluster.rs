@@ -2,9 +2,8 @@
 //! and written back over every master with TTLs, invalidations on every shard, and a master
 //! killed under load costing no client error.
 
-use crate::support::{RedisCluster, TestApp, Ttl, results, wait_until};
+use crate::support::{RedisCluster, TestApp, Ttl, results, sns, wait_until};
 use crate::support::{delete_reaches, following_invalidations};
-use discount_proxy::config::RedisMode;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -16,11 +15,9 @@ async fn proxy_on(cluster: &RedisCluster, prefix: &str) -> TestApp {
 }
 
 async fn proxy_with_tier(cluster: &RedisCluster, prefix: &str, local_tier: bool) -> TestApp {
-    let nodes = cluster.nodes();
     let prefix = prefix.to_owned();
-    TestApp::spawn_with(move |config| {
-        config.redis.mode = RedisMode::Cluster;
-        config.redis.nodes = nodes;
+    TestApp::spawn_with(|config| {
+        cluster.point(config);
         config.redis.key_prefix = prefix;
         // Small chunks: a batch makes many commands per slot group, as a 10,000-SN one would.
         config.redis.chunk_size = 50;
@@ -28,10 +25,6 @@ async fn proxy_with_tier(cluster: &RedisCluster, prefix: &str, local_tier: bool)
         config.cache.local.ttl = Duration::from_secs(60);
     })
     .await
-}
-
-fn sns(prefix: &str, count: usize) -> Vec<String> {
-    (0..count).map(|i| format!("{prefix}-{i}")).collect()
 }
 
 /// Waits until every SN's key holds a value with a TTL, and returns the masters holding them.
@@ -54,7 +47,7 @@ async fn written_with_ttl(cluster: &RedisCluster, app: &TestApp, sns: &[String])
 async fn a_cold_batch_on_a_cluster_is_fetched_once_and_written_to_every_master_with_a_ttl() {
     let cluster = RedisCluster::shared();
     let app = proxy_on(&cluster, "cl-batch:").await;
-    let batch = sns("B", 300);
+    let batch = sns("B", 0..300);
     let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
     let first = app.lookup(&refs).await;
     assert!(
@@ -79,7 +72,7 @@ async fn a_cold_batch_on_a_cluster_is_fetched_once_and_written_to_every_master_w
 async fn deletes_and_invalidations_on_a_cluster_remove_keys_on_every_shard() {
     let cluster = RedisCluster::shared();
     let app = proxy_on(&cluster, "cl-inv:").await;
-    let batch = sns("I", 60);
+    let batch = sns("I", 0..60);
     let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
     app.lookup(&refs).await;
     written_with_ttl(&cluster, &app, &batch).await;
@@ -128,7 +121,7 @@ async fn a_master_killed_under_load_costs_no_client_error_and_caching_resumes() 
     // Kills a node: a cluster of its own.
     let cluster = RedisCluster::start();
     let app = proxy_on(&cluster, "cl-kill:").await;
-    let batch = sns("K", 100);
+    let batch = sns("K", 0..100);
     let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
     app.lookup(&refs).await;
     written_with_ttl(&cluster, &app, &batch).await;
@@ -159,7 +152,7 @@ async fn live_resharding_under_load_costs_no_client_error_and_loses_no_cached_ke
     // Moves slots: a cluster of its own.
     let cluster = RedisCluster::start();
     let app = proxy_on(&cluster, "cl-move:").await;
-    let batch = sns("M", 200);
+    let batch = sns("M", 0..200);
     let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
     app.lookup(&refs).await;
     written_with_ttl(&cluster, &app, &batch).await;
@@ -202,15 +195,13 @@ async fn wait_for_key(cluster: &RedisCluster, key: &str) -> bool {
 async fn with_read_from_replicas_a_hit_batch_is_read_on_the_replicas() {
     let cluster = RedisCluster::shared();
     cluster.wait_until_replicas_listed("cl-replica:").await;
-    let nodes = cluster.nodes();
-    let app = TestApp::spawn_with(move |config| {
-        config.redis.mode = RedisMode::Cluster;
-        config.redis.nodes = nodes;
+    let app = TestApp::spawn_with(|config| {
+        cluster.point(config);
         config.redis.key_prefix = "cl-replica:".to_owned();
         config.redis.read_from_replicas = true;
     })
     .await;
-    let batch = sns("RR", 60);
+    let batch = sns("RR", 0..60);
     let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
     app.lookup(&refs).await;
     written_with_ttl(&cluster, &app, &batch).await;

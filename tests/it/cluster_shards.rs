@@ -32,10 +32,8 @@ async fn pause(port: u16, millis: u64) {
 #[tokio::test]
 async fn a_paused_master_turns_only_its_own_keys_into_misses_and_is_named_in_the_metrics() {
     let cluster = RedisCluster::start();
-    let nodes = cluster.nodes();
-    let app = TestApp::spawn_with(move |config| {
-        config.redis.mode = RedisMode::Cluster;
-        config.redis.nodes = nodes;
+    let app = TestApp::spawn_with(|config| {
+        cluster.point(config);
         config.redis.timeout = Duration::from_millis(200);
         config.redis.breaker_failures = 2;
         config.redis.breaker_cooldown = Duration::from_secs(60);
@@ -92,10 +90,8 @@ async fn a_paused_replica_is_read_around_and_holds_up_no_other_connect_or_read()
     let cluster = RedisCluster::start();
     cluster.wait_until_replicas_listed("").await;
     let masters = cluster.masters().await;
-    let nodes = cluster.nodes();
-    let app = TestApp::spawn_with(move |config| {
-        config.redis.mode = RedisMode::Cluster;
-        config.redis.nodes = nodes;
+    let app = TestApp::spawn_with(|config| {
+        cluster.point(config);
         config.redis.read_from_replicas = true;
         config.redis.timeout = Duration::from_millis(400);
         config.redis.breaker_cooldown = Duration::from_secs(60);

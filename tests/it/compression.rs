@@ -2,17 +2,13 @@
 //! arriving as they resolve, and gzip request bodies bounded by `server.max_body_bytes`
 //! after decoding.
 
-use crate::support::{TestApp, wait_until};
+use crate::support::{TestApp, sns, wait_until};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(10);
-
-fn sns(prefix: &str, count: usize) -> Vec<String> {
-    (0..count).map(|i| format!("{prefix}-{i}")).collect()
-}
 
 async fn lookup_encoded(app: &TestApp, sns: &[String], accept: &str) -> reqwest::Response {
     app.client
@@ -47,7 +43,7 @@ fn results_of(body: &[u8]) -> Value {
 #[tokio::test]
 async fn a_batch_comes_gzipped_or_in_zstd_as_accepted_and_decodes_to_the_same_answer() {
     let app = TestApp::spawn().await;
-    let batch = sns("Z", 200);
+    let batch = sns("Z", 0..200);
     // Warm first: every answer below is then the same 200 hits.
     lookup_encoded(&app, &batch, "identity")
         .await
@@ -103,7 +99,7 @@ async fn small_answers_and_codings_the_proxy_lacks_go_out_as_they_are() {
         one.headers().get("content-encoding").is_none(),
         "under server.compress_min_bytes"
     );
-    let br = lookup_encoded(&app, &sns("BR", 50), "br, gzip;q=0").await;
+    let br = lookup_encoded(&app, &sns("BR", 0..50), "br, gzip;q=0").await;
     assert!(br.headers().get("content-encoding").is_none());
     let body: Value = br.json().await.unwrap();
     assert_eq!(body["summary"]["requested"], 50);
@@ -192,7 +188,7 @@ async fn a_gzipped_stream_delivers_each_line_while_later_ones_are_still_at_the_u
 #[tokio::test]
 async fn a_gzipped_request_body_of_ten_thousand_sns_is_read() {
     let app = TestApp::spawn().await;
-    let batch = sns("GZ", 10_000);
+    let batch = sns("GZ", 0..10_000);
     let body = gzip(&serde_json::to_vec(&json!({ "sns": batch })).unwrap());
     let response = app
         .client
@@ -251,7 +247,7 @@ async fn a_zip_bomb_is_refused_at_the_decoded_bound_and_an_unknown_coding_with_4
 #[ignore = "a measurement: run it with --ignored --nocapture"]
 async fn compression_figures() {
     let app = TestApp::spawn_with(|config| config.server.max_body_bytes = 16 * 1024 * 1024).await;
-    let batch = sns("FIG", 10_000);
+    let batch = sns("FIG", 0..10_000);
     lookup_encoded(&app, &batch, "identity")
         .await
         .bytes()

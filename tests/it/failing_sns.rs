@@ -1,16 +1,12 @@
 //! SNs that always fail are that SNs' problem: they never open the upstream's circuit for
 //! everyone, while an upstream that fails as a whole still opens it (issue 10, point 5).
 
-use crate::support::{Reply, TestApp, results};
+use crate::support::{Reply, TestApp, results, sns};
 use serde_json::Value;
 
 /// The default circuit (20 failures in a row, or half of at least 50 calls in 10 s).
 async fn app_with_default_circuit() -> TestApp {
     TestApp::spawn_with(|_| {}).await
-}
-
-fn sns(prefix: &str, count: usize) -> Vec<String> {
-    (0..count).map(|i| format!("{prefix}-{i}")).collect()
 }
 
 async fn codes(app: &TestApp, sns: &[String]) -> Vec<String> {
@@ -37,11 +33,11 @@ async fn circuit(app: &TestApp) -> Value {
 /// 30 SNs the upstream always fails, first seen amid healthy traffic: two healthy SNs for
 /// each failing one, so the upstream as a whole is fine.
 async fn introduce_failing_sns(app: &TestApp) -> Vec<String> {
-    let failing = sns("BROKEN", 30);
+    let failing = sns("BROKEN", 0..30);
     for sn in &failing {
         app.upstream.reply(sn, Reply::Status(503, "{}"));
     }
-    let healthy = sns("WARM", 60);
+    let healthy = sns("WARM", 0..60);
     let mut mixed = Vec::new();
     for (pair, bad) in healthy.chunks(2).zip(&failing) {
         mixed.extend_from_slice(pair);
@@ -79,7 +75,7 @@ async fn sns_that_keep_failing_do_not_make_healthy_sns_upstream_unavailable() {
     );
 
     let calls = app.upstream.total_calls();
-    let fresh = sns("FRESH", 5);
+    let fresh = sns("FRESH", 0..5);
     assert_eq!(codes(&app, &fresh).await, vec!["ok"; 5]);
     assert_eq!(app.upstream.total_calls(), calls + 5);
 }
@@ -93,7 +89,7 @@ async fn an_upstream_failing_for_every_sn_still_opens_the_circuit_when_some_sns_
     // A real outage: every SN fails now. At most 20 failures of distinct SNs open it.
     app.upstream
         .set_default_reply(Some(Reply::Status(500, "{}")));
-    for sn in sns("OUTAGE", 20) {
+    for sn in sns("OUTAGE", 0..20) {
         assert_eq!(codes(&app, &[sn]).await, ["upstream_error"]);
         if circuit(&app).await == "open" {
             break;
@@ -102,7 +98,7 @@ async fn an_upstream_failing_for_every_sn_still_opens_the_circuit_when_some_sns_
     assert_eq!(circuit(&app).await, "open");
     let calls = app.upstream.total_calls();
     assert_eq!(
-        codes(&app, &sns("AFTER", 5)).await,
+        codes(&app, &sns("AFTER", 0..5)).await,
         vec!["upstream_unavailable"; 5]
     );
     assert_eq!(

@@ -12,7 +12,6 @@
 //! Every lookup meanwhile must answer `200` with every SN `ok`.
 
 use crate::support::{RedisCluster, Role, SentinelSet, TestApp, results};
-use discount_proxy::config::RedisMode;
 use redis::cluster_routing::Slot;
 use std::collections::HashSet;
 use std::future::Future;
@@ -172,10 +171,8 @@ async fn watch(
 
 async fn cluster_master_killed() {
     let cluster = RedisCluster::start();
-    let nodes = cluster.nodes();
-    let app = TestApp::spawn_with(move |config| {
-        config.redis.mode = RedisMode::Cluster;
-        config.redis.nodes = nodes;
+    let app = TestApp::spawn_with(|config| {
+        cluster.point(config);
         config.redis.key_prefix = "fw-cluster:".to_owned();
     })
     .await;
@@ -236,14 +233,6 @@ async fn under_load<R, K>(
     timeline.print(scenario, lookups);
 }
 
-async fn sentinel_proxy(sentinels: &SentinelSet, prefix: &str) -> TestApp {
-    TestApp::spawn_with(|config| {
-        sentinels.point(config);
-        config.redis.key_prefix = prefix.to_owned();
-    })
-    .await
-}
-
 /// The number of keys in a `DBSIZE` reply.
 fn key_count(reply: redis::Value) -> i64 {
     match reply {
@@ -294,7 +283,7 @@ where
 /// (`SENTINEL FAILOVER`).
 async fn sentinel_failover(kill: bool) {
     let sentinels = SentinelSet::start();
-    let app = sentinel_proxy(&sentinels, "fw-sentinel:").await;
+    let app = sentinels.proxy("fw-sentinel:").await;
     let replica = sentinels.replica_port().await;
     let sns = Sns {
         prefix: "FS",

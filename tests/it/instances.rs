@@ -4,7 +4,7 @@
 //! holder killed mid-fetch is taken over within its lease; a pure-hit batch sends no claim.
 
 use crate::support::{
-    Process, RedisCluster, RedisServer, Reply, StubUpstream, http_client, sample_in,
+    Process, RedisCluster, RedisServer, Reply, StubUpstream, http_client, sample_in, sns,
 };
 use serde_json::{Value, json};
 use std::net::SocketAddr;
@@ -135,10 +135,6 @@ impl Instances {
             .collect::<Vec<_>>()
             .join("\n---\n")
     }
-}
-
-fn sns(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
-    range.map(|i| format!("{prefix}-{i}")).collect()
 }
 
 fn all_ok(results: &[Value]) -> bool {

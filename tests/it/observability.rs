@@ -13,7 +13,6 @@
 //! name is no series at all.
 
 use crate::support::{RedisCluster, TestApp, wait_until};
-use discount_proxy::config::RedisMode;
 use serde_json::Value as Json;
 use serde_yaml_ng::Value as Yaml;
 use std::collections::BTreeSet;
@@ -104,10 +103,8 @@ fn recorded_by(rules: &Yaml) -> BTreeSet<String> {
 
 /// A proxy that has recorded a sample of every family: see the module doc.
 async fn proxy_with_every_family(cluster: &RedisCluster) -> TestApp {
-    let nodes = cluster.nodes();
-    let app = TestApp::spawn_with(move |config| {
-        config.redis.mode = RedisMode::Cluster;
-        config.redis.nodes = nodes;
+    let app = TestApp::spawn_with(|config| {
+        cluster.point(config);
         config.cache.local.enabled = true;
         config.server.max_in_flight = 1;
     })

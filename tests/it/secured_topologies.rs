@@ -5,7 +5,7 @@
 
 use crate::support::{
     PROXY_PASSWORD, PROXY_USER, Process, RedisCluster, SentinelSet, StubUpstream, TestApp, Ttl,
-    http_client, results, wait_until, with_user,
+    http_client, results, sns, wait_until, with_user,
 };
 use crate::support::{delete_reaches, following_invalidations};
 use discount_proxy::config::RedisMode;
@@ -43,10 +43,6 @@ async fn proxy_on_cluster(cluster: &RedisCluster, prefix: &str, local_tier: bool
     .await
 }
 
-fn sns(prefix: &str, count: usize) -> Vec<String> {
-    (0..count).map(|i| format!("{prefix}-{i}")).collect()
-}
-
 /// Whether a client reaching `url` can run `PING` there.
 async fn pings(url: &str) -> bool {
     discount_proxy::tls::install_crypto_provider();
@@ -74,7 +70,7 @@ async fn a_cluster_over_tls_with_an_acl_user_caches_batches_on_every_master_and_
         .replace("#insecure", "");
     assert!(!pings(&plain).await, "plain TCP is served");
     let app = proxy_on_cluster(&cluster, "sec-cl:", false).await;
-    let batch = sns("C", 100);
+    let batch = sns("C", 0..100);
     let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
     let first = app.lookup(&refs).await;
     assert!(

@@ -12,14 +12,6 @@ use tokio::time::Instant;
 /// waited for it shows by its time alone.
 const REPLICA_BOUND: Duration = Duration::from_secs(1);
 
-async fn proxy_on(sentinels: &SentinelSet, prefix: &str) -> TestApp {
-    TestApp::spawn_with(|config| {
-        sentinels.point(config);
-        config.redis.key_prefix = prefix.to_owned();
-    })
-    .await
-}
-
 /// A proxy on `sentinels` with `redis.read_from_replicas`, a replica read bounded by
 /// [`REPLICA_BOUND`] (half of `redis.timeout`), a failed replica left alone for a minute.
 async fn replica_reader_on(sentinels: &SentinelSet, prefix: &str) -> TestApp {
@@ -59,7 +51,7 @@ async fn exists_on(sentinels: &SentinelSet, port: u16, key: &str) -> bool {
 #[tokio::test]
 async fn lookups_are_cached_on_the_master_the_sentinels_name() {
     let sentinels = SentinelSet::shared();
-    let app = proxy_on(&sentinels, "st-cache:").await;
+    let app = sentinels.proxy("st-cache:").await;
     app.lookup(&["S-1", "S-2"]).await;
     let master = sentinels.master_port().await;
     let key = app.key("S-1");
@@ -127,7 +119,7 @@ async fn a_paused_replica_is_read_around_its_master_answering_its_reads() {
 async fn a_sentinel_failover_is_followed_within_seconds_without_a_client_error() {
     // Fails over: a sentinel set of its own.
     let sentinels = SentinelSet::start();
-    let app = proxy_on(&sentinels, "st-fail:").await;
+    let app = sentinels.proxy("st-fail:").await;
     app.lookup(&["F-0"]).await;
     let old = sentinels.master_port().await;
     sentinels.failover().await;

@@ -102,6 +102,12 @@ impl RedisCluster {
         &self.dir
     }
 
+    /// Points `config` at this cluster (`redis.mode = cluster`, every node a seed).
+    pub fn point(&self, config: &mut discount_proxy::config::Config) {
+        config.redis.mode = discount_proxy::config::RedisMode::Cluster;
+        config.redis.nodes = self.nodes();
+    }
+
     /// The cluster as a running node sees it now (`CLUSTER NODES`).
     pub async fn topology(&self) -> Vec<ClusterNode> {
         let port = *self

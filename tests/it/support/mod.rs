@@ -34,6 +34,11 @@ use std::future::Future;
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// `<prefix>-<i>` for each `i` of `range`: distinct SNs for a test.
+pub fn sns(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| format!("{prefix}-{i}")).collect()
+}
+
 /// Polls `condition` until it holds, failing the test with `what` after `timeout`.
 pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut condition: F)
 where

@@ -111,6 +111,15 @@ impl SentinelSet {
         config.redis.url = "redis://127.0.0.1:1/0".to_owned();
     }
 
+    /// A proxy pointed at these sentinels, its keys under `prefix`.
+    pub async fn proxy(&self, prefix: &str) -> super::TestApp {
+        super::TestApp::spawn_with(|config| {
+            self.point(config);
+            config.redis.key_prefix = prefix.to_owned();
+        })
+        .await
+    }
+
     /// The name the sentinels monitor the master under.
     pub fn master_name(&self) -> &'static str {
         MASTER_NAME
