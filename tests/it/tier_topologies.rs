@@ -3,8 +3,8 @@
 //! the sentinels name after a failover, so an invalidation on one instance still drops the
 //! copy the other holds.
 
-use crate::support::{RedisCluster, SentinelSet, TestApp, refusing_port, results, wait_until};
-use crate::support::{delete_reaches, following_invalidations};
+use crate::support::{RedisCluster, SentinelSet, TestApp, refusing_port, wait_until};
+use crate::support::{delete_drops_the_copy, following_invalidations};
 use discount_proxy::config::{Config, RedisMode};
 use std::time::Duration;
 
@@ -12,8 +12,6 @@ const WAIT: Duration = Duration::from_secs(15);
 
 /// Long enough that only an invalidation can explain a copy going away during a test.
 const LONG_TTL: Duration = Duration::from_secs(120);
-
-const LOCAL_HITS: &str = r#"discount_proxy_local_cache_lookups_total{result="hit"}"#;
 
 fn with_tier(config: &mut Config, prefix: &str) {
     config.redis.key_prefix = prefix.to_owned();
@@ -23,26 +21,6 @@ fn with_tier(config: &mut Config, prefix: &str) {
 
 async fn following(app: &TestApp) {
     following_invalidations(app, WAIT).await;
-}
-
-async fn source_of(app: &TestApp, sn: &str) -> String {
-    let body = app.lookup(&[sn]).await;
-    results(&body)[0]["source"].as_str().unwrap().to_owned()
-}
-
-/// `second` copies `sn` into its tier; a `DELETE` on `first` must then reach it and drop
-/// that copy, so `second` asks its upstream again instead of answering from memory.
-async fn a_delete_on_first_drops_the_copy_of_second(first: &TestApp, second: &TestApp, sn: &str) {
-    assert_eq!(source_of(second, sn).await, "upstream");
-    let hits = second.metric(LOCAL_HITS);
-    assert_eq!(source_of(second, sn).await, "cache");
-    assert_eq!(
-        second.metric(LOCAL_HITS),
-        hits + 1.0,
-        "the second lookup was answered from the copy"
-    );
-    delete_reaches(first, second, sn, WAIT).await;
-    assert_eq!(second.upstream.calls(sn), 2);
 }
 
 #[tokio::test]
@@ -63,7 +41,7 @@ async fn on_a_cluster_whose_first_seed_is_down_an_invalidation_still_reaches_the
     let second = spawn().await;
     following(&first).await;
     following(&second).await;
-    a_delete_on_first_drops_the_copy_of_second(&first, &second, "DS-1").await;
+    delete_drops_the_copy(&first, &second, "DS-1", WAIT).await;
 }
 
 /// Subscriptions to `channel` on the running nodes of `cluster` (each node counts its own).
@@ -125,7 +103,7 @@ async fn on_a_cluster_the_subscription_moves_to_another_seed_when_its_node_dies(
     .await;
     following(&first).await;
     following(&second).await;
-    a_delete_on_first_drops_the_copy_of_second(&first, &second, "MS-1").await;
+    delete_drops_the_copy(&first, &second, "MS-1", WAIT).await;
 }
 
 /// An instance in sentinel mode whose `redis.url` host is a port nothing listens on: only
@@ -163,7 +141,7 @@ async fn behind_sentinel_an_invalidation_reaches_the_other_tier_before_and_after
     let second = proxy_on(&sentinels, "tt-sentinel:").await;
     let old = sentinels.master_port().await;
     both_follow_on(&sentinels, old, [&first, &second]).await;
-    a_delete_on_first_drops_the_copy_of_second(&first, &second, "SF-1").await;
+    delete_drops_the_copy(&first, &second, "SF-1", WAIT).await;
 
     sentinels.failover().await;
     let new = sentinels.wait_for_new_master(old, WAIT).await;
@@ -184,5 +162,5 @@ async fn behind_sentinel_an_invalidation_reaches_the_other_tier_before_and_after
     })
     .await;
     both_follow_on(&sentinels, new, [&first, &second]).await;
-    a_delete_on_first_drops_the_copy_of_second(&first, &second, "SF-2").await;
+    delete_drops_the_copy(&first, &second, "SF-2", WAIT).await;
 }

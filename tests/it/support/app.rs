@@ -270,6 +270,24 @@ pub fn results(body: &Value) -> &Vec<Value> {
     body["results"].as_array().expect("results is an array")
 }
 
+/// `second` copies `sn` into its in-process tier; a `DELETE` on `first` must then reach it
+/// and drop that copy, so `second` asks its upstream again instead of answering from memory.
+/// Both must follow the invalidation channel already (see [`following_invalidations`]).
+pub async fn delete_drops_the_copy(first: &TestApp, second: &TestApp, sn: &str, wait: Duration) {
+    const LOCAL_HITS: &str = r#"discount_proxy_local_cache_lookups_total{result="hit"}"#;
+    let source = |body: Value| body["results"][0]["source"].clone();
+    assert_eq!(source(second.lookup(&[sn]).await), "upstream");
+    let hits = second.metric(LOCAL_HITS);
+    assert_eq!(source(second.lookup(&[sn]).await), "cache");
+    assert_eq!(
+        second.metric(LOCAL_HITS),
+        hits + 1.0,
+        "the second lookup was answered from the copy"
+    );
+    delete_reaches(first, second, sn, wait).await;
+    assert_eq!(second.upstream.calls(sn), 2);
+}
+
 /// One sample (`name{labels}` as exposed) of a metrics text, 0 when it is not there.
 pub fn sample_in(text: &str, sample: &str) -> f64 {
     text.lines()

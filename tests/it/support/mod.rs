@@ -16,7 +16,7 @@ mod shared;
 mod tls;
 mod upstream;
 
-pub use self::app::{TestApp, delete_reaches, following_invalidations, results, sample_in};
+pub use self::app::{TestApp, delete_drops_the_copy, following_invalidations, results, sample_in};
 pub use self::cluster::RedisCluster;
 pub use self::cluster_data::Ttl;
 pub use self::cluster_view::{ClusterNode, Role, SLOTS};
